@@ -1,0 +1,383 @@
+"""NV-MRI physics: the one owner of every formula in ``reference/physics.md``.
+
+The simulated IOC and the reconstruction both import this module; nothing else
+in the package writes a physics formula.  Every function is pure and
+vectorised: array arguments broadcast against each other with numpy's rules.
+
+Units (as in the documents): lengths in nm, fields in tesla, frequencies in
+Hz, times in s, magnetic moments in A m^2.
+
+Frame: the diamond surface is z = 0, diamond below (z < 0), the NV at
+(0, 0, -depth).  Tip coordinates are those of the apex; the tip is a uniformly
+magnetised sphere whose centre sits ``radius`` above the apex.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "GAMMA_E", "D_ZFS", "DIPOLAR_HZ_NM3", "Z_MIN_NM",
+    "Instrument", "axis_from_angles", "tip_field", "tip_gradient",
+    "nv_transition_frequencies", "nv_frequency", "dark_spin_frequency",
+    "field_from_transitions", "lorentzian", "odmr_fluorescence", "rabi_flip_probability",
+    "dark_flip_probability", "ramsey_p0", "echo_coherence",
+    "dipolar_coupling", "deer_coherence", "deer_weight", "p0_from_coherence",
+    "expected_counts", "spatial_width", "dark_spin_psf",
+]
+
+GAMMA_E = 28.025e9
+"""Electron gyromagnetic ratio for g = 2, Hz/T (2.8025 MHz/G)."""
+D_ZFS = 2.870e9
+"""NV ground-state zero-field splitting, Hz."""
+DIPOLAR_HZ_NM3 = 52.04e6
+"""mu0 h gamma_e^2 / (4 pi), Hz nm^3."""
+Z_MIN_NM = 5.0
+"""Default lowest apex height above the surface, nm (below it: a crash)."""
+MU0_OVER_4PI = 1e-7
+"""T m / A."""
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """Defaults of ``physics.md``: the sensor, the tip and the dark-spin bath.
+
+    Every attribute is in the unit its name gives.  Scenario files override
+    these; the simulator and the analysis both start from them.
+    """
+
+    b0_tesla: float = 0.12
+    nv_depth_nm: float = 10.0
+    nv_axis_deg: tuple[float, float] = (54.74, 0.0)
+    nv_t2_star_s: float = 2e-6
+    nv_t2_s: float = 20e-6
+    nv_t2_exponent: float = 1.5
+    photons_per_shot: float = 0.03
+    contrast: float = 0.30
+    tau_cw_s: float = 120e-9
+    contrast_cw: float = 0.15
+    cw_count_rate_hz: float = 100e3
+    tip_radius_nm: float = 30.0
+    tip_moment_am2: float = 3.63e-17
+    dark_t2_star_s: float = 150e-9
+    rf_pi_s: float = 100e-9
+    z_min_nm: float = Z_MIN_NM
+    nv_axis: NDArray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nv_axis", axis_from_angles(*self.nv_axis_deg))
+
+    @property
+    def nv_position_nm(self) -> NDArray:
+        """NV position in the lab frame, shape (3,), nm."""
+        return np.array([0.0, 0.0, -self.nv_depth_nm])
+
+    @property
+    def b0_vector(self) -> NDArray:
+        """Bias field along the NV axis, shape (3,), T."""
+        return self.b0_tesla * self.nv_axis
+
+    def field_at(self, points_nm: ArrayLike, apex_nm: ArrayLike) -> NDArray:
+        """Total field (bias + tip) at ``points_nm`` with the apex at ``apex_nm``, T."""
+        return self.b0_vector + tip_field(points_nm, apex_nm, self.tip_radius_nm,
+                                          self.tip_moment_am2)
+
+    def f_nv(self, apex_nm: ArrayLike) -> NDArray:
+        """NV ms=0 -> +1 frequency with the apex at ``apex_nm`` (..., 3), Hz."""
+        return nv_frequency(self.field_at(self.nv_position_nm, apex_nm), self.nv_axis)
+
+    @property
+    def f_nv0(self) -> float:
+        """NV ms=0 -> +1 frequency with the tip far away, Hz."""
+        return float(nv_frequency(self.b0_vector, self.nv_axis))
+
+    @property
+    def f_dark0(self) -> float:
+        """Dark-spin resonance with the tip far away, Hz."""
+        return float(dark_spin_frequency(self.b0_vector))
+
+
+def axis_from_angles(polar_deg: float, azimuth_deg: float) -> NDArray:
+    """Unit vector from a polar angle (from +z) and an azimuth, degrees -> (3,)."""
+    th, ph = np.deg2rad(polar_deg), np.deg2rad(azimuth_deg)
+    return np.array([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), np.cos(th)])
+
+
+def _tip_offset_m(points_nm: ArrayLike, apex_nm: ArrayLike, radius_nm: float) -> NDArray:
+    centre = np.asarray(apex_nm, float) + np.array([0.0, 0.0, radius_nm])
+    return (np.asarray(points_nm, float) - centre) * 1e-9
+
+
+def tip_field(points_nm: ArrayLike, apex_nm: ArrayLike, radius_nm: float = 30.0,
+              moment_am2: float = 3.63e-17) -> NDArray:
+    """Field of the magnetised-sphere tip (moment along +z), outside the sphere.
+
+    Parameters
+    ----------
+    points_nm : array_like, shape (..., 3)
+        Where the field is wanted, nm.
+    apex_nm : array_like, shape (..., 3)
+        Tip apex positions, nm; broadcast against ``points_nm``.
+    radius_nm : float
+        Sphere radius; its centre is ``radius_nm`` above the apex.
+    moment_am2 : float
+        Magnetic moment, A m^2.
+
+    Returns
+    -------
+    ndarray, shape (..., 3)
+        Point-dipole field B = 1e-7 (3 r^(m.r^) - m) / |r|^3, T.
+    """
+    r = _tip_offset_m(points_nm, apex_nm, radius_nm)
+    rn = np.linalg.norm(r, axis=-1, keepdims=True)
+    rhat = r / rn
+    m = np.array([0.0, 0.0, moment_am2])
+    return MU0_OVER_4PI * (3.0 * rhat * (rhat @ m)[..., None] - m) / rn**3
+
+
+def tip_gradient(points_nm: ArrayLike, apex_nm: ArrayLike, axis: ArrayLike,
+                 radius_nm: float = 30.0, moment_am2: float = 3.63e-17) -> NDArray:
+    """Gradient of the tip field's component along ``axis``, d(B_tip . n)/dr.
+
+    The gradient with respect to the tip position is the negative of this;
+    magnitudes (what resolution depends on) are the same.
+
+    Returns
+    -------
+    ndarray, shape (..., 3)
+        T/nm.
+    """
+    r = _tip_offset_m(points_nm, apex_nm, radius_nm)
+    n = np.asarray(axis, float)
+    m = np.array([0.0, 0.0, moment_am2])
+    rn = np.linalg.norm(r, axis=-1, keepdims=True)
+    mr, nr, mn = (r @ m)[..., None], (r @ n)[..., None], float(m @ n)
+    grad = 3 * (m * nr + n * mr + mn * r) / rn**5 - 15 * mr * nr * r / rn**7
+    return MU0_OVER_4PI * grad * 1e-9
+
+
+_SX = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]]) / np.sqrt(2)
+_SZ = np.diag([1.0, 0.0, -1.0])
+
+
+def nv_transition_frequencies(b_tesla: ArrayLike, axis: ArrayLike,
+                              d_hz: float = D_ZFS) -> tuple[NDArray, NDArray]:
+    """Exact NV transition frequencies from the spin-1 Hamiltonian.
+
+    H/h = D Sz'^2 + gamma_e B . S with z' along ``axis``; the eigenstates are
+    labelled by their largest overlap with |ms>.
+
+    Parameters
+    ----------
+    b_tesla : array_like, shape (..., 3)
+        Total field at the NV, T.
+    axis : array_like, shape (3,)
+        NV axis, unit vector.
+
+    Returns
+    -------
+    (f_plus, f_minus) : ndarrays, shape (...)
+        ms = 0 -> +1 and ms = 0 -> -1 frequencies, Hz (signed: f_minus is
+        negative above the ground-state level anticrossing).
+    """
+    b = np.asarray(b_tesla, float)
+    n = np.asarray(axis, float)
+    bz = b @ n
+    bx = np.linalg.norm(b - bz[..., None] * n, axis=-1)
+    h = (d_hz * _SZ @ _SZ + GAMMA_E * (bz[..., None, None] * _SZ
+                                        + bx[..., None, None] * _SX))
+    energies, states = np.linalg.eigh(h)
+    weight = states**2                      # (..., basis ms=+1,0,-1, eigenstate)
+    label = np.argmax(weight, axis=-1)      # eigenstate with most |ms> character
+    e = np.take_along_axis(energies, label, axis=-1)
+    return e[..., 0] - e[..., 1], e[..., 2] - e[..., 1]
+
+
+def nv_frequency(b_tesla: ArrayLike, axis: ArrayLike) -> NDArray:
+    """NV ms = 0 -> +1 transition frequency (the one the package drives), Hz."""
+    return nv_transition_frequencies(b_tesla, axis)[0]
+
+
+def field_from_transitions(f_plus_hz: ArrayLike, f_minus_hz: ArrayLike,
+                           d_hz: float = D_ZFS) -> tuple[NDArray, NDArray]:
+    """Invert the NV Hamiltonian: both transition frequencies -> the field.
+
+    The eigenvalues E of H/h (basis +1, 0, -1; b = gamma B_par, c = gamma B_perp)
+    satisfy E b^2 - (D - E) c^2 = E (D - E)^2, and they sum to 2D, so the two
+    measured transitions give E_0 and E_+ and a linear system for b^2, c^2.
+
+    Parameters
+    ----------
+    f_plus_hz, f_minus_hz : array_like, same shape
+        Signed ms = 0 -> +1 and ms = 0 -> -1 frequencies, as returned by
+        :func:`nv_transition_frequencies`, Hz.
+
+    Returns
+    -------
+    (b_par, b_perp) : ndarrays, T
+        Field along the NV axis (signed) and its magnitude across it.
+    """
+    fp, fm = np.asarray(f_plus_hz, float), np.asarray(f_minus_hz, float)
+    e0 = (2.0 * d_hz - fp - fm) / 3.0
+    ep = e0 + fp
+    # [e0, -(D - e0)] [b2, c2]^T = e0 (D - e0)^2 ; same with ep
+    a11, a12, r1 = e0, -(d_hz - e0), e0 * (d_hz - e0) ** 2
+    a21, a22, r2 = ep, -(d_hz - ep), ep * (d_hz - ep) ** 2
+    det = a11 * a22 - a12 * a21
+    b2 = (r1 * a22 - a12 * r2) / det
+    c2 = (a11 * r2 - a21 * r1) / det
+    b_par = np.sign(fp - fm) * np.sqrt(np.clip(b2, 0.0, None)) / GAMMA_E
+    return b_par, np.sqrt(np.clip(c2, 0.0, None)) / GAMMA_E
+
+
+def dark_spin_frequency(b_tesla: ArrayLike) -> NDArray:
+    """Resonance of a g = 2, S = 1/2 dark spin, gamma_e |B|, Hz. Shape (...)."""
+    return GAMMA_E * np.linalg.norm(np.asarray(b_tesla, float), axis=-1)
+
+
+def lorentzian(x: ArrayLike, fwhm: float) -> NDArray:
+    """Unit-height Lorentzian of full width ``fwhm`` (same unit as ``x``)."""
+    return 1.0 / (1.0 + (2.0 * np.asarray(x, float) / fwhm) ** 2)
+
+
+def odmr_fluorescence(f_mw: ArrayLike, f_nv: ArrayLike, tau_cw_s: float = 120e-9,
+                      contrast_cw: float = 0.15) -> NDArray:
+    """CW ODMR: relative fluorescence I/I0 = 1 - C_cw L(f_mw - f_nv), FWHM 1/tau_cw."""
+    return 1.0 - contrast_cw * lorentzian(np.subtract(f_mw, f_nv), 1.0 / tau_cw_s)
+
+
+def rabi_flip_probability(detuning_hz: ArrayLike, rabi_hz: ArrayLike,
+                          duration_s: ArrayLike) -> NDArray:
+    """Rabi formula: Omega^2/(Omega^2+Delta^2) sin^2(pi t sqrt(Omega^2+Delta^2))."""
+    d, om = np.asarray(detuning_hz, float), np.asarray(rabi_hz, float)
+    eff = np.hypot(om, d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amp = np.where(eff > 0, om**2 / np.where(eff > 0, eff, 1.0) ** 2, 0.0)
+    return amp * np.sin(np.pi * np.asarray(duration_s, float) * eff) ** 2
+
+
+@lru_cache(maxsize=16)
+def _dark_flip_table(t_pi_s: float, t2s_s: float) -> tuple[NDArray, NDArray]:
+    """Lorentzian-averaged pi-pulse flip probability, tabulated on a detuning grid."""
+    omega, width = 1.0 / (2.0 * t_pi_s), 1.0 / t2s_s
+    span = 40.0 * (omega + width)
+    delta = np.linspace(-span, span, 8001)
+    step = delta[1] - delta[0]
+    kernel_x = np.arange(-4000, 4001) * step
+    kernel = lorentzian(kernel_x, width)
+    kernel /= kernel.sum()
+    wide = np.arange(-12000, 12001) * step           # room for the kernel tails
+    p = np.convolve(rabi_flip_probability(wide, omega, t_pi_s), kernel, mode="same")
+    return delta, p[8000:16001]
+
+
+def dark_flip_probability(detuning_hz: ArrayLike, t_pi_s: float = 100e-9,
+                          t2s_s: float = 150e-9) -> NDArray:
+    """RF pi-pulse flip probability of a dark spin, averaged over its ESR line.
+
+    The Rabi formula with Omega = 1/(2 t_pi), convolved with the tip-free
+    Lorentzian line of FWHM 1/T2*; evaluated by interpolation in a table.
+
+    Parameters
+    ----------
+    detuning_hz : array_like
+        f_rf - f_dark, Hz.
+    """
+    delta, p = _dark_flip_table(float(t_pi_s), float(t2s_s))
+    return np.interp(detuning_hz, delta, p, left=p[0], right=p[-1])
+
+
+def ramsey_p0(tau_s: ArrayLike, detuning_hz: ArrayLike, t2s_s: float = 2e-6) -> NDArray:
+    """Ramsey population P0 = (1 + exp(-(tau/T2*)^2) cos(2 pi Delta tau))/2."""
+    tau = np.asarray(tau_s, float)
+    return 0.5 * (1.0 + np.exp(-(tau / t2s_s) ** 2)
+                  * np.cos(2 * np.pi * np.asarray(detuning_hz, float) * tau))
+
+
+def echo_coherence(tau_s: ArrayLike, t2_s: float = 20e-6, exponent: float = 1.5) -> NDArray:
+    """Hahn-echo coherence E(tau) = exp(-(tau/T2)^n), tau the total free time."""
+    return np.exp(-(np.asarray(tau_s, float) / t2_s) ** exponent)
+
+
+def dipolar_coupling(offset_nm: ArrayLike, axis: ArrayLike) -> NDArray:
+    """Secular NV-spin coupling nu = 52.04 MHz nm^3 (1 - 3 cos^2 theta) / r^3, Hz.
+
+    Parameters
+    ----------
+    offset_nm : array_like, shape (..., 3)
+        Spin position minus NV position, nm.
+    axis : array_like, shape (3,)
+        Direction of B0, unit vector.
+    """
+    r = np.asarray(offset_nm, float)
+    rn = np.linalg.norm(r, axis=-1)
+    cos = (r @ np.asarray(axis, float)) / rn
+    return DIPOLAR_HZ_NM3 * (1.0 - 3.0 * cos**2) / rn**3
+
+
+def deer_weight(nu_hz: ArrayLike, tau_s: ArrayLike) -> NDArray:
+    """Coupling weight of a flipped spin in the DEER signal, 1 - cos(pi nu tau)."""
+    return 1.0 - np.cos(np.pi * np.asarray(nu_hz, float) * np.asarray(tau_s, float))
+
+
+def deer_coherence(tau_s: ArrayLike, flip_p: ArrayLike, nu_hz: ArrayLike,
+                   t2_s: float = 20e-6, exponent: float = 1.5) -> NDArray:
+    """DEER coherence S = E(tau) prod_j [1 - p_j + p_j cos(pi nu_j tau)].
+
+    Parameters
+    ----------
+    tau_s : array_like, shape (...)
+        Total free-evolution time, s.
+    flip_p : array_like, shape (..., n_spins)
+        RF flip probability of each spin.
+    nu_hz : array_like, shape (n_spins,)
+        NV-spin couplings, Hz.
+    """
+    tau = np.asarray(tau_s, float)
+    p = np.asarray(flip_p, float)
+    factors = 1.0 - p * deer_weight(nu_hz, tau[..., None])
+    return echo_coherence(tau, t2_s, exponent) * np.prod(factors, axis=-1)
+
+
+def p0_from_coherence(coherence: ArrayLike) -> NDArray:
+    """NV ms = 0 population after the final pi/2 pulse, (1 + S)/2."""
+    return 0.5 * (1.0 + np.asarray(coherence, float))
+
+
+def expected_counts(p0: ArrayLike, shots: ArrayLike, photons_per_shot: float = 0.03,
+                    contrast: float = 0.30) -> NDArray:
+    """Mean photon counts of a gate: N (P0 a + (1 - P0) a (1 - C))."""
+    p0 = np.asarray(p0, float)
+    return np.asarray(shots, float) * photons_per_shot * (1.0 - contrast * (1.0 - p0))
+
+
+def spatial_width(tau_s: ArrayLike, gradient_t_per_nm: ArrayLike) -> NDArray:
+    """Spatial period or slice width 1/(gamma_e tau |grad B|), nm.
+
+    The Ramsey fringe period for a free time ``tau`` and the FWHM of a
+    resonant slice of inverse linewidth ``tau`` are both this.
+    """
+    return 1.0 / (GAMMA_E * np.asarray(tau_s, float) * np.abs(gradient_t_per_nm))
+
+
+def dark_spin_psf(detuning_map_hz: ArrayLike, rf_offset_hz: float,
+                  t_pi_s: float = 100e-9, t2s_s: float = 150e-9) -> NDArray:
+    """Dark-spin point-spread function from a measured NV detuning map.
+
+    PSF(t) = p(f_rf - f_dark0 - Delta f(t)), with Delta f(t) the NV detuning
+    measured with the tip at t (g = 2 for both, so Delta f_dark = Delta f_nv
+    for fields along the NV axis) and p the tip-free flip probability.
+
+    Parameters
+    ----------
+    detuning_map_hz : array_like, any shape
+        f_nv(tip) - f_nv(tip far away), Hz.
+    rf_offset_hz : float
+        f_rf - f_dark0, Hz.
+    """
+    return dark_flip_probability(rf_offset_hz - np.asarray(detuning_map_hz, float),
+                                 t_pi_s, t2s_s)
