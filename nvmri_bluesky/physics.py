@@ -28,6 +28,9 @@ __all__ = [
     "dark_flip_probability", "ramsey_p0", "echo_coherence",
     "dipolar_coupling", "deer_coherence", "deer_weight", "p0_from_coherence",
     "expected_counts", "spatial_width", "dark_spin_psf",
+    "rabi_amplitude", "rabi_from_power", "cw_counts", "apex_with_drift",
+    "dark_spin_frequency_from_transitions", "couplings_from_weight",
+    "gradient_from_spatial_width",
 ]
 
 GAMMA_E = 28.025e9
@@ -133,10 +136,11 @@ def tip_field(points_nm: ArrayLike, apex_nm: ArrayLike, radius_nm: float = 30.0,
         Point-dipole field B = 1e-7 (3 r^(m.r^) - m) / |r|^3, T.
     """
     r = _tip_offset_m(points_nm, apex_nm, radius_nm)
-    rn = np.linalg.norm(r, axis=-1, keepdims=True)
-    rhat = r / rn
-    m = np.array([0.0, 0.0, moment_am2])
-    return MU0_OVER_4PI * (3.0 * rhat * (rhat @ m)[..., None] - m) / rn**3
+    r2 = np.einsum("...i,...i->...", r, r)
+    k = MU0_OVER_4PI * moment_am2 / (r2 * np.sqrt(r2))          # mu0 m / (4 pi r^3)
+    b = (3.0 * k * r[..., 2] / r2)[..., None] * r               # 3 r (m . r) / r^2 term
+    b[..., 2] -= k
+    return b
 
 
 def tip_gradient(points_nm: ArrayLike, apex_nm: ArrayLike, axis: ArrayLike,
@@ -236,7 +240,8 @@ def field_from_transitions(f_plus_hz: ArrayLike, f_minus_hz: ArrayLike,
 
 def dark_spin_frequency(b_tesla: ArrayLike) -> NDArray:
     """Resonance of a g = 2, S = 1/2 dark spin, gamma_e |B|, Hz. Shape (...)."""
-    return GAMMA_E * np.linalg.norm(np.asarray(b_tesla, float), axis=-1)
+    b = np.asarray(b_tesla, float)
+    return GAMMA_E * np.sqrt(np.einsum("...i,...i->...", b, b))
 
 
 def lorentzian(x: ArrayLike, fwhm: float) -> NDArray:
@@ -381,3 +386,163 @@ def dark_spin_psf(detuning_map_hz: ArrayLike, rf_offset_hz: float,
     """
     return dark_flip_probability(rf_offset_hz - np.asarray(detuning_map_hz, float),
                                  t_pi_s, t2s_s)
+
+
+def normalised_population(gate: ArrayLike, bright: ArrayLike, dark: ArrayLike) -> NDArray:
+    """Normalised ms = 0 population from counts, P0 = (gate - dark)/(bright - dark)."""
+    bright, dark = np.asarray(bright, float), np.asarray(dark, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.asarray(gate, float) - dark) / (bright - dark)
+
+
+def deer_contrast(signal: ArrayLike, echo: ArrayLike, bright: ArrayLike,
+                  dark: ArrayLike) -> NDArray:
+    """DEER contrast (E - S)/E from the four gates' counts (same shots each).
+
+    S and E are the coherences 2 P0 - 1 of the RF-on (``signal``) and RF-off
+    (``echo``) gates, normalised by the bright and dark references.
+    """
+    s = 2.0 * normalised_population(signal, bright, dark) - 1.0
+    e = 2.0 * normalised_population(echo, bright, dark) - 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (e - s) / e
+
+
+def odmr_pair_offset(dip_minus: ArrayLike, dip_plus: ArrayLike) -> tuple[NDArray, NDArray]:
+    """Invert the CW ODMR Lorentzian probed at f_mw -/+ FWHM/2.
+
+    With the fractional dips d = 1 - I/I0 = C L(+/-FWHM/2 - x) on either side,
+    x = f_nv - f_mw in units of the FWHM solves
+    rho (1 + 2 u^2) = -2 u,  rho = (1/d+ - 1/d-)/(1/d+ + 1/d-),
+    and C = (4 + 8 u^2) / (1/d+ + 1/d-).  Valid for |u| < 1/sqrt(2).
+
+    Parameters
+    ----------
+    dip_minus, dip_plus : array_like
+        Fractional dips at f_mw - FWHM/2 and f_mw + FWHM/2.
+
+    Returns
+    -------
+    (u, contrast) : ndarrays
+        Offset f_nv - f_mw in FWHM (nan where outside the capture range) and
+        the CW contrast the pair implies.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv_m, inv_p = 1.0 / np.asarray(dip_minus, float), 1.0 / np.asarray(dip_plus, float)
+        rho = (inv_p - inv_m) / (inv_p + inv_m)
+        disc = 1.0 - 2.0 * rho**2
+        u = np.where(np.abs(rho) > 1e-12,
+                     (-1.0 + np.sqrt(np.where(disc >= 0, disc, np.nan))) / (2.0 * rho),
+                     -rho / 2.0)
+        contrast = (4.0 + 8.0 * u**2) / (inv_p + inv_m)
+    return u, contrast
+
+
+def rabi_amplitude(detuning_hz: ArrayLike, rabi_hz: ArrayLike) -> NDArray:
+    """Off-resonant Rabi amplitude Omega^2 / (Omega^2 + Delta^2), dimensionless.
+
+    The largest population a detuned drive can move; the simulator scales the
+    contrast of (nominally ideal) Ramsey and echo pulses by it.
+    """
+    d, om = np.asarray(detuning_hz, float), np.asarray(rabi_hz, float)
+    eff2 = om**2 + d**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(eff2 > 0, om**2 / np.where(eff2 > 0, eff2, 1.0), 0.0)
+
+
+def rabi_from_power(power_dbm: ArrayLike, rabi_ref_hz: float = 20e6,
+                    power_ref_dbm: float = 0.0) -> NDArray:
+    """Rabi frequency of a drive of ``power_dbm``: Omega_ref 10^((P - P_ref)/20), Hz.
+
+    The Rabi frequency is proportional to the drive field amplitude, i.e. to
+    the square root of the power; ``rabi_ref_hz`` is reached at
+    ``power_ref_dbm``.
+    """
+    return rabi_ref_hz * 10.0 ** ((np.asarray(power_dbm, float) - power_ref_dbm) / 20.0)
+
+
+def cw_counts(f_mw: ArrayLike, f_nv: ArrayLike, shots: ArrayLike, window_s: ArrayLike,
+              count_rate_hz: float = 100e3, tau_cw_s: float = 120e-9,
+              contrast_cw: float = 0.15) -> NDArray:
+    """Mean CW-ODMR counts of a gate: shots * count rate * window * I/I0.
+
+    Parameters
+    ----------
+    f_mw, f_nv : array_like
+        Drive and NV transition frequencies, Hz (``f_mw = nan`` or inf: no drive).
+    shots : array_like
+        Shots per gate.
+    window_s : array_like
+        Counter window per shot, s.
+    """
+    drive = np.asarray(f_mw, float)
+    fluo = np.where(np.isfinite(drive),
+                    odmr_fluorescence(np.where(np.isfinite(drive), drive, 0.0), f_nv,
+                                      tau_cw_s, contrast_cw), 1.0)
+    return np.asarray(shots, float) * count_rate_hz * np.asarray(window_s, float) * fluo
+
+
+def apex_with_drift(stage_nm: ArrayLike, drift_nm_per_s: ArrayLike, time_s: ArrayLike
+                    ) -> NDArray:
+    """True tip apex: stage readback plus a linear drift, stage + v t, nm. Shape (..., 3)."""
+    return (np.asarray(stage_nm, float)
+            + np.asarray(drift_nm_per_s, float) * np.asarray(time_s, float)[..., None])
+
+
+def dark_spin_frequency_from_transitions(f_plus_hz: ArrayLike, f_minus_hz: ArrayLike,
+                                         d_hz: float = D_ZFS) -> NDArray:
+    """Dark-spin resonance gamma_e |B| from the two measured NV transitions, Hz.
+
+    |B| = sqrt(B_par^2 + B_perp^2) from :func:`field_from_transitions` (exact
+    inversion of the NV Hamiltonian), then :func:`dark_spin_frequency`.  This is
+    what a g = 2 dark spin at the NV's place would resonate at; near the level
+    anticrossing it differs from the ms=0->+1 shift whenever B has a component
+    across the NV axis.
+
+    Parameters
+    ----------
+    f_plus_hz, f_minus_hz : array_like, same shape
+        Signed ms=0->+1 and ms=0->-1 frequencies (as
+        :func:`nv_transition_frequencies` returns them), Hz.
+
+    Returns
+    -------
+    ndarray, same shape, Hz.
+    """
+    b_par, b_perp = field_from_transitions(f_plus_hz, f_minus_hz, d_hz)
+    return dark_spin_frequency(np.stack([b_perp, np.zeros_like(b_perp), b_par], axis=-1))
+
+
+def couplings_from_weight(weight: ArrayLike, tau_s: float, branches: int = 8) -> NDArray:
+    """All non-negative couplings |nu| with deer_weight(nu, tau) = weight, Hz.
+
+    Inverts w = 1 - cos(pi nu tau): pi |nu| tau = 2 pi k +/- arccos(1 - w).
+
+    Parameters
+    ----------
+    weight : array_like, shape (...)
+        DEER weights in [0, 2] (clipped).
+    tau_s : float
+        Free-evolution time, s.
+    branches : int
+        Number of k = 0, 1, ... to return.
+
+    Returns
+    -------
+    ndarray, shape (..., 2 * branches)
+        Sorted ascending along the last axis, Hz.
+    """
+    a = np.arccos(1.0 - np.clip(np.asarray(weight, float), 0.0, 2.0))[..., None]
+    k = 2.0 * np.pi * np.arange(branches)
+    cand = np.concatenate([k + a, k + 2.0 * np.pi - a], axis=-1) / (np.pi * tau_s)
+    return np.sort(cand, axis=-1)
+
+
+def gradient_from_spatial_width(tau_s: ArrayLike, width_nm: ArrayLike) -> NDArray:
+    """Field gradient implied by a fringe period or slice width, 1/(gamma_e tau w), T/nm.
+
+    The inverse of :func:`spatial_width`: a Ramsey fringe period ``width_nm``
+    at free time ``tau_s`` (or a resonant slice of FWHM ``width_nm`` for an
+    inverse linewidth ``tau_s``) means |grad| = 1/(gamma_e tau w).
+    """
+    return 1.0 / (GAMMA_E * np.asarray(tau_s, float) * np.asarray(width_nm, float))

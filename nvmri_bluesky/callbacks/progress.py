@@ -1,0 +1,65 @@
+"""A one-line progress report: points done, rate and time left."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+from bluesky.callbacks.core import CallbackBase
+
+
+class Progress(CallbackBase):
+    """Print ``[plan] done/total points, rate, time left`` on one refreshed line.
+
+    Parameters
+    ----------
+    stream : file, optional
+        Where to write (default stderr).
+    interval_s : float
+        Least time between refreshes, s.
+    """
+
+    def __init__(self, stream: IO[str] | None = None, interval_s: float = 0.5) -> None:
+        super().__init__()
+        self.stream = stream or sys.stderr
+        self.interval_s = interval_s
+        self._reset()
+
+    def _reset(self) -> None:
+        self.plan, self.total, self.done = "", None, 0
+        self.t0 = self.t_last = time.monotonic()
+
+    def start(self, doc: dict) -> None:
+        self._reset()
+        self.plan = doc.get("plan_name", "run")
+        self.total = doc.get("num_points")
+
+    def event(self, doc: dict) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.t_last >= self.interval_s:
+            self.t_last = now
+            self._write("\r" + self.line(now))
+
+    def stop(self, doc: dict) -> None:
+        status = doc.get("exit_status", "?")
+        reason = f" ({doc['reason']})" if doc.get("reason") else ""
+        self._write("\r" + self.line(time.monotonic()) + f"  {status}{reason}\n")
+
+    def line(self, now: float) -> str:
+        """The progress line as it stands at ``now`` (monotonic seconds)."""
+        elapsed = max(now - self.t0, 1e-9)
+        rate = self.done / elapsed
+        text = f"[{self.plan}] {self.done}"
+        if self.total:
+            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            text += f"/{self.total} points ({100 * self.done / self.total:3.0f}%)"
+            text += f"  {rate:7.1f} pt/s  {left:6.1f} s left"
+        else:
+            text += f" points  {rate:7.1f} pt/s"
+        return text + f"  {elapsed:6.1f} s"
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()

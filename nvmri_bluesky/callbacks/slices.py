@@ -1,0 +1,201 @@
+"""Live resonant slices: raster images filling in point by point, one per z-plane.
+
+Rows are quantities (DEER contrast and NV detuning for a DEER raster; the two
+transitions for a PSF map; the normalised signal for Ramsey and CW-ESR
+rasters), columns are the z-planes of the grid, finished planes kept side by
+side.  Works in an interactive matplotlib session (redraws as events arrive)
+and headless (writes a PNG when the run stops, or on :meth:`save`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from bluesky.callbacks.core import CallbackBase
+from matplotlib.figure import Figure
+
+from nvmri_bluesky import physics
+
+Quantity = tuple[str, str, Callable[[dict], float]]
+"""(title with unit, colormap, event data -> value)."""
+
+
+def _gate_index(start: dict) -> dict[str, int]:
+    programs = list(start.get("programs", {}).values())
+    if not programs:
+        return {}
+    return {g["name"]: i for i, g in enumerate(programs[0]["gates"])}
+
+
+def _detuning(key: str, ref: float | None) -> Callable[[dict], float]:
+    state = {"ref": ref}
+
+    def value(data: dict) -> float:
+        f = data.get(key, np.nan)
+        if state["ref"] is None and np.isfinite(f):
+            state["ref"] = f
+        return (f - state["ref"]) / 1e6
+
+    return value
+
+
+def quantities(start: dict) -> list[Quantity]:
+    """What to image for a run, chosen from its start document."""
+    plan = start.get("plan_name", "")
+    gate = _gate_index(start)
+    ref = start.get("f_nv0_hz")
+
+    def counts(data: dict, name: str) -> float:
+        return float(np.asarray(data["counter_counts"])[gate[name]])
+
+    if plan == "deer_raster":
+        return [("DEER contrast", "magma", lambda d: d.get("deer_contrast", np.nan)),
+                ("NV detuning (MHz)", "viridis", _detuning("lock_frequency", ref))]
+    if plan == "psf_map":
+        return [("ms=0->+1 detuning (MHz)", "viridis", _detuning("lock_frequency", ref)),
+                ("ms=0->-1 shift (MHz)", "cividis",
+                 _detuning("lock_minus_frequency", start.get("f_minus0_hz")))]
+    if plan == "ramsey_raster":
+        return [("Ramsey P0", "RdBu_r", lambda d: float(physics.normalised_population(
+            counts(d, "ramsey"), counts(d, "bright"), counts(d, "dark"))))]
+    if plan == "esr_raster":
+        return [("CW fluorescence I/I0", "gray", lambda d: counts(d, "cw_0") / counts(d, "cw_1"))]
+    return []
+
+
+class LiveSlices(CallbackBase):
+    """Images of a raster's quantities per z-plane, filled in as events arrive.
+
+    Parameters
+    ----------
+    out_dir : path, optional
+        Where to write ``<plan>_<uid8>.png`` when a run stops.
+    redraw_interval_s : float
+        Least time between redraws of an interactive figure, s.
+    max_planes : int
+        Most z-planes shown (evenly chosen when the grid has more).
+    """
+
+    def __init__(self, out_dir: str | Path | None = None, redraw_interval_s: float = 0.3,
+                 max_planes: int = 8) -> None:
+        super().__init__()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.redraw_interval_s = redraw_interval_s
+        self.max_planes = max_planes
+        self.figure: Figure | None = None
+        self.saved: list[Path] = []
+        self._active = False
+
+    # -- documents -------------------------------------------------------
+    def start(self, doc: dict) -> None:
+        grid = doc.get("grid")
+        self._q = quantities(doc)
+        self._active = bool(grid) and bool(self._q)
+        if not self._active:
+            return
+        self._start = doc
+        self._shape = [int(n) for n in grid["shape"]]        # (z, y, x)
+        self._extents = np.asarray(grid["extents"], float)
+        self._axes = [a.split("_")[-1] for a in grid["axes"]]  # 'z', 'y', 'x'
+        self._data = np.full((len(self._q), *self._shape), np.nan)
+        nz = self._shape[0]
+        self._planes = np.unique(np.linspace(0, nz - 1, min(nz, self.max_planes)).round()
+                                 .astype(int))
+        self._t_draw = 0.0
+        self._make_figure()
+
+    def event(self, doc: dict) -> None:
+        if not self._active:
+            return
+        data = doc["data"]
+        idx = self._index(data)
+        if idx is None:
+            return
+        for k, (_, _, value) in enumerate(self._q):
+            try:
+                self._data[(k, *idx)] = value(data)
+            except (KeyError, IndexError, TypeError):
+                pass
+        now = time.monotonic()
+        if self._interactive and now - self._t_draw > self.redraw_interval_s:
+            self._t_draw = now
+            self._draw()
+
+    def stop(self, doc: dict) -> None:
+        if not self._active:
+            return
+        self._draw()
+        if self.out_dir is not None:
+            uid = self._start.get("uid", "run")[:8]
+            self.save(self.out_dir / f"{self._start.get('plan_name', 'raster')}_{uid}.png")
+
+    # -- drawing ---------------------------------------------------------
+    @property
+    def _interactive(self) -> bool:
+        return matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo")
+
+    def _index(self, data: dict) -> tuple[int, ...] | None:
+        out = []
+        for axis, (lo, hi), n in zip(self._axes, self._extents, self._shape, strict=True):
+            key = f"stage_{axis}_user_setpoint"
+            pos = data.get(key, data.get(f"stage_{axis}"))
+            if pos is None:
+                return None
+            i = 0 if n == 1 or hi == lo else int(round((pos - lo) / (hi - lo) * (n - 1)))
+            out.append(min(max(i, 0), n - 1))
+        return tuple(out)
+
+    def _make_figure(self) -> None:
+        nrow, ncol = len(self._q), len(self._planes)
+        size = (2.6 * ncol + 1.2, 2.5 * nrow + 0.6)
+        if self._interactive:
+            import matplotlib.pyplot as plt
+
+            self.figure = plt.figure(figsize=size, layout="constrained")
+        else:
+            self.figure = Figure(figsize=size, layout="constrained")
+        axes = self.figure.subplots(nrow, ncol, squeeze=False)
+        (ylo, yhi), (xlo, xhi) = self._extents[1], self._extents[2]
+        zlo, zhi = self._extents[0]
+        heights = np.linspace(zlo, zhi, self._shape[0])
+        self._images = []
+        for r, (title, cmap, _) in enumerate(self._q):
+            row = []
+            for c, plane in enumerate(self._planes):
+                ax = axes[r, c]
+                im = ax.imshow(self._data[r, plane], origin="lower", cmap=cmap, aspect="equal",
+                               extent=(xlo, xhi, ylo, yhi), interpolation="nearest")
+                ax.set_title(f"z = {heights[plane]:.1f} nm", fontsize=9)
+                ax.set_xlabel("x (nm)", fontsize=8)
+                if c == 0:
+                    ax.set_ylabel(f"{title}\ny (nm)", fontsize=8)
+                ax.tick_params(labelsize=7)
+                row.append(im)
+            self.figure.colorbar(row[-1], ax=axes[r, :].tolist(), shrink=0.85, label=title)
+            self._images.append(row)
+        plan = self._start.get("plan_name", "")
+        self.figure.suptitle(f"{plan}  {self._start.get('uid', '')[:8]}  "
+                             f"({self._start.get('scenario', 'instrument')})", fontsize=10)
+
+    def _draw(self) -> None:
+        for r, row in enumerate(self._images):
+            finite = self._data[r][np.isfinite(self._data[r])]
+            lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+            for im, plane in zip(row, self._planes, strict=True):
+                im.set_data(self._data[r, plane])
+                im.set_clim(lo, hi if hi > lo else lo + 1e-9)
+        if self._interactive and self.figure is not None:
+            self.figure.canvas.draw_idle()
+            self.figure.canvas.flush_events()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the current figure as a PNG and return its path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.figure.savefig(path, dpi=110)
+        self.saved.append(path)
+        return path

@@ -1,0 +1,169 @@
+"""The ``nvmri`` command: thin argument parsing over the package's modules.
+
+Every subcommand reports a user error as one line on stderr and exits
+non-zero; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from nvmri_bluesky import __version__
+from nvmri_bluesky.errors import NvmriError
+
+
+def _sim_ioc(args: argparse.Namespace) -> int:
+    from nvmri_bluesky.sim import ioc
+
+    ioc.serve(args.scenario, prefix=args.prefix, time_scale=args.time_scale, port=args.port)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from nvmri_bluesky import demo
+
+    demo.run(scenario=args.scenario, out=args.out, catalog=args.catalog, prefix=args.prefix,
+             api_key=args.api_key, quick=args.quick)
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from nvmri_bluesky import catalog
+
+    print(catalog.cli_runs(args.catalog, api_key=args.api_key))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from nvmri_bluesky import catalog
+
+    print(catalog.cli_import(args.spool, args.catalog, api_key=args.api_key))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from nvmri_bluesky import replay
+
+    for path in replay.replay(args.uid, args.catalog, api_key=args.api_key, out_dir=args.out):
+        print(path)
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from nvmri_bluesky.reconstruct import cli_reconstruct
+
+    print(cli_reconstruct(args.uid, args.catalog, api_key=args.api_key, as_json=args.json))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from nvmri_bluesky import bench
+
+    return bench.run(args.names or None, as_json=args.json)
+
+
+def _serve_catalog(args: argparse.Namespace) -> int:
+    from nvmri_bluesky import catalog
+
+    catalog.serve_catalog(args.config, host=args.host, port=args.port)
+    return 0
+
+
+def _live(args: argparse.Namespace) -> int:
+    from nvmri_bluesky.callbacks import remote
+
+    remote.run_live(args.address, out_dir=args.out, max_runs=args.max_runs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``nvmri`` command."""
+    parser = argparse.ArgumentParser(prog="nvmri", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"nvmri_bluesky {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def catalog_args(p: argparse.ArgumentParser, default: str | None = "nvmri-demo/catalog"):
+        p.add_argument("--catalog", default=default,
+                       help="catalog directory (embedded tiled) or http(s) URI "
+                            f"(default: {default})")
+        p.add_argument("--api-key", default=None, help="tiled API key for a facility URI")
+
+    p = command("sim-ioc", _sim_ioc, "serve the simulated instrument over Channel Access")
+    p.add_argument("--scenario", default="default", help="built-in name or JSON/YAML file")
+    p.add_argument("--prefix", default="NVMRI:", help="PV prefix (default NVMRI:)")
+    p.add_argument("--time-scale", type=float, default=0.0,
+                   help="acquisition wall time / real shot time (0 = as fast as possible)")
+    p.add_argument("--port", type=int, default=None, help="CA server port (default: EPICS env)")
+
+    p = command("demo", _demo, "run the paper's experiment end to end and write a report")
+    p.add_argument("--scenario", default=None,
+                   help="built-in name or file (default: the paper's built-in scenarios)")
+    p.add_argument("--out", default="nvmri-demo", help="output directory")
+    p.add_argument("--catalog", default=None,
+                   help="catalog directory or facility URI (default: OUT/catalog)")
+    p.add_argument("--api-key", default=None, help="tiled API key for a facility URI")
+    p.add_argument("--prefix", default=None,
+                   help="PV prefix of a running instrument (default: start the simulator)")
+    p.add_argument("--quick", action="store_true", help="a reduced (faster) protocol")
+
+    p = command("runs", _runs, "list the runs in a catalog")
+    catalog_args(p)
+
+    p = command("catalog", lambda a: a.catalog_func(a), "catalog maintenance")
+    csub = p.add_subparsers(dest="catalog_command", required=True)
+    imp = csub.add_parser("import", help="load a document spool (JSON lines) into a catalog")
+    imp.add_argument("spool", help="spool file or directory of spool files")
+    imp.set_defaults(catalog_func=_import)
+    catalog_args(imp)
+
+    p = command("replay", _replay, "feed a stored run through the live callbacks")
+    p.add_argument("uid", help="run uid (or a unique prefix)")
+    p.add_argument("--out", default=".", help="where to write the redrawn figures")
+    catalog_args(p)
+
+    p = command("reconstruct", _reconstruct, "reconstruct a stored run")
+    p.add_argument("uid", help="run uid (or a unique prefix)")
+    p.add_argument("--json", action="store_true", help="print report.json-shaped JSON")
+    catalog_args(p)
+
+    p = command("bench", _bench, "run benchmarks from benchmarks/")
+    p.add_argument("names", nargs="*", help="benchmark names (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command("serve-catalog", _serve_catalog, "serve a facility tiled catalog")
+    p.add_argument("--config", required=True, help="tiled server config (YAML)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = command("live", _live, "draw live slices from documents published over 0MQ")
+    p.add_argument("--address", default="127.0.0.1:5578", help="0MQ proxy output host:port")
+    p.add_argument("--out", default=".", help="where to write figures")
+    p.add_argument("--max-runs", type=int, default=None, help="exit after this many runs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nvmri`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except NvmriError as err:
+        if args.debug:
+            raise
+        print(f"nvmri {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nvmri {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

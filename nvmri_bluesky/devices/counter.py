@@ -1,0 +1,137 @@
+"""The photon counter: per-gate counts of one acquisition of the loaded pulse program.
+
+``trigger()`` puts ``PG:ACQUIRE`` = 1 with put-completion: one trigger is
+one acquisition of every gate of the loaded program for ``PG:SHOTS`` shots.
+``CNT:COUNTS`` and ``CNT:ACQ_ID`` are monitored, and the trigger's status
+completes only when the put has completed *and* both monitors have delivered
+this acquisition (the id went up, new counts arrived), so ``read()`` right
+after is served from the monitor cache, fresh, with no further CA round trip.
+(A CA server may send a put's completion before monitors posted during the
+put: caproto batches subscription updates on another task.)
+
+Data keys: ``counter_counts`` (array, one number per gate in ``PG:GATES``
+order, units "counts") and ``counter_acq_id`` (the IOC's acquisition number);
+configuration ``counter_gates`` (JSON list) and ``counter_shots``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from ophyd import Component as Cpt
+from ophyd import Device, EpicsSignal
+from ophyd.status import Status, StatusBase
+
+from nvmri_bluesky.devices.signals import EpicsSignalROU, watch_disconnect
+from nvmri_bluesky.errors import NvmriError
+
+__all__ = ["PhotonCounter"]
+
+
+class PhotonCounter(Device):
+    """Counter ``<prefix>CNT:COUNTS`` / ``CNT:ACQ_ID``, armed by ``<prefix>PG:ACQUIRE``.
+
+    Build it as ``PhotonCounter("NVMRI:", name="counter")``.
+
+    Attributes
+    ----------
+    acquire_timeout : float or None
+        Longest acquisition, s (None: no limit; a dropped IOC still fails
+        the trigger at once).
+    fresh_timeout : float
+        How long after the acquire put completed the counts monitor may
+        take to arrive, s.
+    """
+
+    counts = Cpt(EpicsSignalROU, "CNT:COUNTS", auto_monitor=True, kind="normal",
+                 units="counts")
+    acq_id = Cpt(EpicsSignalROU, "CNT:ACQ_ID", auto_monitor=True, kind="normal", units="")
+    acquire = Cpt(EpicsSignal, "PG:ACQUIRE", put_complete=True, kind="omitted")
+    gates = Cpt(EpicsSignalROU, "PG:GATES", string=True, kind="config", units="")
+    shots = Cpt(EpicsSignalROU, "PG:SHOTS", kind="config", units="shots")
+
+    def __init__(self, prefix: str = "", *, name: str, **kwargs: Any):
+        super().__init__(prefix, name=name, **kwargs)
+        self.acquire_timeout: float | None = None
+        self.fresh_timeout: float = 2.0
+
+    def trigger(self) -> StatusBase:
+        """Acquire once; the status completes when fresh counts are in the monitor cache.
+
+        Raises
+        ------
+        NvmriError
+            If the counter is not connected (IOC stopped or unreachable).
+        """
+        if not self.connected:
+            missing = [s.pvname for s in (self.acquire, self.counts, self.acq_id)
+                       if not s.connected]
+            raise NvmriError(f"counter: {', '.join(missing) or self.prefix} not connected "
+                             "(IOC stopped or unreachable)")
+        status = Status(self, timeout=self.acquire_timeout)
+        start_id = self.acq_id.get()
+        lock = threading.Lock()
+        seen = {"put": False, "counts": False, "id": False}
+        timers: list[threading.Timer] = []
+
+        def finish() -> None:
+            with lock:
+                if status.done or not all(seen.values()):
+                    return
+                for t in timers:
+                    t.cancel()
+                status.set_finished()
+
+        def on_counts(**_: Any) -> None:
+            seen["counts"] = True
+            finish()
+
+        def on_id(*, value: Any = None, **_: Any) -> None:
+            if value is not None and value != start_id:
+                seen["id"] = True
+                finish()
+
+        def stale() -> None:
+            with lock:
+                if status.done:
+                    return
+                missing = [s.pvname for s, key in ((self.counts, "counts"), (self.acq_id, "id"))
+                           if not seen[key]]
+                status.set_exception(NvmriError(
+                    f"counter: the acquisition completed but {' and '.join(missing)} did not "
+                    f"update within {self.fresh_timeout:g} s (acquisition id {start_id})"))
+
+        def on_put(**_: Any) -> None:
+            seen["put"] = True
+            if not (seen["counts"] and seen["id"]):
+                t = threading.Timer(self.fresh_timeout, stale)
+                t.daemon = True
+                timers.append(t)
+                t.start()
+            finish()
+
+        cids = [(self.counts, self.counts.subscribe(on_counts, run=False)),
+                (self.acq_id, self.acq_id.subscribe(on_id, run=False))]
+
+        def cleanup(_st: StatusBase) -> None:
+            for sig, cid in cids:
+                sig.unsubscribe(cid)
+            for t in timers:
+                t.cancel()
+
+        status.add_callback(cleanup)
+        watch_disconnect(self.acquire, status, "the acquisition")
+        try:
+            self.acquire.put(1, use_complete=True, callback=on_put)
+        except Exception as exc:
+            error = NvmriError(f"counter: cannot start the acquisition: {exc}")
+            status.set_exception(error)
+            raise error from None
+        return status
+
+    def gate_names(self) -> list[str]:
+        """Gate names of the loaded program (``PG:GATES``), the order of ``counts``."""
+        text = str(self.gates.get(use_monitor=False) or "").strip()
+        return [str(n) for n in json.loads(text)] if text else []

@@ -1,0 +1,148 @@
+"""The pulse generator: the loaded pulse program, shots per gate, gate names, status.
+
+``PG:PROGRAM`` holds the program as JSON (``docs/architecture.md``); the IOC
+validates it on the put and says why in ``PG:MESSAGE`` ("OK" when loaded).
+:meth:`Pulser.set` (for plans: ``yield from bps.mv(pulser, program)``) and
+:meth:`Pulser.load` (blocking, for an IPython session) put it with
+completion and fail with :class:`NvmriError` carrying that message if the IOC
+refused it.
+
+``program``, ``gates``, ``shots`` and ``message`` are not monitored: each read
+is a CA get, so it is fresh right after a put completes (``bps.rd(pulser.
+message)`` after ``bps.abs_set(pulser.program, ..., wait=True)`` sees the
+verdict on that program).  The acquisition itself is the counter's trigger.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from ophyd import Component as Cpt
+from ophyd import Device
+from ophyd.status import Status
+
+from nvmri_bluesky.devices.signals import EpicsSignalROU, EpicsSignalU, watch_disconnect
+from nvmri_bluesky.errors import NvmriError
+
+__all__ = ["Pulser", "program_json"]
+
+_ACCEPTED = ("OK", "")
+
+
+def program_json(program: Any) -> str:
+    """The JSON text of a pulse program given as a Program, a dict or JSON text."""
+    if hasattr(program, "to_json"):
+        return str(program.to_json())
+    if isinstance(program, Mapping):
+        return json.dumps(program, separators=(",", ":"))
+    if isinstance(program, bytes | bytearray):
+        return program.decode()
+    if isinstance(program, str):
+        return program
+    raise NvmriError(f"a pulse program must be a Program, a dict or JSON text, "
+                     f"got {type(program).__name__}")
+
+
+class Pulser(Device):
+    """Pulse generator ``<prefix>PROGRAM``, ``SHOTS``, ``GATES``, ``STATUS``, ``MESSAGE``.
+
+    Build it as ``Pulser("NVMRI:PG:", name="pulser")``.  ``set(program)``
+    loads a program (a plan's ``mv``); ``shots`` is set with ``mv`` too.
+    """
+
+    program = Cpt(EpicsSignalU, "PROGRAM", string=True, put_complete=True, kind="config",
+                  units="")
+    gates = Cpt(EpicsSignalROU, "GATES", string=True, kind="config", units="")
+    shots = Cpt(EpicsSignalU, "SHOTS", put_complete=True, kind="config", units="shots")
+    state = Cpt(EpicsSignalROU, "STATUS", string=True, auto_monitor=True, kind="omitted",
+                 units="")
+    message = Cpt(EpicsSignalROU, "MESSAGE", string=True, kind="omitted", units="")
+
+    def set(self, program: Any, *, timeout: float | None = 10.0) -> Status:
+        """Load ``program`` (Program, dict or JSON); the status fails if the IOC refuses it.
+
+        Parameters
+        ----------
+        program : Program, dict or str
+            The pulse program.
+        timeout : float, optional
+            Longest wait for the IOC, s.
+
+        Returns
+        -------
+        Status
+            Finished when the IOC accepted the program; failed with
+            :class:`NvmriError` ``pulser refused program '<name>': <PG:MESSAGE>``
+            otherwise.
+        """
+        text = program_json(program)
+        name = _program_name(program, text)
+        status = Status(self, timeout=timeout)
+        watch_disconnect(self.program, status, "loading the pulse program")
+
+        def verdict() -> None:
+            try:
+                message = str(self.message.get(use_monitor=False)).strip()
+            except Exception as exc:  # noqa: BLE001 - report any CA failure on the status
+                status.set_exception(NvmriError(f"pulser: cannot read {self.message.pvname} "
+                                                f"after loading {name!r}: {exc}"))
+                return
+            if message in _ACCEPTED:
+                status.set_finished()
+            else:
+                status.set_exception(NvmriError(f"pulser refused program {name!r}: {message}"))
+
+        def on_put(**_: Any) -> None:
+            # a CA get must not run on the put-callback thread: hand it over
+            threading.Thread(target=verdict, name="pulser-verdict", daemon=True).start()
+
+        if not self.connected:
+            raise NvmriError(f"pulser: {self.prefix}PROGRAM is not connected "
+                             "(IOC stopped or unreachable)")
+        self.program.put(text, use_complete=True, callback=on_put)
+        return status
+
+    def load(self, program: Any, timeout: float = 10.0) -> list[str]:
+        """Load ``program`` and wait; return the gate names in count order.
+
+        Raises
+        ------
+        NvmriError
+            With the IOC's ``PG:MESSAGE`` if it refused the program.
+        """
+        status = self.set(program, timeout=timeout)
+        try:
+            status.wait()
+        except NvmriError:
+            raise
+        except Exception as exc:
+            cause = status.exception() or exc
+            if isinstance(cause, NvmriError):
+                raise cause from None
+            raise NvmriError(f"pulser: loading the program failed: {cause}") from None
+        return self.gate_names()
+
+    def gate_names(self) -> list[str]:
+        """Gate names of the loaded program, in count order (``PG:GATES``)."""
+        text = str(self.gates.get(use_monitor=False) or "").strip()
+        if not text:
+            return []
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError:
+            raise NvmriError(f"pulser: {self.gates.pvname} is not a JSON list: {text!r}") from None
+        return [str(n) for n in names]
+
+
+def _program_name(program: Any, text: str) -> str:
+    name = getattr(program, "name", None)
+    if isinstance(name, str):
+        return name
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return "<not JSON>"
+    return str(data.get("name", "program")) if isinstance(data, dict) else "<not an object>"

@@ -1,0 +1,111 @@
+"""The tip stage: three EPICS motor records (X, Y, Z) in nm.
+
+``Stage(prefix + "STAGE:", name="stage")`` gives data keys ``stage_x``,
+``stage_y``, ``stage_z`` (readbacks, hinted) and ``stage_*_user_setpoint``.
+A move outside a motor's soft limits (``.LLM``/``.HLM``; Z's low limit is the
+z_min crash guard) raises :class:`StageLimitError` before anything is sent,
+so nothing moves.  A move whose IOC disconnects fails at once instead of
+hanging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ophyd import Component as Cpt
+from ophyd import Device, EpicsMotor
+from ophyd.utils import LimitError
+
+from nvmri_bluesky.devices.signals import watch_disconnect
+from nvmri_bluesky.errors import NvmriError
+
+__all__ = ["StageLimitError", "NmMotor", "Stage"]
+
+
+class StageLimitError(NvmriError, LimitError):
+    """A stage move outside the soft limits (z below z_min among them); nothing moved."""
+
+
+class NmMotor(EpicsMotor):
+    """``EpicsMotor`` in nm whose soft limits are the record's ``.LLM`` / ``.HLM``.
+
+    The limits come from the monitored ``.LLM`` / ``.HLM`` fields (as the
+    motor record enforces them), not from the ``.VAL`` control limits, and
+    :meth:`check_value` names the crash guard in its message.
+    """
+
+    UNITS: dict[str, str] = {
+        "user_readback": "nm", "user_setpoint": "nm", "user_offset": "nm",
+        "velocity": "nm/s", "acceleration": "s",
+    }
+    """Units of the data keys when the IOC gives no EGU (``""`` for the rest)."""
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        """(low, high) soft limits, nm; (0, 0) means none (motor-record convention)."""
+        return (float(self.low_limit_travel.get()), float(self.high_limit_travel.get()))
+
+    def check_value(self, pos: Any) -> None:
+        """Raise :class:`StageLimitError` unless ``pos`` is a finite position within limits."""
+        try:
+            value = float(pos)
+        except (TypeError, ValueError):
+            raise StageLimitError(f"{self.name}: position must be a number in nm, "
+                                  f"got {pos!r}; nothing moved") from None
+        if not math.isfinite(value):
+            raise StageLimitError(f"{self.name}: position {pos!r} is not finite; nothing moved")
+        low, high = self.limits
+        if low < high and not low <= value <= high:
+            if value < low:
+                guard = " (the z_min crash guard)" if self.attr_name == "z" else ""
+                where = f"below the low limit {low:g} nm{guard}"
+            else:
+                where = f"above the high limit {high:g} nm"
+            raise StageLimitError(f"{self.name}: {value:g} nm is {where}; nothing moved")
+
+    def move(self, position: Any, wait: bool = True, **kwargs: Any) -> Any:
+        """Move to ``position`` nm (see ``EpicsMotor.move``); fail fast on disconnect."""
+        if not self.connected:
+            raise NvmriError(f"{self.name}: {self.prefix} is not connected "
+                             "(IOC stopped or unreachable); nothing moved")
+        status = super().move(position, wait=False, **kwargs)
+        watch_disconnect(self.user_readback, status, f"the move of {self.name}")
+        if wait:
+            try:
+                status.wait()
+            except KeyboardInterrupt:
+                self.stop()
+                raise
+        return status
+
+    def _with_units(self, described: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        by_key = {getattr(self, attr).name: unit for attr, unit in self.UNITS.items()}
+        for key, desc in described.items():
+            if not desc.get("units"):
+                desc["units"] = by_key.get(key, "")
+        return described
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """``EpicsMotor.describe`` with ``units`` on every key (nm for positions)."""
+        return self._with_units(super().describe())
+
+    def describe_configuration(self) -> dict[str, dict[str, Any]]:
+        """``EpicsMotor.describe_configuration`` with ``units`` on every key."""
+        return self._with_units(super().describe_configuration())
+
+
+class Stage(Device):
+    """Tip-apex stage: ``x``, ``y``, ``z`` motor records ``<prefix>X`` etc., nm.
+
+    Build it as ``Stage("NVMRI:STAGE:", name="stage")``.
+    """
+
+    x = Cpt(NmMotor, "X")
+    y = Cpt(NmMotor, "Y")
+    z = Cpt(NmMotor, "Z")
+
+    @property
+    def position(self) -> tuple[float, float, float]:
+        """Readback (x, y, z), nm."""
+        return (self.x.position, self.y.position, self.z.position)

@@ -1,0 +1,239 @@
+"""Frequency lock: keep the MW source on the NV resonance as the tip moves.
+
+The lock probes the CW ODMR line with three gates that ride along in every
+acquisition's pulse program (``lock_0`` at -FWHM/2, ``lock_1`` at +FWHM/2 and
+``lock_2`` far off resonance as the fluorescence reference), so one trigger
+per point both measures and locks.  The pair of dips gives the offset
+f_nv - f_mw in closed form (:func:`nvmri_bluesky.physics.odmr_pair_offset`).
+
+When the offset leaves the capture range (|offset| > FWHM/sqrt(2)) or the
+contrast vanishes, the lock is *lost*: it re-acquires with a comb program (a
+whole ODMR spectrum in one acquisition, sidebands over a wide span) and only
+then goes back to the measurement program.  It never leaves the MW source
+silently off resonance: a point is only recorded once the residual offset is
+inside the tolerance, or the plan fails with a clear error.
+
+The lock is an ophyd ``Device`` of soft signals (``lock_frequency``,
+``lock_error``) so its result is read into the same event as the counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import numpy as np
+from ophyd import Component as Cpt
+from ophyd import Device, Signal
+
+from nvmri_bluesky import physics
+from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.plans import pulses
+from nvmri_bluesky.plans.stubs import acquire, load_program, set_frequency
+
+TAU_CW_S = 120e-9
+"""Default CW probe inverse linewidth (FWHM = 1/tau_cw = 8.3 MHz), s."""
+LOCK_GATES = ("lock_0", "lock_1", "lock_2")
+
+
+def lock_detunings(fwhm_hz: float) -> tuple[float, float, float]:
+    """MW sidebands of the three lock gates for a line of width ``fwhm_hz``, Hz."""
+    return (-fwhm_hz / 2.0, fwhm_hz / 2.0, 25.0 * fwhm_hz)
+
+
+class FrequencyLock(Device):
+    """Soft readings and settings of the NV frequency lock.
+
+    Parameters
+    ----------
+    fwhm_hz : float
+        CW ODMR line width the lock gates are placed for, Hz.
+    tolerance_hz : float
+        Largest residual offset accepted at a recorded point, Hz.
+    max_iterations : int
+        Re-triggers per point before the lock is declared lost.
+    reacquire_spans_hz : sequence of float
+        Half-spans of the comb sweeps used to find a lost line, tried in order.
+    min_contrast : float
+        A pair contrast below this means the line is gone.
+    """
+
+    frequency = Cpt(Signal, value=np.nan, kind="hinted")
+    error = Cpt(Signal, value=np.nan, kind="normal")
+    reacquisitions = Cpt(Signal, value=0, kind="normal")
+
+    def __init__(self, *args: Any, fwhm_hz: float = 1 / TAU_CW_S, tolerance_hz: float = 0.4e6,
+                 max_iterations: int = 6, reacquire_spans_hz: Sequence[float] = (60e6, 600e6),
+                 min_contrast: float = 0.04, name: str = "lock", **kwargs: Any) -> None:
+        super().__init__(*args, name=name, **kwargs)
+        self.fwhm_hz = fwhm_hz
+        self.tolerance_hz = tolerance_hz
+        self.max_iterations = max_iterations
+        self.reacquire_spans_hz = tuple(reacquire_spans_hz)
+        self.min_contrast = min_contrast
+        for sig in (self.frequency, self.error):
+            sig._metadata["units"] = "Hz"  # describe() reports units
+        self.reacquisitions._metadata["units"] = ""
+
+    def describe(self) -> dict:
+        desc = super().describe()
+        for key, sig in ((self.frequency.name, "Hz"), (self.error.name, "Hz"),
+                         (self.reacquisitions.name, "")):
+            desc[key]["units"] = sig
+        return desc
+
+    @property
+    def detunings(self) -> tuple[float, float, float]:
+        return lock_detunings(self.fwhm_hz)
+
+    def offset(self, counts: dict[str, float]) -> float:
+        """f_nv - f_mw from one acquisition's lock gates, Hz (nan when lost)."""
+        ref = counts["lock_2"]
+        if not ref > 0:
+            return np.nan
+        u, contrast = physics.odmr_pair_offset(1 - counts["lock_0"] / ref,
+                                               1 - counts["lock_1"] / ref)
+        if not (np.isfinite(u) and contrast > self.min_contrast and abs(u) < 0.65):
+            return np.nan
+        return float(u) * self.fwhm_hz
+
+
+def gate_counts(gates: Sequence[str], counts: Sequence[float]) -> dict[str, float]:
+    """Map a counter waveform onto the program's gate names."""
+    if len(counts) < len(gates):
+        raise NvmriError(f"counter returned {len(counts)} gates, program has {len(gates)}")
+    return dict(zip(gates, np.asarray(counts, float), strict=False))
+
+
+def find_line(devices: Any, lock: FrequencyLock, centre_hz: float,
+              restore: pulses.Program) -> Generator[Any, Any, float]:
+    """Re-acquire a lost line: comb spectra of growing span around ``centre_hz``.
+
+    Parameters
+    ----------
+    devices
+        The instrument (``mw``, ``pulser``, ``counter``).
+    lock : FrequencyLock
+        Supplies the line width and the spans.
+    centre_hz : float
+        Where to look first (the last good or predicted frequency), Hz.
+    restore : Program
+        The program to load again once the line is found.
+
+    Yields
+    ------
+    Msg
+        Loads, sets and triggers.
+
+    Returns
+    -------
+    float
+        The line centre, Hz.
+    """
+    step = lock.fwhm_hz / 3.0
+    yield from set_frequency(devices.mw, centre_hz)
+    for span in lock.reacquire_spans_hz:
+        detunings = np.arange(-span, span + step / 2, step)
+        yield from load_program(devices.pulser, pulses.odmr_comb(tuple(detunings)))
+        found = _comb_minimum(detunings, np.asarray((yield from acquire(devices.counter))),
+                              lock.min_contrast)
+        if found is not None:
+            yield from load_program(devices.pulser, restore)
+            return centre_hz + found
+    raise NvmriError(f"frequency lock lost near {centre_hz / 1e9:.4f} GHz: no NV line within "
+                     f"+/-{max(lock.reacquire_spans_hz) / 1e6:.0f} MHz (is the laser on, "
+                     "the MW output on, the NV in focus?)")
+
+
+def _comb_minimum(detunings: np.ndarray, counts: np.ndarray, min_contrast: float) -> float | None:
+    """Detuning of the deepest dip of a comb spectrum, refined by a parabola; None if flat."""
+    base = np.median(counts)
+    if base <= 0:
+        return None
+    smooth = np.convolve(counts, np.ones(3) / 3, mode="same")
+    i = int(np.argmin(smooth[1:-1])) + 1
+    depth = 1 - smooth[i] / base
+    noise = 3 * np.sqrt(base / 3) / base
+    if depth < max(min_contrast, noise):
+        return None
+    y0, y1, y2 = smooth[i - 1:i + 2]
+    denom = y0 - 2 * y1 + y2
+    frac = 0.5 * (y0 - y2) / denom if denom > 0 else 0.0
+    return float(detunings[i] + np.clip(frac, -1, 1) * (detunings[1] - detunings[0]))
+
+
+def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,
+                   predicted_hz: float) -> Generator[Any, Any, dict[str, float]]:
+    """Acquire one point with the MW source locked to the NV line.
+
+    Triggers the loaded ``program`` (which must contain the lock gates), and
+    re-centres the MW source and triggers again until the residual offset is
+    within ``lock.tolerance_hz``; a lost line is re-acquired first.  On return
+    the lock's soft signals hold the locked frequency and the last residual.
+
+    Parameters
+    ----------
+    devices
+        The instrument (``mw``, ``pulser``, ``counter``).
+    lock : FrequencyLock
+    program : Program
+        The loaded measurement program (with ``lock_0..2`` gates).
+    predicted_hz : float
+        Where the line is expected at this point, Hz.
+
+    Yields
+    ------
+    Msg
+
+    Returns
+    -------
+    dict
+        Gate name -> counts of the accepted acquisition.
+    """
+    f_mw = predicted_hz
+    yield from set_frequency(devices.mw, f_mw)
+    for _ in range(lock.max_iterations):
+        counts = gate_counts(program.gate_names, (yield from acquire(devices.counter)))
+        offset = lock.offset(counts)
+        if not np.isfinite(offset):
+            f_mw = yield from find_line(devices, lock, f_mw, program)
+            lock.reacquisitions.put(lock.reacquisitions.get() + 1)
+        elif abs(offset) <= lock.tolerance_hz:
+            lock.frequency.put(f_mw + offset)
+            lock.error.put(offset)
+            return counts
+        else:
+            f_mw += offset
+        yield from set_frequency(devices.mw, f_mw)
+    raise NvmriError(f"frequency lock did not settle within {lock.max_iterations} "
+                     f"acquisitions near {f_mw / 1e9:.4f} GHz")
+
+
+class Predictor:
+    """Predict the NV line at the next raster point from the points locked so far.
+
+    Linear extrapolation along the last two points when they are neighbours on
+    the grid, otherwise the nearest point already locked.
+    """
+
+    def __init__(self, start_hz: float) -> None:
+        self.start_hz = start_hz
+        self._points: list[np.ndarray] = []
+        self._freqs: list[float] = []
+
+    def add(self, position: Sequence[float], frequency_hz: float) -> None:
+        self._points.append(np.asarray(position, float))
+        self._freqs.append(float(frequency_hz))
+
+    def __call__(self, position: Sequence[float]) -> float:
+        if not self._points:
+            return self.start_hz
+        p = np.asarray(position, float)
+        if len(self._points) >= 2:
+            a, b = self._points[-2], self._points[-1]
+            step, ahead = b - a, p - b
+            if np.allclose(step, ahead) and np.any(step):
+                return 2 * self._freqs[-1] - self._freqs[-2]
+        pts = np.asarray(self._points[-4096:])
+        i = int(np.argmin(np.sum((pts - p) ** 2, axis=1)))
+        return self._freqs[len(self._freqs) - len(pts) + i]

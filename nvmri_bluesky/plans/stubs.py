@@ -1,0 +1,62 @@
+"""Plan stubs: the small steps every measurement is made of.
+
+Each is a generator of bluesky messages with one purpose, in the style of
+``bluesky.plan_stubs``; none opens a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import numpy as np
+
+from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.plans import pulses
+
+
+def load_program(pulser: Any, program: pulses.Program) -> Generator[Any, Any, None]:
+    """Load a pulse program into the pulser; raise with the IOC's reason if refused.
+
+    Parameters
+    ----------
+    pulser
+        Pulser device (``program``, ``message`` signals).
+    program : Program
+        A validated pulse program.
+
+    Yields
+    ------
+    Msg
+    """
+    yield from bps.abs_set(pulser.program, program.to_json(), wait=True)
+    message = yield from bps.rd(pulser.message)
+    if message not in ("OK", "", None):
+        raise NvmriError(f"pulser refused program {program.name!r}: {message}")
+
+
+def set_frequency(source: Any, frequency_hz: float) -> Generator[Any, Any, None]:
+    """Set a source's carrier (Hz) and wait for the put to complete."""
+    yield from bps.abs_set(source.frequency, float(frequency_hz), wait=True)
+
+
+def acquire(counter: Any) -> Generator[Any, Any, np.ndarray]:
+    """Trigger one acquisition of every gate and return the counts (no event)."""
+    yield from bps.trigger(counter, wait=True)
+    counts = yield from bps.rd(counter.counts)
+    return np.asarray(counts, float)
+
+
+def prepare(devices: Any, program: pulses.Program, shots: int, *, mw_on: bool = True,
+            rf_on: bool = False) -> Generator[Any, Any, None]:
+    """Load ``program``, set the shots and switch the sources on or off."""
+    yield from load_program(devices.pulser, program)
+    yield from bps.mv(devices.pulser.shots, int(shots))
+    yield from bps.mv(devices.mw.output, int(mw_on), devices.rf.output, int(rf_on))
+
+
+def read_soft(*signals: Any) -> Generator[Any, Any, None]:
+    """Read plan-side soft devices (lock, DEER analysis) into the open event."""
+    for sig in signals:
+        yield from bps.read(sig)

@@ -1,0 +1,232 @@
+"""The measurement protocol the reconstruction is designed for (numbers and designers).
+
+The plans must measure this way for the reconstruction's accuracy claims to
+hold; ``docs/reconstruction.md`` explains the choices.  Everything here is a
+pure function of *measured* data (the PSF map, the dark-spin line, the
+tip-free coupling), so a plan can call it between runs.
+
+Single spins (Fig. 4)
+---------------------
+1. ``psf_map`` (lock both transitions): :data:`SPIN_PSF_MAP` grid.
+2. ``deer_spectrum`` (tip retracted): RF over f_dark0 +/- 40 MHz, 81 points,
+   tau 10 us, :data:`SPECTRUM_SHOTS` shots -> f_dark0 and T2*.
+3. ``deer_evolution`` (tip retracted, RF on f_dark0): tau 0.4 .. 30 us,
+   75 points -> |nu| (:func:`~.localize.fit_deer_evolution`), then
+   :func:`choose_tau`.
+4. ``deer_raster``: one plane at apex height :data:`SPIN_PLANE_NM`, RF offset
+   and window from :func:`design_spin_raster` (ring of a spin at the top of
+   the prior box still >= 6 nm in radius; window = the largest ring plus the
+   lateral prior box plus 2 nm), lateral step :data:`SPIN_STEP_NM`,
+   :data:`SPIN_SHOTS` shots per gate and point.
+
+Layers (Fig. 3)
+---------------
+:data:`LAYER_PSF_MAP`, then ``deer_raster`` planes :data:`LAYER_PLANES_NM`
+with :func:`design_layer_raster` (RF offset: dome top 4 nm below the lowest
+plane), step :data:`LAYER_STEP_NM`, tau :data:`LAYER_TAU_S`; plus a
+tip-free ``deer_evolution`` at :data:`LAYER_EVOLUTION_TAUS_S`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from nvmri_bluesky import physics
+from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
+
+__all__ = [
+    "SPIN_PSF_MAP", "SPIN_PLANE_NM", "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM", "SPIN_SHOTS",
+    "SPECTRUM_SHOTS", "SPECTRUM_SPAN_HZ", "SPECTRUM_POINTS", "EVOLUTION_TAUS_S",
+    "LAYER_PSF_MAP", "LAYER_PLANES_NM", "LAYER_STEP_NM", "LAYER_TAU_S", "LAYER_SHOTS",
+    "LAYER_EVOLUTION_TAUS_S", "RasterDesign", "design_spin_raster", "design_layer_raster",
+    "choose_tau", "axis_spec",
+]
+
+PRIOR_LATERAL_NM = 8.0
+PRIOR_DZ_NM = (-6.0, 2.0)
+
+SPIN_PSF_MAP = {"x": (-32.0, 72.0, 27), "y": (-48.0, 48.0, 25), "z": (25.0, 40.0, 6)}
+"""PSF map for single spins: (start, stop, num) per axis, nm (4 nm lateral, 3 nm vertical)."""
+SPIN_PLANE_NM = 30.0
+"""Apex height of the single-spin DEER plane, nm."""
+SPIN_TOP_MARGIN_NM = 7.5
+"""The resonant dome's top sits this far above the DEER plane, nm (dz = -6 spins still ring)."""
+SPIN_STEP_NM = 1.5
+"""Lateral step of the single-spin DEER raster, nm."""
+SPIN_SHOTS = 200_000
+"""Shots per gate and point, single-spin raster."""
+SPECTRUM_SHOTS = 200_000
+SPECTRUM_SPAN_HZ = 40e6
+SPECTRUM_POINTS = 81
+EVOLUTION_TAUS_S = tuple(np.round(np.linspace(0.4e-6, 30e-6, 75), 9))
+
+LAYER_PSF_MAP = {"x": (-60.0, 100.0, 41), "y": (-76.0, 76.0, 39), "z": (8.0, 32.0, 9)}
+"""PSF map for layers (covers the layer plane's reach): (start, stop, num), nm."""
+LAYER_PLANES_NM = (28.0, 32.0)
+LAYER_STEP_NM = 2.0
+LAYER_TAU_S = 6e-6
+LAYER_SHOTS = 100_000
+LAYER_EVOLUTION_TAUS_S = tuple(np.round(np.linspace(0.5e-6, 20e-6, 40), 9))
+
+
+def axis_spec(start: float, stop: float, step: float) -> tuple[float, float, int]:
+    """(start, stop, num) of a grid axis with ``step`` covering [start, stop] (stop rounded up)."""
+    num = int(np.ceil((stop - start) / step - 1e-9)) + 1
+    return float(start), float(start + (num - 1) * step), num
+
+
+@dataclass(frozen=True)
+class RasterDesign:
+    """A DEER raster to measure: axes as the plans take them, RF, tau, shots.
+
+    Attributes
+    ----------
+    x, y : (start, stop, num)
+        Lateral axes, nm.
+    z : tuple of float
+        Apex heights, nm.
+    rf_frequency_hz, rf_offset_hz : float
+        RF carrier and its offset from the tip-free dark-spin line, Hz.
+    tau_s : float
+    shots : int
+    """
+
+    x: tuple[float, float, int]
+    y: tuple[float, float, int]
+    z: tuple[float, ...]
+    rf_frequency_hz: float
+    rf_offset_hz: float
+    tau_s: float
+    shots: int
+
+    @property
+    def n_points(self) -> int:
+        """Raster points."""
+        return self.x[2] * self.y[2] * len(self.z)
+
+    def axes(self) -> tuple[NDArray, NDArray, NDArray]:
+        """The x, y, z coordinate arrays, nm."""
+        return (np.linspace(*self.x), np.linspace(*self.y), np.asarray(self.z, float))
+
+
+def _plane_map(detuning: DetuningInterpolant, z: float, step: float = 0.25
+               ) -> tuple[NDArray, NDArray, NDArray]:
+    b = detuning.bounds
+    if not b[2, 0] <= z <= b[2, 1]:
+        raise NvmriError(f"the PSF map (z {b[2, 0]:g}..{b[2, 1]:g} nm) does not reach "
+                         f"apex height {z:g} nm")
+    xs = np.arange(b[0, 0], b[0, 1] + 1e-9, step)
+    ys = np.arange(b[1, 0], b[1, 1] + 1e-9, step)
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    return xs, ys, detuning(np.stack([gx, gy, np.full_like(gx, z)], -1))
+
+
+def design_spin_raster(detuning: DetuningInterpolant, f_dark0_hz: float, tau_s: float,
+                       z_plane_nm: float = SPIN_PLANE_NM,
+                       top_margin_nm: float = SPIN_TOP_MARGIN_NM,
+                       step_nm: float = SPIN_STEP_NM, shots: int = SPIN_SHOTS,
+                       lateral_prior_nm: float = PRIOR_LATERAL_NM,
+                       dz_prior_nm: tuple[float, float] = PRIOR_DZ_NM,
+                       margin_nm: float = 2.0) -> RasterDesign:
+    """Single-plane DEER raster that images any spin of the prior box as a full ring.
+
+    The RF offset puts the resonant dome's top ``top_margin_nm`` above the
+    plane (offset = max of Delta f_dark at that height): a spin at the
+    deepest prior offset dz_lo (seen as if the tip were |dz_lo| higher) still
+    shows a ring of radius ~6 nm.  The window is the bounding box of the
+    largest ring (spin at dz_hi) grown by the lateral prior and ``margin_nm``.
+
+    Parameters
+    ----------
+    detuning : DetuningInterpolant
+        Measured Delta f_dark map (must reach z_plane - dz_hi and
+        z_plane + top_margin).
+    f_dark0_hz : float
+        Tip-free dark-spin line centre, Hz.
+    tau_s : float
+        DEER free time (:func:`choose_tau`), s.
+    z_plane_nm, top_margin_nm, step_nm : float
+    shots : int
+    lateral_prior_nm : float
+        |dx|, |dy| bound of the offsets searched, nm.
+    dz_prior_nm : (lo, hi)
+        dz bounds of the offsets searched, nm.
+    margin_nm : float
+
+    Returns
+    -------
+    RasterDesign
+    """
+    _, _, top = _plane_map(detuning, z_plane_nm + top_margin_nm)
+    if not np.isfinite(top).any():
+        raise NvmriError("the PSF map has no values at the dome-top height")
+    offset = float(np.nanmax(top))
+    xs, ys, low = _plane_map(detuning, z_plane_nm - dz_prior_nm[1])
+    inside = np.argwhere(np.nan_to_num(low, nan=-np.inf) >= offset)
+    if inside.size == 0:
+        raise NvmriError("no resonant ring in the DEER plane: check the PSF map")
+    x_lo, x_hi = xs[inside[:, 0].min()], xs[inside[:, 0].max()]
+    y_lo, y_hi = ys[inside[:, 1].min()], ys[inside[:, 1].max()]
+    grow = lateral_prior_nm + margin_nm
+    xc, yc = 0.5 * (x_lo + x_hi), 0.5 * (y_lo + y_hi)
+    hx = step_nm * np.ceil((0.5 * (x_hi - x_lo) + grow) / step_nm)
+    hy = step_nm * np.ceil((0.5 * (y_hi - y_lo) + grow) / step_nm)
+    xc, yc = step_nm * np.round(xc / step_nm), step_nm * np.round(yc / step_nm)
+    return RasterDesign(x=axis_spec(xc - hx, xc + hx, step_nm),
+                        y=axis_spec(yc - hy, yc + hy, step_nm), z=(float(z_plane_nm),),
+                        rf_frequency_hz=f_dark0_hz + offset, rf_offset_hz=offset,
+                        tau_s=float(tau_s), shots=int(shots))
+
+
+def design_layer_raster(detuning: DetuningInterpolant, f_dark0_hz: float,
+                        planes_nm: ArrayLike = LAYER_PLANES_NM, step_nm: float = LAYER_STEP_NM,
+                        top_below_nm: float = 4.0, half_width_nm: float = 30.0,
+                        tau_s: float = LAYER_TAU_S, shots: int = LAYER_SHOTS) -> RasterDesign:
+    """DEER raster for a spin layer above the NV.
+
+    The RF offset puts the resonant dome's top ``top_below_nm`` below the
+    lowest plane, so a layer h >= top_below_nm above the NV is resonant on a
+    ring of the layer plane for every plane.  The window is centred on the
+    dome's top, +/- ``half_width_nm``.
+
+    Returns
+    -------
+    RasterDesign
+    """
+    planes = tuple(float(z) for z in np.atleast_1d(planes_nm))
+    xs, ys, top = _plane_map(detuning, min(planes) - top_below_nm)
+    offset = float(np.nanmax(top))
+    i, j = np.unravel_index(np.nanargmax(top), top.shape)
+    xc = step_nm * np.round(xs[i] / step_nm)
+    yc = step_nm * np.round(ys[j] / step_nm)
+    return RasterDesign(x=axis_spec(xc - half_width_nm, xc + half_width_nm, step_nm),
+                        y=axis_spec(yc - half_width_nm, yc + half_width_nm, step_nm),
+                        z=planes, rf_frequency_hz=f_dark0_hz + offset, rf_offset_hz=offset,
+                        tau_s=float(tau_s), shots=int(shots))
+
+
+def choose_tau(nu_hz: float, t2_s: float = 20e-6, exponent: float = 1.5,
+               tau_min_s: float = 1e-6, tau_max_s: float = 30e-6) -> float:
+    """DEER free time maximising the signal E(tau) w(nu, tau) of a spin coupled by nu.
+
+    Parameters
+    ----------
+    nu_hz : float
+        |nu| from the tip-free evolution, Hz.
+    t2_s, exponent : float
+        Echo decay exp(-(tau/T2)^n) (measured with ``echo``), s.
+    tau_min_s, tau_max_s : float
+        Allowed range (tau_min leaves room for the RF pulse inside the echo), s.
+
+    Returns
+    -------
+    float
+        tau, s.
+    """
+    taus = np.linspace(tau_min_s, tau_max_s, 6000)
+    gain = physics.echo_coherence(taus, t2_s, exponent) * physics.deer_weight(nu_hz, taus)
+    return float(taus[int(np.argmax(gain))])

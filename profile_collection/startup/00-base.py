@@ -1,0 +1,15 @@
+# NV-MRI instrument profile: the RunEngine.  Thin by design: everything is imported
+# from nvmri_bluesky.  Environment: see docs/deployment.md.
+import os
+
+import bluesky.plan_stubs as bps  # noqa: F401  (for the session)
+import bluesky.plans as bp  # noqa: F401
+from bluesky import RunEngine
+
+import nvmri_bluesky
+
+RE = RunEngine({})
+RE.md["instrument"] = "nvmri"
+RE.md["nvmri_version"] = nvmri_bluesky.__version__
+if os.environ.get("NVMRI_SCENARIO"):
+    RE.md["scenario"] = os.environ["NVMRI_SCENARIO"]

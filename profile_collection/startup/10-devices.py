@@ -1,0 +1,5 @@
+# The instrument's ophyd devices, from one PV prefix (default: the simulated IOC's).
+from nvmri_bluesky.devices import make_devices
+
+nv = make_devices(os.environ.get("NVMRI_PREFIX", "NVMRI:"))  # noqa: F821
+stage, mw, rf, pulser, counter, health = nv.stage, nv.mw, nv.rf, nv.pulser, nv.counter, nv.health
