@@ -13,6 +13,7 @@ acquisition trigger, a readback-checked MW frequency set, and a ``read()``.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -55,15 +56,17 @@ def _timed(RE: Any, plan: Any) -> float:
 
 def run() -> dict[str, Any]:
     """Time both scans; return ``{name, ours, baseline, ratio, unit, detail}`` (ms/point)."""
-    import bluesky.plans as bp
-    from bluesky import RunEngine
-    from ophyd.sim import det, motor
-
-    from nvmri_bluesky.devices import make_devices
-    from nvmri_bluesky.plans import pulses
     from nvmri_bluesky.sim.launch import start_ioc
 
+    # the IOC first: it configures Channel Access, which importing ophyd fixes
     with start_ioc("default", time_scale=0.0) as ioc:
+        import bluesky.plans as bp
+        from bluesky import RunEngine
+        from ophyd.sim import det, motor
+
+        from nvmri_bluesky.devices import make_devices
+        from nvmri_bluesky.plans import pulses
+
         devices = make_devices(ioc.prefix)
         try:
             RE = RunEngine({})
@@ -83,5 +86,6 @@ def run() -> dict[str, Any]:
         "baseline": base_ms,
         "ratio": ours_ms / base_ms,
         "unit": "ms/point",
-        "detail": {"points": POINTS, "ours_total_s": ours, "baseline_total_s": base, **lat},
+        "detail": {"points": POINTS, "ours_total_s": ours, "baseline_total_s": base, **lat,
+                   "cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]},
     }

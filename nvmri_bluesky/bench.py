@@ -113,6 +113,19 @@ def _table(rows: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _prepare_channel_access() -> None:
+    """Give this process a pool of private CA ports before any benchmark imports ophyd.
+
+    ``import ophyd`` initialises libca, which reads the EPICS environment
+    once; with the pool configured first, every benchmark can start its own
+    simulated IOC (:func:`nvmri_bluesky.sim.launch.start_ioc`) in any order.
+    """
+    from nvmri_bluesky.sim import launch
+
+    if not launch.ca_initialised():
+        launch.reserve_ca_ports(4)
+
+
 def run(names: list[str] | None = None, as_json: bool = False) -> int:
     """Run the named benchmarks (all when ``names`` is empty or None) and print the results.
 
@@ -140,6 +153,7 @@ def run(names: list[str] | None = None, as_json: bool = False) -> int:
     if unknown:
         raise NvmriError(f"unknown benchmark(s) {', '.join(unknown)} "
                          f"(available: {', '.join(available) or 'none'})")
+    _prepare_channel_access()
     rows: list[dict[str, Any]] = []
     failed = 0
     for name in wanted:

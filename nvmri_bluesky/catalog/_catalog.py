@@ -30,7 +30,7 @@ from ._spool import (
 logger = logging.getLogger(__name__)
 
 #: Events cached by TiledWriter before it writes them to the catalog in one request.
-DEFAULT_BATCH_SIZE = 50
+DEFAULT_BATCH_SIZE = 500
 #: Seconds the RunEngine waits, at a stop document, for the catalog writer to catch up.
 DEFAULT_STOP_TIMEOUT = 60.0
 #: Seconds to wait for a facility server to answer before calling it unreachable.
@@ -168,7 +168,7 @@ class CatalogWriter:
             try:
                 if name != "__flush__":
                     self._handle(name, doc)
-            except Exception as err:  # noqa: BLE001 - keep the worker alive
+            except Exception as err:  # keep the worker alive
                 logger.exception("catalog writer: unexpected error: %s", err)
             finally:
                 if done is not None:
@@ -183,7 +183,7 @@ class CatalogWriter:
                 if self._writer is None:
                     self._writer = make_tiled_writer(self._make_client(), self.batch_size)
                 self._writer(name, doc)
-            except Exception as err:  # noqa: BLE001 - TiledWriter failures must not abort runs
+            except Exception as err:  # TiledWriter failures must not abort runs
                 msg = (
                     f"catalog: run {str(run)[:8]}: {name} document not written "
                     f"({type(err).__name__}: {_one_line(err)}); the rest of the run goes "
@@ -255,7 +255,7 @@ class Catalog:
             for token in tokens:
                 try:
                     RE.unsubscribe(token)
-                except Exception:  # noqa: BLE001 - best effort on shutdown
+                except Exception:  # best effort on shutdown
                     pass
         self._subscriptions.clear()
         for writer in self._writers:
@@ -372,7 +372,7 @@ class Catalog:
                 )
         except NvmriError:
             raise
-        except Exception as err:  # noqa: BLE001 - one line for the user
+        except Exception as err:  # one line for the user
             raise NvmriError(f"cannot list runs in {self.location}: {_one_line(err)}") from None
         rows.sort(key=lambda r: r.time, reverse=True)
         return rows[:limit] if limit is not None else rows
@@ -389,12 +389,12 @@ class Catalog:
             return uid
         except KeyError:
             pass
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise NvmriError(f"cannot read catalog {self.location}: {_one_line(err)}") from None
         try:
             results = Container.search(self.client, Like("start.uid", f"{uid}%"))
             keys = list(results.keys().head(3))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise NvmriError(f"cannot search catalog {self.location}: {_one_line(err)}") from None
         if not keys:
             raise NvmriError(f"no run {uid!r} in catalog {self.location}")
@@ -427,7 +427,7 @@ class Catalog:
         run = self.run(uid)
         try:
             docs = [(name, dict(doc)) for name, doc in run.documents()]
-        except Exception as err:  # noqa: BLE001 - older server without the exporter
+        except Exception as err:  # older server without the exporter
             logger.info("json-seq export unavailable (%s); rebuilding documents", _one_line(err))
             docs = list(_documents_from_nodes(run))
         for name, doc in docs:
@@ -533,8 +533,10 @@ def run_table(run: Any, stream: str = "primary", *, rename: bool = True) -> Any:
 
             variables = (DATAVALUES, "seq_num") if "seq_num" in keys else (DATAVALUES,)
             ds = node.read(variables=variables)
-        except Exception as err:  # noqa: BLE001
-            raise NvmriError(f"cannot read stream {stream!r} of run {uid[:8]}: {_one_line(err)}") from None
+        except Exception as err:
+            raise NvmriError(
+                f"cannot read stream {stream!r} of run {uid[:8]}: {_one_line(err)}"
+            ) from None
         if "seq_num" in ds.data_vars:
             ds = ds.set_coords("seq_num")
             order = np.argsort(ds["seq_num"].values, kind="stable")
@@ -602,7 +604,7 @@ def _connect_remote(uri: str, api_key: str | None, timeout: float) -> tuple[Any,
         client = connect()
     except NvmriError:
         raise
-    except Exception as err:  # noqa: BLE001 - one line for the user
+    except Exception as err:  # one line for the user
         status = _http_status(err)
         if status in (401, 403):
             raise NvmriError(f"catalog {uri} refused the API key ({status})") from None
@@ -730,7 +732,10 @@ def import_spool(
 def _import_file(file: Path, catalog: Catalog) -> ImportResult:
     from tiled.client.container import Container
 
-    docs = list(read_spool(file))
+    try:
+        docs = list(read_spool(file))
+    except NvmriError as err:
+        return ImportResult(str(file), "", "failed", 0, str(err))
     if not docs:
         return ImportResult(str(file), "", "empty", 0, "no documents")
     if docs[0][0] != "start":
@@ -746,24 +751,32 @@ def _import_file(file: Path, catalog: Catalog) -> ImportResult:
         existing = Container.__getitem__(catalog.client, uid)
     except KeyError:
         existing = None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return ImportResult(str(file), uid, "failed", events, _one_line(err))
     if existing is not None:
         if existing.metadata.get("stop"):
-            return ImportResult(str(file), uid, "present", events, "already complete in the catalog")
+            return ImportResult(
+                str(file), uid, "present", events, "already complete in the catalog"
+            )
         try:
             catalog.client.delete_contents(uid, recursive=True, external_only=False)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             status = _http_status(err)
-            why = "the API key lacks the delete:node scope" if status in (401, 403) else _one_line(err)
+            why = (
+                "the API key lacks the delete:node scope"
+                if status in (401, 403)
+                else _one_line(err)
+            )
             return ImportResult(
                 str(file), uid, "failed", events, f"partial run in the catalog not replaced: {why}"
             )
         action = "replaced"
     try:
         _write_documents(catalog.client, docs)
-    except Exception as err:  # noqa: BLE001
-        return ImportResult(str(file), uid, "failed", events, f"{type(err).__name__}: {_one_line(err)}")
+    except Exception as err:
+        return ImportResult(
+            str(file), uid, "failed", events, f"{type(err).__name__}: {_one_line(err)}"
+        )
     return ImportResult(str(file), uid, action, events, detail)
 
 
@@ -786,7 +799,9 @@ def format_runs(rows: list[RunRow]) -> str:
         for r in rows
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:{'>' if h == 'points' else '<'}{w}}}" for h, w in zip(header, widths))
+    fmt = "  ".join(
+        f"{{:{'>' if h == 'points' else '<'}{w}}}" for h, w in zip(header, widths, strict=True)
+    )
     out = [fmt.format(*header)] + [fmt.format(*line) for line in lines]
     return "\n".join(s.rstrip() for s in out)
 

@@ -23,6 +23,7 @@ import logging
 import secrets
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
@@ -50,6 +51,21 @@ def bluesky_serialization_registry() -> Any:
     return registry
 
 
+def process_api_key() -> str:
+    """The single-user API key of every embedded server in this process.
+
+    tiled keeps the key in its process-wide settings (``build_app`` writes it
+    there), so two servers in one process with different keys would lock the
+    first one's clients out; all share tiled's per-process random key instead.
+    """
+    from tiled.server.settings import get_settings
+
+    settings = get_settings()
+    if not settings.single_user_api_key:
+        settings.single_user_api_key = secrets.token_hex(32)
+    return settings.single_user_api_key
+
+
 def _run_in_fresh_thread(fn: Any) -> Any:
     """Run ``fn()`` in a new thread (its own event loop, its own SQLite handles)."""
     box: dict[str, Any] = {}
@@ -57,7 +73,7 @@ def _run_in_fresh_thread(fn: Any) -> Any:
     def target() -> None:
         try:
             box["value"] = fn()
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as err:  # re-raised in the caller
             box["error"] = err
 
     thread = threading.Thread(target=target, name="nvmri-catalog-init")
@@ -94,7 +110,9 @@ def init_catalog_database(uri: str) -> None:
 
     def work() -> None:
         if asyncio.run(setup()):
-            stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, uri)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # alembic's ini format
+                stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, uri)
 
     _run_in_fresh_thread(work)
 
@@ -114,7 +132,7 @@ class EmbeddedServer:
     uri : str
         ``http://127.0.0.1:PORT/api/v1`` (without the key).
     api_key : str
-        Random per process; the server only listens on loopback.
+        Random per process (see :func:`process_api_key`); loopback only.
     """
 
     def __init__(self, directory: str | Path, port: int = 0) -> None:
@@ -135,7 +153,7 @@ class EmbeddedServer:
         catalog_uri = f"sqlite:///{self.directory / CATALOG_DB}"
         init_catalog_database(catalog_uri)
         self._tables_uri = ensure_uri(f"duckdb:///{self.directory / TABLES_DB}")
-        self.api_key = secrets.token_hex(16)
+        self.api_key = process_api_key()
 
         log_config = copy.deepcopy(LOGGING_CONFIG)
         for handler, filename in (("access", "access.log"), ("default", "error.log")):

@@ -25,7 +25,8 @@ from urllib.parse import urlparse, urlunparse
 
 from nvmri_bluesky.errors import NvmriError
 
-from ._catalog import probe
+from ._catalog import _one_line, probe
+from ._embedded import init_catalog_database
 
 #: The config shipped with the package's profile.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "profile_collection" / "tiled" / "config.yml"
@@ -136,18 +137,25 @@ def load_config(config_path: str | Path, prepare: bool = True) -> Any:
         check_environment(path)
     try:
         config = parse_configs(path)
-    except Exception as err:  # noqa: BLE001 - pydantic errors are long
+    except Exception as err:  # pydantic errors are long
         first = str(err).strip().splitlines()
         raise NvmriError(f"invalid tiled config {path}: {' '.join(first[:3])}") from None
     if prepare:
         for directory in _data_dirs(config):
             directory.mkdir(parents=True, exist_ok=True)
         uris = _postgres_uris(config)
-        if uris:
-            try:
+        try:
+            if uris:
                 asyncio.run(_create_databases(uris))
-            except Exception as err:  # noqa: BLE001
-                raise NvmriError(f"cannot prepare the PostgreSQL databases: {err}") from None
+            # Initialise catalog databases here, in-process: tiled's own
+            # init_if_not_exists spawns `python -m tiled catalog init` (seconds).
+            for tree in config.trees or []:
+                args = tree.args or {}
+                if args.get("init_if_not_exists") and isinstance(args.get("uri"), str):
+                    init_catalog_database(args["uri"])
+                    args["init_if_not_exists"] = False
+        except Exception as err:
+            raise NvmriError(f"cannot prepare the catalog databases: {_one_line(err)}") from None
     return config
 
 
@@ -221,14 +229,16 @@ def create_api_key(
 
     password = admin_password or os.environ.get("NVMRI_TILED_ADMIN_PASSWORD")
     if not password:
-        raise NvmriError("creating an API key needs the admin password ($NVMRI_TILED_ADMIN_PASSWORD)")
+        raise NvmriError(
+            "creating an API key needs the admin password ($NVMRI_TILED_ADMIN_PASSWORD)"
+        )
     base = uri.rstrip("/")
     if not base.endswith("/api/v1"):
         base += "/api/v1"
     probe(base)
     try:
         context = Context(base)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise NvmriError(f"cannot reach catalog {uri}: {err}") from None
     try:
         providers = context.server_info.authentication.providers
@@ -243,7 +253,7 @@ def create_api_key(
                 admin_user,
                 password,
             )
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise NvmriError(f"admin login to {uri} failed: {err}") from None
         context.configure_auth(tokens, remember_me=False)
         if principal is None:
@@ -254,7 +264,7 @@ def create_api_key(
         return str(info["secret"])
     except NvmriError:
         raise
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise NvmriError(f"cannot create an API key on {uri}: {err}") from None
     finally:
         context.close()

@@ -123,7 +123,7 @@ class SpoolWriter:
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         try:
             self._write(name, doc)
-        except Exception as err:  # noqa: BLE001 - a spool failure must not abort the run
+        except Exception as err:  # a spool failure must not abort the run
             msg = f"spool: could not write a {name} document: {err}"
             logger.error(msg)
             self.errors.append(msg)
@@ -135,7 +135,7 @@ class SpoolWriter:
         if name == "start":
             path = self.directory / spool_filename(doc)
             self.paths[run] = path
-            self._files[run] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            self._files[run] = open(path, "a", encoding="utf-8")
         fh = self._files.get(run)
         if fh is None:
             raise NvmriError(f"{name} document of run {run[:8]} arrived after its stop")

@@ -24,10 +24,13 @@ from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignal
 from ophyd.status import Status, StatusBase
 
-from nvmri_bluesky.devices.signals import EpicsSignalROU, watch_disconnect
+from nvmri_bluesky.devices.signals import EpicsSignalROU, WaveformSignalRO, watch_disconnect
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = ["PhotonCounter"]
+
+_GRACE_S = 0.2
+"""After the acquire put completed, how long to wait for the counts before asking why not, s."""
 
 
 class PhotonCounter(Device):
@@ -45,12 +48,14 @@ class PhotonCounter(Device):
         take to arrive, s.
     """
 
-    counts = Cpt(EpicsSignalROU, "CNT:COUNTS", auto_monitor=True, kind="normal",
-                 units="counts")
+    counts = Cpt(WaveformSignalRO, "CNT:COUNTS", auto_monitor=True, kind="normal",
+                 units="counts", dims=("gate",))
     acq_id = Cpt(EpicsSignalROU, "CNT:ACQ_ID", auto_monitor=True, kind="normal", units="")
     acquire = Cpt(EpicsSignal, "PG:ACQUIRE", put_complete=True, kind="omitted")
     gates = Cpt(EpicsSignalROU, "PG:GATES", string=True, kind="config", units="")
     shots = Cpt(EpicsSignalROU, "PG:SHOTS", kind="config", units="shots")
+    state = Cpt(EpicsSignalROU, "PG:STATUS", string=True, kind="omitted", units="")
+    message = Cpt(EpicsSignalROU, "PG:MESSAGE", string=True, kind="omitted", units="")
 
     def __init__(self, prefix: str = "", *, name: str, **kwargs: Any):
         super().__init__(prefix, name=name, **kwargs)
@@ -93,20 +98,42 @@ class PhotonCounter(Device):
                 seen["id"] = True
                 finish()
 
-        def stale() -> None:
+        def fail(error: NvmriError) -> None:
             with lock:
-                if status.done:
+                if not status.done:
+                    status.set_exception(error)
+
+        def stale() -> None:
+            if status.done:
+                return
+            missing = [s.pvname for s, key in ((self.counts, "counts"), (self.acq_id, "id"))
+                       if not seen[key]]
+            fail(NvmriError(
+                f"counter: the acquisition completed but {' and '.join(missing)} did not "
+                f"update within {self.fresh_timeout:g} s (acquisition id {start_id})"))
+
+        def refused() -> None:
+            # the put completed a while ago without new data: did the IOC refuse it?
+            if status.done:
+                return
+            try:
+                if str(self.state.get(use_monitor=False)) == "Error":
+                    fail(NvmriError("counter: the IOC refused the acquisition: "
+                                    f"{self.message.get(use_monitor=False)}"))
                     return
-                missing = [s.pvname for s, key in ((self.counts, "counts"), (self.acq_id, "id"))
-                           if not seen[key]]
-                status.set_exception(NvmriError(
-                    f"counter: the acquisition completed but {' and '.join(missing)} did not "
-                    f"update within {self.fresh_timeout:g} s (acquisition id {start_id})"))
+            except Exception:  # noqa: BLE001 - unreadable: let the freshness timer decide
+                pass
+            t = threading.Timer(max(self.fresh_timeout - _GRACE_S, 0.0), stale)
+            t.daemon = True
+            timers.append(t)
+            if not status.done:
+                t.start()
 
         def on_put(**_: Any) -> None:
             seen["put"] = True
             if not (seen["counts"] and seen["id"]):
-                t = threading.Timer(self.fresh_timeout, stale)
+                # monitors usually follow within a millisecond; look closer only if not
+                t = threading.Timer(_GRACE_S, refused)
                 t.daemon = True
                 timers.append(t)
                 t.start()
@@ -130,6 +157,19 @@ class PhotonCounter(Device):
             status.set_exception(error)
             raise error from None
         return status
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Data keys; ``counter_counts`` has shape (number of gates of the loaded program,)."""
+        described = super().describe()
+        key = self.counts.name
+        if key in described:
+            try:
+                n = len(self.gate_names())
+            except Exception:  # noqa: BLE001 - no readable program: keep the waveform's length
+                n = 0
+            if n:
+                described[key]["shape"] = [n]
+        return described
 
     def gate_names(self) -> list[str]:
         """Gate names of the loaded program (``PG:GATES``), the order of ``counts``."""

@@ -85,14 +85,15 @@ def _build(prefix: str) -> Instrument:
 
 
 def _unconnected(instrument: Instrument) -> tuple[list[str], int]:
-    """(PV names of the unconnected signals, number of signals)."""
-    missing, total = [], 0
+    """(PV names of the unconnected signals, number of distinct PVs)."""
+    missing, every = set(), set()
     for device in instrument.all():
         for walk in device.walk_signals():
-            total += 1
+            pv = getattr(walk.item, "pvname", walk.item.name)
+            every.add(pv)
             if not walk.item.connected:
-                missing.append(getattr(walk.item, "pvname", walk.item.name))
-    return sorted(set(missing)), total
+                missing.add(pv)
+    return sorted(missing), len(every)
 
 
 def make_devices(prefix: str = DEFAULT_PREFIX, connection_timeout: float = 5.0) -> Instrument:

@@ -92,8 +92,13 @@ class Pulser(Device):
                 return
             if message in _ACCEPTED:
                 status.set_finished()
-            else:
-                status.set_exception(NvmriError(f"pulser refused program {name!r}: {message}"))
+                return
+            reason = message
+            for lead in ("program refused:", "refused:"):
+                if reason.lower().startswith(lead):
+                    reason = reason[len(lead):].strip()
+                    break
+            status.set_exception(NvmriError(f"pulser refused program {name!r}: {reason}"))
 
         def on_put(**_: Any) -> None:
             # a CA get must not run on the put-callback thread: hand it over

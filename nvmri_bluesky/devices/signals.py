@@ -19,11 +19,16 @@ import numpy as np
 from ophyd import EpicsSignal, EpicsSignalRO
 from ophyd.signal import DEFAULT_WRITE_TIMEOUT, UNSET_VALUE
 from ophyd.status import Status
+from ophyd.utils import LimitError
 
 from nvmri_bluesky.errors import NvmriError
 
-__all__ = ["UnitsMixin", "EpicsSignalU", "EpicsSignalROU", "SetpointWithReadback",
-           "fill_units", "watch_disconnect"]
+
+class LimitExceeded(NvmriError, LimitError):
+    """A setpoint outside the IOC's limits, refused before anything was sent."""
+
+__all__ = ["LimitExceeded", "UnitsMixin", "EpicsSignalU", "EpicsSignalROU", "WaveformSignalRO",
+           "SetpointWithReadback", "fill_units", "watch_disconnect"]
 
 
 def fill_units(described: dict[str, dict[str, Any]], default: str) -> dict[str, dict[str, Any]]:
@@ -52,6 +57,45 @@ class EpicsSignalU(UnitsMixin, EpicsSignal):
 
 class EpicsSignalROU(UnitsMixin, EpicsSignalRO):
     """Read-only EPICS signal whose data key always has ``units``."""
+
+
+class WaveformSignalRO(EpicsSignalROU):
+    """A numeric waveform that is always a 1-D float array, even with one element.
+
+    pyepics hands a one-element waveform over as a scalar; a per-gate counts
+    waveform must stay an array of shape (n_gates,) whatever n_gates is.
+
+    Parameters
+    ----------
+    dims : sequence of str
+        Name of the array's dimension in the data key (``dims``).
+    """
+
+    def __init__(self, *args: Any, dims: tuple[str, ...] = ("gate",), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.dims = tuple(dims)
+
+    @staticmethod
+    def _as_array(value: Any) -> Any:
+        if value is None or value is UNSET_VALUE:
+            return value
+        return np.atleast_1d(np.asarray(value, dtype=float))
+
+    def _read_changed(self, value: Any = None, **kwargs: Any) -> None:
+        super()._read_changed(value=self._as_array(value), **kwargs)
+
+    def get(self, **kwargs: Any) -> Any:
+        """The waveform as a 1-D float array."""
+        return self._as_array(super().get(**kwargs))
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Array data key: dtype ``array``, shape (n,), ``dims``, units."""
+        described = super().describe()
+        desc = described[self.name]
+        value = self._readback if self._readback is not UNSET_VALUE else self.get()
+        desc.update(dtype="array", dtype_numpy=np.dtype(float).str,
+                    shape=[int(np.size(value))], dims=list(self.dims))
+        return described
 
 
 def watch_disconnect(signal: Any, status: Any, what: str) -> None:
@@ -98,6 +142,15 @@ class SetpointWithReadback(EpicsSignalU):
         kwargs["put_complete"] = True
         super().__init__(read_pv, write_pv=write_pv, units=units, **kwargs)
         self.readback_timeout = readback_timeout
+
+    def check_value(self, value: Any) -> None:
+        """Refuse values outside the setpoint PV's control limits (when it has any)."""
+        try:
+            super().check_value(value)
+        except LimitError as exc:
+            low, high = self.limits
+            raise LimitExceeded(f"{self.name}: {value!r} {self.default_units} is outside "
+                                f"{low:g}..{high:g} {self.default_units}; not set") from exc
 
     def _target(self, value: Any) -> Any:
         """``value`` as the readback will show it (enum strings -> index)."""
@@ -159,9 +212,9 @@ class SetpointWithReadback(EpicsSignalU):
                 if status.done:
                     return
                 status.set_exception(NvmriError(
-                    f"{self.name}: the IOC accepted {value!r} {self.default_units} but the "
-                    f"readback {self.pvname} shows {self._readback!r} after "
-                    f"{self.readback_timeout:g} s"))
+                    f"{self.name}: the IOC did not apply {value!r} {self.default_units}: the "
+                    f"readback {self.pvname} still shows {self._readback!r} "
+                    f"{self.readback_timeout:g} s after the put (refused?)"))
 
         def on_put(**_: Any) -> None:
             state["put"] = True

@@ -7,7 +7,8 @@ completed the put and the readback shows the value
 ``mw.frequency`` records the frequency actually applied.
 
 Data keys: ``mw_frequency`` (hinted, Hz); ``mw_power`` (dBm) and ``mw_output``
-are configuration.
+are configuration.  Frequency and power outside the IOC's control limits
+raise :class:`~nvmri_bluesky.devices.signals.LimitExceeded` before any put.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ class SignalGenerator(Device):
     """
 
     frequency = Cpt(SetpointWithReadback, "FREQ_RBV", write_pv="FREQ", kind="hinted",
-                    units="Hz", tolerance=1e-3, rtolerance=1e-12)
+                    units="Hz", tolerance=1e-3, rtolerance=1e-12, limits=True)
     power = Cpt(SetpointWithReadback, "POWER_RBV", write_pv="POWER", kind="config",
-                units="dBm", tolerance=1e-6)
+                units="dBm", tolerance=1e-6, limits=True)
     output = Cpt(SetpointWithReadback, "OUTPUT_RBV", write_pv="OUTPUT", kind="config",
                  units="")
 

@@ -15,15 +15,17 @@ from typing import Any
 
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsMotor
-from ophyd.utils import LimitError
+from ophyd.device import required_for_connection
+from ophyd.utils import DisconnectedError
+from ophyd.utils.epics_pvs import AlarmSeverity
 
-from nvmri_bluesky.devices.signals import watch_disconnect
+from nvmri_bluesky.devices.signals import LimitExceeded, watch_disconnect
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = ["StageLimitError", "NmMotor", "Stage"]
 
 
-class StageLimitError(NvmriError, LimitError):
+class StageLimitError(LimitExceeded):
     """A stage move outside the soft limits (z below z_min among them); nothing moved."""
 
 
@@ -66,10 +68,11 @@ class NmMotor(EpicsMotor):
 
     def move(self, position: Any, wait: bool = True, **kwargs: Any) -> Any:
         """Move to ``position`` nm (see ``EpicsMotor.move``); fail fast on disconnect."""
-        if not self.connected:
+        try:
+            status = super().move(position, wait=False, **kwargs)
+        except DisconnectedError:
             raise NvmriError(f"{self.name}: {self.prefix} is not connected "
-                             "(IOC stopped or unreachable); nothing moved")
-        status = super().move(position, wait=False, **kwargs)
+                             "(IOC stopped or unreachable); nothing moved") from None
         watch_disconnect(self.user_readback, status, f"the move of {self.name}")
         if wait:
             try:
@@ -78,6 +81,40 @@ class NmMotor(EpicsMotor):
                 self.stop()
                 raise
         return status
+
+    @required_for_connection
+    def _move_changed(self, timestamp: Any = None, value: Any = None, sub_type: Any = None,
+                      **kwargs: Any) -> None:
+        """``.DMOV`` monitor: ``EpicsMotor._move_changed`` with the limit switches from monitors.
+
+        ophyd's version makes a blocking CA get of ``.LLS``/``.HLS`` on the
+        monitor thread at the end of every move (1-3 ms of ``ca.poll`` per
+        point); the motor record posts the switches before ``DMOV``, so their
+        monitored values are current.  Otherwise the same logic.
+        """
+        was_moving = self._moving
+        self._moving = value != 1
+        if not self._started_moving:
+            self._started_moving = not was_moving and self._moving
+            if self._started_moving:
+                self._run_subs(sub_type=self.SUB_START, timestamp=timestamp, value=value,
+                               **kwargs)
+        if not (was_moving and not self._moving):
+            return
+        switch = (self.low_limit_switch if self.direction_of_travel.get() == 0
+                  else self.high_limit_switch)
+        success = switch.get() != 1
+        severity = self.user_readback.alarm_severity
+        if severity != AlarmSeverity.NO_ALARM:
+            if severity > self.tolerated_alarm:
+                self.log.error("Motion failed: %s is in an alarm state status=%s severity=%s",
+                               self.name, self.user_readback.alarm_status, severity)
+                success = False
+            else:
+                self.log.warning("Motor %s raised an alarm during motion status=%s "
+                                 "severity %s", self.name, self.user_readback.alarm_status,
+                                 severity)
+        self._done_moving(success=success, timestamp=timestamp, value=value)
 
     def _with_units(self, described: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         by_key = {getattr(self, attr).name: unit for attr, unit in self.UNITS.items()}

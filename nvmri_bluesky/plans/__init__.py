@@ -9,7 +9,7 @@ from importlib import import_module
 
 _WHERE = {
     "odmr_sweep": "sweeps", "rabi": "sweeps", "ramsey": "sweeps", "echo": "sweeps",
-    "deer_spectrum": "sweeps", "deer_evolution": "sweeps", "retract": "sweeps",
+    "deer_spectrum": "sweeps", "deer_evolution": "sweeps", "retract": "stubs",
     "deer_point": "deer",
     "deer_raster": "rasters", "psf_map": "rasters", "ramsey_raster": "rasters",
     "esr_raster": "rasters",

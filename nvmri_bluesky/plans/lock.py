@@ -212,28 +212,48 @@ def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,
 class Predictor:
     """Predict the NV line at the next raster point from the points locked so far.
 
-    Linear extrapolation along the last two points when they are neighbours on
-    the grid, otherwise the nearest point already locked.
+    Takes the nearest locked point q and extrapolates linearly along the step
+    s = p - q when the point q - s was locked too: 2 f(q) - f(q - s).  On a
+    grid this follows the fast axis, turns at line ends (from the previous
+    line) and enters a new plane (from the two planes below), without a
+    field model.  With nothing to extrapolate from it returns f(q).
     """
 
-    def __init__(self, start_hz: float) -> None:
+    def __init__(self, start_hz: float, resolution_nm: float = 1e-3) -> None:
         self.start_hz = start_hz
-        self._points: list[np.ndarray] = []
-        self._freqs: list[float] = []
+        self.resolution_nm = resolution_nm
+        self._points = np.empty((0, 3))
+        self._freqs: dict[tuple[int, ...], float] = {}
+
+    def _key(self, position: np.ndarray) -> tuple[int, ...]:
+        return tuple(np.round(position / self.resolution_nm).astype(int))
 
     def add(self, position: Sequence[float], frequency_hz: float) -> None:
-        self._points.append(np.asarray(position, float))
-        self._freqs.append(float(frequency_hz))
+        """Record the locked frequency (Hz) at a tip position (nm)."""
+        p = np.asarray(position, float)
+        if self._key(p) not in self._freqs:
+            self._points = np.vstack([self._points, p])
+        self._freqs[self._key(p)] = float(frequency_hz)
 
     def __call__(self, position: Sequence[float]) -> float:
-        if not self._points:
+        if not len(self._points):
             return self.start_hz
         p = np.asarray(position, float)
-        if len(self._points) >= 2:
-            a, b = self._points[-2], self._points[-1]
-            step, ahead = b - a, p - b
-            if np.allclose(step, ahead) and np.any(step):
-                return 2 * self._freqs[-1] - self._freqs[-2]
-        pts = np.asarray(self._points[-4096:])
-        i = int(np.argmin(np.sum((pts - p) ** 2, axis=1)))
-        return self._freqs[len(self._freqs) - len(pts) + i]
+        d2 = np.sum((self._points - p) ** 2, axis=1)
+        nearest = np.flatnonzero(d2 <= d2.min() * (1 + 1e-6) + self.resolution_nm**2)
+        for i in nearest[::-1]:                       # newest first
+            q = self._points[i]
+            f_r = self._freqs.get(self._key(2 * q - p))
+            if f_r is not None:
+                return 2 * self._freqs[self._key(q)] - f_r
+        return self._local_plane(p, np.argsort(d2)[:8])
+
+    def _local_plane(self, p: np.ndarray, idx: np.ndarray) -> float:
+        """Least-squares plane through the nearest locked points, evaluated at p."""
+        pts = self._points[idx]
+        f = np.array([self._freqs[self._key(q)] for q in pts])
+        centre, f0 = pts.mean(axis=0), f.mean()
+        if len(idx) < 3:
+            return float(f[0])
+        grad = np.linalg.lstsq(pts - centre, f - f0, rcond=1e-6)[0]
+        return float(f0 + grad @ (p - centre))

@@ -21,7 +21,7 @@ from nvmri_bluesky.plans.checks import Axis, check_frequency, check_grid, check_
 from nvmri_bluesky.plans.deer import DeerReadout, deer_program
 from nvmri_bluesky.plans.lock import FrequencyLock, Predictor, lock_detunings, locked_acquire
 from nvmri_bluesky.plans.metadata import run_metadata
-from nvmri_bluesky.plans.stubs import prepare, set_frequency
+from nvmri_bluesky.plans.stubs import prepare, retract, set_frequency
 
 F_NV_START_HZ = 6.233e9
 """Where locks look for the ms=0->+1 line first unless told (0.12 T), Hz."""
@@ -159,13 +159,20 @@ def psf_map(devices: Any, x: Axis, y: Axis, z: Axis | float,
     motors = [devices.stage.x, devices.stage.y, devices.stage.z]
     f_minus = abs(mw_frequency_hz - 2 * physics.D_ZFS)
     check_frequency(devices.mw, f_minus, "ms=0->-1 search frequency")
-    per_step = _locked_step(devices, [(plus, Predictor(mw_frequency_hz)),
-                                      (minus, Predictor(f_minus))],
+    yield from prepare(devices, program, shots, mw_on=True, rf_on=False)
+    yield from retract(devices.stage)
+    references = {}
+    for lock, start_hz, key in ((plus, mw_frequency_hz, "f_nv0_hz"),
+                                (minus, f_minus, "f_minus0_hz")):
+        yield from locked_acquire(devices, lock, program, start_hz)
+        references[key] = lock.frequency.get()
+    per_step = _locked_step(devices, [(plus, Predictor(references["f_nv0_hz"])),
+                                      (minus, Predictor(references["f_minus0_hz"]))],
                             program, None, [*motors, devices.counter, plus, minus])
+    references["f_minus0_hz"] *= -1 if references["f_nv0_hz"] > 2 * physics.D_ZFS else 1
     _md = run_metadata(devices, "psf_map", dict(x=x, y=y, z=z, mw_frequency_hz=mw_frequency_hz,
                                                 shots=shots, snake=snake),
-                       programs=[program], grid=grid, md=md)
-    yield from prepare(devices, program, shots, mw_on=True, rf_on=False)
+                       programs=[program], grid=grid, md={**references, **(md or {})})
     return (yield from bp.grid_scan([devices.counter, plus, minus], *args,
                                     snake_axes=snake, per_step=per_step, md=_md))
 

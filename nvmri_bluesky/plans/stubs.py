@@ -60,3 +60,9 @@ def read_soft(*signals: Any) -> Generator[Any, Any, None]:
     """Read plan-side soft devices (lock, DEER analysis) into the open event."""
     for sig in signals:
         yield from bps.read(sig)
+
+
+def retract(stage: Any, height_nm: float | None = None) -> Generator[Any, Any, None]:
+    """Move the tip up, out of the way (default: the Z high limit)."""
+    lo, hi = stage.z.limits
+    yield from bps.mv(stage.z, hi if height_nm is None else height_nm)

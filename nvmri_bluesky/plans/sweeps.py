@@ -25,7 +25,7 @@ from nvmri_bluesky.plans.deer import DeerReadout, deer_program
 from nvmri_bluesky.plans.lock import FrequencyLock, locked_acquire
 from nvmri_bluesky.plans.metadata import run_metadata
 from nvmri_bluesky.plans.rasters import F_NV_START_HZ
-from nvmri_bluesky.plans.stubs import load_program, prepare, set_frequency
+from nvmri_bluesky.plans.stubs import load_program, prepare, retract, set_frequency
 
 
 def odmr_sweep(devices: Any, start_hz: float, stop_hz: float, num: int,
@@ -161,12 +161,6 @@ def echo(devices: Any, taus_s: Sequence[float], mw_frequency_hz: float,
     return (yield from _timing_sweep(devices, "echo", "tau", taus_s,
                                      lambda t: pulses.echo(tau=t, references=True),
                                      mw_frequency_hz, shots, {}, md))
-
-
-def retract(stage: Any, height_nm: float | None = None) -> Generator[Any, Any, None]:
-    """Move the tip up, out of the way (default: the Z high limit)."""
-    lo, hi = stage.z.limits
-    yield from bps.mv(stage.z, hi if height_nm is None else height_nm)
 
 
 def _tip_free_deer(devices: Any, plan_name: str, sweep: Any, values: Sequence[float],

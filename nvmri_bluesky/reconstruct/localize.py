@@ -55,10 +55,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage, optimize
+from scipy import ndimage
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.reconstruct._poisson import (
+    PoissonFit,
+    fit_sweep,
+    gate_means,
+    initial_nuisance,
+    poisson_ml,
+)
 from nvmri_bluesky.reconstruct.counts import check_gates, deer_contrast_dataset, valid_points
 from nvmri_bluesky.reconstruct.deconvolve import ShiftOperator, richardson_lucy_operator
 from nvmri_bluesky.reconstruct.psf import (
@@ -76,7 +83,8 @@ __all__ = [
 PRIOR_BOX = np.array([[-8.0, 8.0], [-8.0, 8.0], [-6.0, 2.0]])
 """Default search box for spin offsets (spin - NV), [[dx], [dy], [dz]] nm."""
 
-_N_NUIS = 3          # per dataset: a (photons/shot), a*C, E
+_N_NUIS = 3          # per dataset: a (photons/shot), optical contrast C, echo E
+GATE_ORDER = ("signal", "echo", "bright", "dark")
 
 
 # --------------------------------------------------------------------------- #
@@ -108,8 +116,7 @@ def _prepare(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine) -> _
     gx, gy, gz = xr.broadcast(d["x"], d["y"], d["z"])
     gx, gy, gz = (g.transpose(*d["signal"].dims) for g in (gx, gy, gz))
     tips = np.stack([gx.values.ravel(), gy.values.ravel(), gz.values.ravel()], -1)[ok]
-    counts = np.stack([np.asarray(d[g].values, float).ravel()[ok]
-                       for g in ("signal", "echo", "bright", "dark")])
+    counts = np.stack([np.asarray(d[g].values, float).ravel()[ok] for g in GATE_ORDER])
     shots = np.broadcast_to(np.asarray(d.attrs["shots"], float), ok.shape)[ok]
     if "shots" in d.data_vars:
         shots = np.asarray(d["shots"].values, float).ravel()[ok]
@@ -123,64 +130,107 @@ def _prepare(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine) -> _
 # forward model and Jacobian
 # --------------------------------------------------------------------------- #
 
-def _contrast_and_grad(psf: DarkSpinPSF, tips: NDArray, spins: NDArray, want_grad: bool
-                       ) -> tuple[NDArray, NDArray | None]:
-    """c (P,) and dc/d(spin params) (P, K, 4) [dx, dy, dz, w]."""
+def _contrast_and_grad(psf: DarkSpinPSF, tips: NDArray, spins: NDArray, shift_hz: float,
+                       want_grad: bool) -> tuple[NDArray, NDArray | None, NDArray | None]:
+    """c (P,), dc/d(spin params) (P, K, 4) [dx, dy, dz, w] and dc/d(line shift) (P,) 1/Hz.
+
+    PSF_j = p(f_rf - f_dark0 - shift - Delta f_dark(t - r_j)).
+    """
     k = spins.shape[0]
     p_n = tips.shape[0]
     if k == 0:
-        return np.zeros(p_n), np.zeros((p_n, 0, 4)) if want_grad else None
+        return np.zeros(p_n), np.zeros((p_n, 0, 4)), np.zeros(p_n)
+    off = psf.rf_offset_hz - shift_hz
     vals = np.empty((p_n, k))
+    dvals = np.empty((p_n, k))
     grads = np.empty((p_n, k, 3))
     for j in range(k):
         pts = tips - spins[j, :3]
         if want_grad:
-            v, g = psf.value_and_gradient(pts)
-            grads[:, j] = -g                                # d PSF(t - r)/dr
+            f, g = psf.detuning.value_and_gradient(pts)
+            det = off - f
+            dp = psf.line.derivative(det)
+            dvals[:, j] = -dp                                    # d PSF / d shift
+            grads[:, j] = dp[:, None] * g                        # d PSF(t - r) / dr
         else:
-            v = psf(pts)
-        vals[:, j] = v
+            det = off - psf.detuning(pts)
+        vals[:, j] = psf.line.probability(det)
     vals = np.nan_to_num(vals)
-    grads = np.nan_to_num(grads)
     w = spins[:, 3]
-    fac = 1.0 - w * vals                                     # (P, K)
-    prod = np.prod(fac, axis=1)
-    c = 1.0 - prod
+    fac = 1.0 - w * vals                                         # (P, K)
+    c = 1.0 - np.prod(fac, axis=1)
     if not want_grad:
-        return c, None
+        return c, None, None
+    dvals, grads = np.nan_to_num(dvals), np.nan_to_num(grads)
     others = np.empty_like(fac)
     for j in range(k):
         others[:, j] = np.prod(np.delete(fac, j, axis=1), axis=1)
     dc = np.empty((p_n, k, 4))
     dc[:, :, :3] = (others * w)[:, :, None] * grads
     dc[:, :, 3] = others * vals
-    return c, dc
+    dshift = np.sum(others * w * dvals, axis=1)
+    return c, dc, dshift
 
 
-def _mu_and_jac(r: _Raster, nuis: NDArray, spins: NDArray, want_jac: bool
-                ) -> tuple[NDArray, NDArray | None, NDArray]:
-    """Mean counts (4, P), Jacobian (4, P, 3 + 4K) and contrast (P,)."""
-    a, ac, e = nuis
-    n = r.shots
-    c, dc = _contrast_and_grad(r.psf, r.tips, spins, want_jac)
-    mu = np.empty((4, n.size))
-    mu[2] = n * a
-    mu[3] = n * (a - ac)
-    mu[1] = n * (a - ac * (1.0 - e) / 2.0)
-    mu[0] = n * (a - ac * (1.0 - e * (1.0 - c)) / 2.0)
-    if not want_jac:
-        return mu, None, c
-    k = spins.shape[0]
-    jac = np.zeros((4, n.size, _N_NUIS + 4 * k))
-    jac[2, :, 0] = n
-    jac[3, :, 0], jac[3, :, 1] = n, -n
-    jac[1, :, 0], jac[1, :, 1], jac[1, :, 2] = n, -n * (1.0 - e) / 2.0, n * ac / 2.0
-    jac[0, :, 0] = n
-    jac[0, :, 1] = -n * (1.0 - e * (1.0 - c)) / 2.0
-    jac[0, :, 2] = n * ac * (1.0 - c) / 2.0
-    if k:
-        jac[0, :, _N_NUIS:] = ((-n * ac * e / 2.0)[:, None, None] * dc).reshape(n.size, 4 * k)
-    return mu, jac, c
+@dataclass(frozen=True)
+class _Layout:
+    """Parameter vector: per dataset (a, C, E), then the line shift (MHz), then spins."""
+
+    n_sets: int
+    n_spins: int
+
+    @property
+    def n_global(self) -> int:
+        return _N_NUIS * self.n_sets + 1
+
+    @property
+    def shift(self) -> int:
+        return _N_NUIS * self.n_sets
+
+    def spins(self, theta: NDArray) -> NDArray:
+        return theta[self.n_global:].reshape(-1, 4)
+
+    def nuisance(self, theta: NDArray) -> NDArray:
+        return theta[:_N_NUIS * self.n_sets].reshape(self.n_sets, _N_NUIS)
+
+    def bounds(self, box: NDArray) -> tuple[NDArray, NDArray]:
+        lo = np.r_[np.tile([1e-12, 0.0, 0.0], self.n_sets), -np.inf,
+                   np.tile(np.r_[box[:, 0], 0.0], self.n_spins)]
+        hi = np.r_[np.tile([np.inf, 1.0, 1.0], self.n_sets), np.inf,
+                   np.tile(np.r_[box[:, 1], 2.0], self.n_spins)]
+        return lo, hi
+
+
+def _model_fn(rasters: Sequence[_Raster], lay: _Layout):
+    """``fun(theta, want_jac)`` for :func:`_poisson.poisson_ml` over all rasters' gates."""
+    sizes = [r.tips.shape[0] for r in rasters]
+
+    def fun(theta: NDArray, want: bool):
+        nuis = lay.nuisance(theta)
+        spins = lay.spins(theta)
+        shift = theta[lay.shift] * 1e6
+        mus, jacs = [], []
+        for i, r in enumerate(rasters):
+            a, copt, e = nuis[i]
+            c, dc, dshift = _contrast_and_grad(r.psf, r.tips, spins, shift, want)
+            mu, da, dco, de, dmu_dc = gate_means(r.shots, a, copt, e, c)
+            mus.append(mu.ravel())
+            if want:
+                jac = np.zeros((4, sizes[i], theta.size))
+                base = _N_NUIS * i
+                jac[:, :, base], jac[:, :, base + 1], jac[:, :, base + 2] = da, dco, de
+                jac[0, :, lay.shift] = dmu_dc * dshift * 1e6
+                if lay.n_spins:
+                    jac[0, :, lay.n_global:] = (dmu_dc[:, None, None] * dc).reshape(
+                        sizes[i], 4 * lay.n_spins)
+                jacs.append(jac.reshape(4 * sizes[i], theta.size))
+        return np.concatenate(mus), (np.concatenate(jacs) if want else None)
+
+    return fun
+
+
+def _observed(rasters: Sequence[_Raster]) -> NDArray:
+    return np.concatenate([r.counts.ravel() for r in rasters])
 
 
 def spin_model_counts(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine,
@@ -204,58 +254,22 @@ def spin_model_counts(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipL
     Returns
     -------
     xarray.Dataset
-        ``signal``, ``echo``, ``bright``, ``dark`` means and ``contrast`` on the
-        raster's dims.
+        ``signal``, ``echo``, ``bright``, ``dark`` means and ``contrast`` on
+        (x, y, z).
     """
     d = ds.transpose("x", "y", "z", ...)
     gx, gy, gz = xr.broadcast(d["x"], d["y"], d["z"])
     tips = np.stack([gx.values, gy.values, gz.values], -1)
     shape = tips.shape[:-1]
     psf = DarkSpinPSF(detuning, line, float(ds.attrs["rf_frequency_hz"]))
-    r = _Raster(tips.reshape(-1, 3), np.zeros((4, tips[..., 0].size)),
-                np.full(tips[..., 0].size, float(ds.attrs["shots"])), psf,
-                float(ds.attrs["tau_s"]))
     spins = np.column_stack([np.atleast_2d(offsets_nm), np.atleast_1d(weights)])
-    mu, _, c = _mu_and_jac(r, np.array([photons_per_shot, photons_per_shot * contrast, echo]),
-                           spins, False)
+    c = _contrast_and_grad(psf, tips.reshape(-1, 3), spins, 0.0, False)[0]
+    shots = np.full(c.size, float(ds.attrs["shots"]))
+    mu = gate_means(shots, photons_per_shot, contrast, echo, c)[0]
     dims = ("x", "y", "z")
-    out = {g: (dims, mu[i].reshape(shape)) for i, g in
-           enumerate(("signal", "echo", "bright", "dark"))}
+    out = {g: (dims, mu[i].reshape(shape)) for i, g in enumerate(GATE_ORDER)}
     out["contrast"] = (dims, c.reshape(shape))
     return xr.Dataset(out, coords={a: d[a] for a in dims})
-
-
-def _split(theta: NDArray, n_sets: int) -> tuple[NDArray, NDArray]:
-    nuis = theta[:_N_NUIS * n_sets].reshape(n_sets, _N_NUIS)
-    spins = theta[_N_NUIS * n_sets:].reshape(-1, 4)
-    return nuis, spins
-
-
-def _deviance_and_fisher(rasters: Sequence[_Raster], theta: NDArray, want: bool
-                         ) -> tuple[float, NDArray | None, NDArray | None, float]:
-    """Poisson deviance, Fisher matrix, score and Pearson chi^2."""
-    nuis, spins = _split(theta, len(rasters))
-    k = spins.shape[0]
-    n_par = theta.size
-    dev, pear = 0.0, 0.0
-    fisher = np.zeros((n_par, n_par)) if want else None
-    score = np.zeros(n_par) if want else None
-    for i, r in enumerate(rasters):
-        mu, jac, _ = _mu_and_jac(r, nuis[i], spins, want)
-        mu = np.maximum(mu, 1e-9)
-        y = r.counts
-        with np.errstate(divide="ignore", invalid="ignore"):
-            term = np.where(y > 0, y * np.log(y / mu), 0.0) - (y - mu)
-        dev += 2.0 * float(term.sum())
-        pear += float(np.sum((y - mu) ** 2 / mu))
-        if want:
-            idx = np.r_[np.arange(_N_NUIS * i, _N_NUIS * (i + 1)),
-                        _N_NUIS * len(rasters) + np.arange(4 * k)].astype(int)
-            j2 = jac.reshape(-1, _N_NUIS + 4 * k)
-            wts = 1.0 / mu.reshape(-1)
-            fisher[np.ix_(idx, idx)] += j2.T @ (j2 * wts[:, None])
-            score[idx] += j2.T @ ((y - mu).reshape(-1) * wts)
-    return dev, fisher, score, pear
 
 
 def fisher_information(ds: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningInterpolant,
@@ -263,73 +277,40 @@ def fisher_information(ds: xr.Dataset | Sequence[xr.Dataset], detuning: Detuning
                        photons_per_shot: float, contrast: float, echo: float) -> NDArray:
     """Poisson Fisher information of the raster model at given parameters.
 
-    Parameter order: per dataset (a, a C, E), then per spin (dx, dy, dz, w).
-    Its inverse is the Cramer-Rao bound the localisation's sigmas estimate.
+    Parameter order: per dataset (a, C, E), the line shift (MHz), then per
+    spin (dx, dy, dz, w).  The inverse (with the line-centre prior
+    ``line.centre_sigma_hz`` added on the shift's diagonal) is the
+    Cramer-Rao bound the localisation's sigmas estimate.
 
     Returns
     -------
-    ndarray, (3 n_datasets + 4 K, 3 n_datasets + 4 K)
+    ndarray, (3 n_datasets + 1 + 4 K, same)
     """
     sets = [ds] if isinstance(ds, xr.Dataset) else list(ds)
     rasters = [_prepare(d, detuning, line) for d in sets]
     spins = np.column_stack([np.atleast_2d(offsets_nm), np.atleast_1d(weights)])
-    nuis = np.tile([photons_per_shot, photons_per_shot * contrast, echo], len(sets))
-    theta = np.r_[nuis, spins.ravel()]
-    return _deviance_and_fisher(rasters, theta, True)[1]
+    lay = _Layout(len(sets), spins.shape[0])
+    theta = np.r_[np.tile([photons_per_shot, contrast, echo], len(sets)), 0.0, spins.ravel()]
+    mu, jac = _model_fn(rasters, lay)(theta, True)
+    fisher = jac.T @ (jac / np.maximum(mu, 1e-12)[:, None])
+    if line.centre_sigma_hz > 0:
+        fisher[lay.shift, lay.shift] += (1e6 / line.centre_sigma_hz) ** 2
+    return fisher
 
 
 # --------------------------------------------------------------------------- #
 # the fit
 # --------------------------------------------------------------------------- #
 
-def _bounds(n_sets: int, k: int, box: NDArray) -> tuple[NDArray, NDArray]:
-    lo = np.tile([1e-9, 0.0, 0.0], n_sets)
-    hi = np.tile([np.inf, np.inf, 1.0], n_sets)
-    slo = np.tile(np.r_[box[:, 0], 0.0], k)
-    shi = np.tile(np.r_[box[:, 1], 2.0], k)
-    return np.r_[lo, slo], np.r_[hi, shi]
-
-
-def _fit(rasters: Sequence[_Raster], theta0: NDArray, box: NDArray, max_iter: int = 200
-         ) -> tuple[NDArray, float, NDArray, float]:
-    """Poisson ML by Fisher scoring + Levenberg-Marquardt; returns theta, dev, F, pearson."""
-    n_sets = len(rasters)
-    k = (theta0.size - _N_NUIS * n_sets) // 4
-    lo, hi = _bounds(n_sets, k, box)
-    theta = np.clip(theta0, lo, hi)
-    dev, fisher, score, pear = _deviance_and_fisher(rasters, theta, True)
-    lam = 1e-3
-    for _ in range(max_iter):
-        diag = np.diag(fisher).copy()
-        diag[diag <= 0] = 1.0
-        improved = False
-        for _ in range(30):
-            try:
-                step = np.linalg.solve(fisher + lam * np.diag(diag), score)
-            except np.linalg.LinAlgError:
-                lam *= 10.0
-                continue
-            trial = np.clip(theta + step, lo, hi)
-            dev_t = _deviance_and_fisher(rasters, trial, False)[0]
-            if dev_t <= dev:
-                improved = True
-                break
-            lam *= 4.0
-        if not improved:
-            break
-        change = dev - dev_t
-        moved = trial - theta
-        theta = trial
-        dev, fisher, score, pear = _deviance_and_fisher(rasters, theta, True)
-        lam = max(lam / 5.0, 1e-9)
-        try:
-            sig = np.sqrt(np.abs(np.diag(np.linalg.inv(fisher))))
-            rel = float(np.max(np.abs(moved) / np.where(sig > 0, sig, np.inf)))
-        except np.linalg.LinAlgError:
-            rel = np.inf
-        if change < 1e-3 or rel < 1e-3:
-            break
-    return theta, dev, fisher, pear
+def _fit(rasters: Sequence[_Raster], theta0: NDArray, box: NDArray, line: FlipLine,
+         max_iter: int = 200) -> PoissonFit:
+    lay = _Layout(len(rasters), (theta0.size - _N_NUIS * len(rasters) - 1) // 4)
+    lo, hi = lay.bounds(box)
+    ps = np.full(theta0.size, np.inf)
+    # the line centre's uncertainty enters as a Gaussian prior on the shift (MHz)
+    ps[lay.shift] = line.centre_sigma_hz / 1e6 if line.centre_sigma_hz > 0 else 1e-9
+    return poisson_ml(_model_fn(rasters, lay), _observed(rasters), theta0, lo, hi,
+                      prior_mean=np.zeros(theta0.size), prior_sigma=ps, max_iter=max_iter)
 
 
 # --------------------------------------------------------------------------- #
@@ -348,7 +329,7 @@ def _lattice_axis(values: NDArray) -> tuple[float, float]:
 
 def deconvolve_deer(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX,
                     dz_step: float = 0.5, contrast: ArrayLike | None = None,
-                    sigma: ArrayLike | None = None, max_iter: int = 200) -> xr.DataArray:
+                    sigma: ArrayLike | None = None, max_iter: int = 100) -> xr.DataArray:
     """w-weighted spin density on an offset grid, by Richardson-Lucy.
 
     Parameters
@@ -406,9 +387,13 @@ def deconvolve_deer(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX
     return out
 
 
-def _peaks(obj: xr.DataArray, box: NDArray, n: int, min_sep_nm: float = 1.5
-           ) -> list[tuple[NDArray, float]]:
-    """Strongest local maxima of a density (offset, integrated weight) inside ``box``."""
+def _peaks(obj: xr.DataArray, box: NDArray, n: int, min_sep_nm: float = 1.5,
+           min_relative: float = 0.25) -> list[tuple[NDArray, float]]:
+    """Strongest local maxima of a density: (offset, integrated weight) inside ``box``.
+
+    At most ``n``, each at least ``min_relative`` of the strongest (integrated
+    over its 3x3x3 neighbourhood) and ``min_sep_nm`` from a stronger one.
+    """
     v = np.asarray(obj.values, float)
     mx = ndimage.maximum_filter(v, size=3, mode="constant", cval=-np.inf)
     cand = np.argwhere((v == mx) & (v > 0))
@@ -426,6 +411,8 @@ def _peaks(obj: xr.DataArray, box: NDArray, n: int, min_sep_nm: float = 1.5
             pos.append(float(np.sum(coords * wsum) / max(wsum.sum(), 1e-300)))
         pos = np.clip(np.array(pos), box[:, 0], box[:, 1])
         if any(np.linalg.norm(pos - p) < min_sep_nm for p, _ in out):
+            continue
+        if out and blk.sum() < min_relative * out[0][1]:
             continue
         out.append((pos, float(blk.sum())))
         if len(out) >= n:
@@ -508,6 +495,8 @@ class LocalizationResult:
         The deconvolved map used for the initial guesses.
     search_box : ndarray (3, 2)
         Offset box actually searched (prior box cut to PSF-map coverage).
+    line_shift_hz : float
+        Fitted shift of the dark-spin line centre (prior: the spectrum fit).
     """
 
     spins: tuple[SpinFit, ...]
@@ -519,6 +508,7 @@ class LocalizationResult:
     n_points: int
     density: xr.DataArray = field(repr=False)
     search_box: NDArray = field(default_factory=lambda: PRIOR_BOX.copy())
+    line_shift_hz: float = 0.0
 
 
 def _coupling(offset: NDArray, w: float, sw: float, tau: float, axis: NDArray,
@@ -560,7 +550,7 @@ def _resolution(psf: DarkSpinPSF, tips: NDArray, offset: NDArray
 def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningInterpolant,
                    line: FlipLine, *, prior: ArrayLike = PRIOR_BOX, max_spins: int = 3,
                    axis: ArrayLike | None = None, min_delta_deviance: float = 40.0,
-                   min_weight_snr: float = 5.0, n_starts: int = 4, dz_step: float = 0.5,
+                   min_weight_snr: float = 5.0, n_starts: int = 3, dz_step: float = 0.5,
                    coupling_hint: CouplingFit | None = None) -> LocalizationResult:
     """Localise point dark spins relative to the NV from DEER rasters.
 
@@ -574,7 +564,9 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
     detuning : DetuningInterpolant
         The measured Delta f_dark map (:func:`~.psf.dark_detuning_map`).
     line : FlipLine
-        Tip-free dark-spin line (:func:`~.psf.fit_deer_spectrum`).
+        Tip-free dark-spin line (:func:`~.psf.fit_deer_spectrum`); its centre
+        sigma enters as a Gaussian prior on a fitted line shift, so the
+        offsets' sigmas include it.
     prior : array_like, (3, 2)
         Offset box searched, nm; cut to where the PSF map covers every t - r'.
     max_spins : int
@@ -597,8 +589,7 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
     if not sets:
         raise NvmriError("no DEER raster given")
     rasters = [_prepare(d, detuning, line) for d in sets]
-    taus = {r.tau_s for r in rasters}
-    if len(taus) > 1:
+    if len({r.tau_s for r in rasters}) > 1:
         raise NvmriError("joint localisation needs rasters with one tau_s")
     tau = rasters[0].tau_s
     ax = physics.Instrument().nv_axis if axis is None else np.asarray(axis, float)
@@ -607,81 +598,75 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         raise NvmriError("the PSF map does not cover the DEER raster shifted by any offset "
                          "in the prior box; measure a larger PSF map")
     n_sets = len(rasters)
-
     nuis0 = []
     for r in rasters:
-        b, d_, e_ = (float(np.sum(r.counts[i]) / np.sum(r.shots)) for i in (2, 3, 1))
-        nuis0.append([b, max(b - d_, 1e-9), np.clip((2 * e_ - b - d_) / max(b - d_, 1e-12),
-                                                   0.05, 1.0)])
-    theta = np.array(nuis0, float).ravel()
-    theta, dev, fisher, pear = _fit(rasters, theta, box)
-    devs = [dev]
+        a0, c0, e0 = initial_nuisance(r.counts, r.shots)
+        nuis0 += [a0, c0, float(np.median(e0))]
+    fit = _fit(rasters, np.r_[nuis0, 0.0], box, line)
+    devs = [fit.deviance]
     density = deconvolve_deer(sets[0], rasters[0].psf, box, dz_step)
-    residual_source = density
-    spins = np.zeros((0, 4))
-    for _k in range(max_spins):
-        starts = _peaks(residual_source, box, n_starts)
+    source = density
+    n_spins = 0
+    for _ in range(max_spins):
         best = None
-        for pos, wsum in starts:
-            w0 = float(np.clip(wsum, 0.2, 1.9))
-            th0 = np.r_[theta, pos, w0]
-            th, dv, fi, pe = _fit(rasters, th0, box)
-            if best is None or dv < best[1]:
-                best = (th, dv, fi, pe)
+        for pos, wsum in _peaks(source, box, n_starts):
+            th0 = np.r_[fit.theta, pos, float(np.clip(wsum, 0.2, 1.9))]
+            trial = _fit(rasters, th0, box, line, max_iter=25)
+            if best is None or trial.deviance < best.deviance:
+                best = trial
         if best is None:
             break
-        th, dv, fi, pe = best
-        try:
-            cov = np.linalg.inv(fi)
-            w_snr = th[-1] / np.sqrt(max(cov[-1, -1], 1e-300))
-        except np.linalg.LinAlgError:
-            w_snr = 0.0
-        new = th[-4:-1]
-        dup = any(np.linalg.norm(new - s[:3]) < 0.5 for s in spins)
-        if dev - dv < min_delta_deviance or w_snr < min_weight_snr or dup:
+        best = _fit(rasters, best.theta, box, line)
+        cov = best.covariance(inflate=False)
+        w_snr = best.theta[-1] / np.sqrt(max(cov[-1, -1], 1e-300))
+        lay = _Layout(n_sets, n_spins + 1)
+        new = lay.spins(best.theta)
+        dup = any(np.linalg.norm(new[-1, :3] - s[:3]) < 0.5 for s in new[:-1])
+        if fit.deviance - best.deviance < min_delta_deviance or w_snr < min_weight_snr or dup:
             break
-        theta, dev, fisher, pear = th, dv, fi, pe
-        devs.append(dev)
-        spins = _split(theta, n_sets)[1]
-        # residual contrast of the first raster for the next start
-        r0 = rasters[0]
-        c_model = _contrast_and_grad(r0.psf, r0.tips, spins, False)[0]
-        con = deer_contrast_dataset(sets[0].transpose("x", "y", "z", ...))
-        c_data = con["contrast"].transpose("x", "y", "z").values
-        resid = np.full(c_data.shape, np.nan)
-        ok = valid_points(sets[0].transpose("x", "y", "z", ...)).transpose(
-            "x", "y", "z").values
-        resid[ok] = c_data[ok] - c_model
-        residual_source = deconvolve_deer(
-            sets[0], r0.psf, box, dz_step, contrast=resid,
-            sigma=con["contrast_sigma"].transpose("x", "y", "z").values)
+        fit, n_spins = best, n_spins + 1
+        devs.append(fit.deviance)
+        if n_spins < max_spins:
+            source = _residual_density(sets[0], rasters[0], lay.spins(fit.theta),
+                                       float(fit.theta[lay.shift]) * 1e6, box, dz_step)
 
-    n_points = int(sum(r.tips.shape[0] for r in rasters))
-    n_obs = 4 * n_points
-    dof = max(n_obs - theta.size, 1)
-    chi2r = pear / dof
-    try:
-        cov = np.linalg.inv(fisher) * max(chi2r, 1.0)
-    except np.linalg.LinAlgError:
-        cov = np.full((theta.size, theta.size), np.nan)
-    nuis, spins = _split(theta, n_sets)
+    lay = _Layout(n_sets, n_spins)
+    cov = fit.covariance(inflate=True)
     sig = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    spins = lay.spins(fit.theta)
     fits = []
-    for j in range(spins.shape[0]):
-        base = _N_NUIS * n_sets + 4 * j
-        off, soff = spins[j, :3], sig[base:base + 3]
+    for j in range(n_spins):
+        base = lay.n_global + 4 * j
+        off, soff = spins[j, :3].copy(), sig[base:base + 3].copy()
         w, sw = float(spins[j, 3]), float(sig[base + 3])
         nu, snu, geo, branches = _coupling(off, w, sw, tau, ax,
-                                           coupling_hint if spins.shape[0] == 1 else None)
+                                           coupling_hint if n_spins == 1 else None)
         lat, ver = _resolution(rasters[0].psf, rasters[0].tips, off)
-        fits.append(SpinFit(offset_nm=off.copy(), offset_sigma_nm=soff.copy(), weight=w,
-                            weight_sigma=sw, coupling_hz=nu, coupling_sigma_hz=snu,
-                            coupling_geometric_hz=geo, coupling_branches_hz=branches,
-                            resolution_lateral_nm=lat, resolution_vertical_nm=ver))
-    fits.sort(key=lambda s: -s.weight)
-    return LocalizationResult(spins=tuple(fits), nuisance=nuis, covariance=cov, deviance=dev,
-                              pearson_chi2_reduced=float(chi2r), deviance_by_k=tuple(devs),
-                              n_points=n_points, density=density, search_box=box)
+        fits.append(SpinFit(offset_nm=off, offset_sigma_nm=soff, weight=w, weight_sigma=sw,
+                            coupling_hz=nu, coupling_sigma_hz=snu, coupling_geometric_hz=geo,
+                            coupling_branches_hz=branches, resolution_lateral_nm=lat,
+                            resolution_vertical_nm=ver))
+    fits.sort(key=lambda f: -f.weight)
+    return LocalizationResult(spins=tuple(fits), nuisance=lay.nuisance(fit.theta),
+                              covariance=cov, deviance=fit.deviance,
+                              pearson_chi2_reduced=fit.chi2_reduced, deviance_by_k=tuple(devs),
+                              n_points=int(sum(r.tips.shape[0] for r in rasters)),
+                              density=density, search_box=box,
+                              line_shift_hz=float(fit.theta[lay.shift]) * 1e6)
+
+
+def _residual_density(ds: xr.Dataset, r0: _Raster, spins: NDArray, shift_hz: float,
+                      box: NDArray, dz_step: float) -> xr.DataArray:
+    """Deconvolution of the contrast the current spins leave unexplained."""
+    d = ds.transpose("x", "y", "z", ...)
+    con = deer_contrast_dataset(d)
+    c_data = con["contrast"].transpose("x", "y", "z").values
+    ok = valid_points(d).transpose("x", "y", "z").values
+    c_model = _contrast_and_grad(r0.psf, r0.tips, spins, shift_hz, False)[0]
+    resid = np.full(c_data.shape, np.nan)
+    resid[ok] = c_data[ok] - c_model
+    return deconvolve_deer(d, r0.psf, box, dz_step, contrast=resid,
+                           sigma=con["contrast_sigma"].transpose("x", "y", "z").values)
 
 
 # --------------------------------------------------------------------------- #
@@ -693,14 +678,17 @@ def fit_deer_evolution(ds: xr.Dataset, coord: str = "tau", nu_max_hz: float = 5e
     """|nu| of one coherently coupled spin from a tip-free DEER evolution.
 
     Model c(tau) = b + A (1 - cos(pi nu tau)), the single-spin DEER signal
-    with flip probability A (physics.deer_coherence, p_j = A).  The frequency
-    is first located on a periodogram grid (up to ``nu_max_hz``, limited by
-    the sampling), then refined by weighted least squares.
+    with flip probability A (physics.deer_coherence with p = A).  The
+    frequency is located on a periodogram grid of the contrast (up to
+    ``nu_max_hz``, limited by the sampling), then the four gates' counts are
+    fitted by Poisson maximum likelihood with one echo coherence per tau
+    (no echo-decay model), so the fading echo at long tau does not bias |nu|.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        Counts along ``coord`` (free time, s).
+        Counts ``signal``, ``echo``, ``bright``, ``dark`` along ``coord``
+        (free time, s); attrs ``shots``.
     coord : str
     nu_max_hz : float
 
@@ -708,32 +696,36 @@ def fit_deer_evolution(ds: xr.Dataset, coord: str = "tau", nu_max_hz: float = 5e
     -------
     CouplingFit
     """
+    check_gates(ds)
     con = deer_contrast_dataset(ds)
-    t = np.asarray(ds[coord].values, float)
+    t_all = np.asarray(ds[coord].values, float)
     c, s = con["contrast"].values, con["contrast_sigma"].values
     ok = np.isfinite(c) & np.isfinite(s) & (s > 0)
-    t, c, s = t[ok], c[ok], s[ok]
-    if t.size < 6:
+    if ok.sum() < 6:
         raise NvmriError("DEER evolution has fewer than 6 valid points")
-    dt = np.min(np.diff(np.sort(t))) if t.size > 1 else t[0]
+    t, cc, ss = t_all[ok], c[ok], s[ok]
+    dt = float(np.min(np.diff(np.sort(t))))
     nu_hi = min(nu_max_hz, 1.0 / max(dt, 1e-12))
-    grid = np.linspace(nu_hi / 4000.0, nu_hi, 4000)
+    wts = 1.0 / ss**2
     best = (np.inf, 0.0, 0.0, 0.0)
-    wts = 1.0 / s**2
-    for nu in grid:
+    for nu in np.linspace(nu_hi / 4000.0, nu_hi, 4000):
         basis = np.column_stack([np.ones_like(t), 1.0 - np.cos(np.pi * nu * t)])
-        coef, *_ = np.linalg.lstsq(basis * np.sqrt(wts)[:, None], c * np.sqrt(wts), rcond=None)
-        chi = float(np.sum(wts * (c - basis @ coef) ** 2))
+        coef, *_ = np.linalg.lstsq(basis * np.sqrt(wts)[:, None], cc * np.sqrt(wts), rcond=None)
+        chi = float(np.sum(wts * (cc - basis @ coef) ** 2))
         if chi < best[0]:
             best = (chi, nu, coef[1], coef[0])
+    valid = valid_points(ds).values
+    counts = np.stack([np.asarray(ds[g].values, float)[valid] for g in GATE_ORDER])
+    shots = np.broadcast_to(np.asarray(ds.attrs.get("shots", 1.0), float), valid.shape)[valid]
+    tv = t_all[valid]
 
-    def model(tt, nu, a, b):
-        return b + a * (1.0 - np.cos(np.pi * nu * tt))
+    def model(th: NDArray) -> NDArray:
+        return th[2] + th[1] * (1.0 - np.cos(np.pi * th[0] * 1e6 * tv))
 
-    popt, pcov = optimize.curve_fit(model, t, c, p0=[best[1], best[2], best[3]], sigma=s,
-                                    absolute_sigma=True, maxfev=20000)
-    chi2 = float(np.sum(((c - model(t, *popt)) / s) ** 2) / max(t.size - 3, 1))
-    err = np.sqrt(np.diag(pcov)) * np.sqrt(max(chi2, 1.0))
-    return CouplingFit(nu_hz=float(abs(popt[0])), nu_sigma_hz=float(err[0]),
-                       amplitude=float(popt[1]), amplitude_sigma=float(err[1]),
-                       chi2_reduced=chi2)
+    fit = fit_sweep(counts, shots, model, np.array([best[1] / 1e6, best[2], best[3]]),
+                    np.array([0.0, -1.0, -1.0]), np.array([np.inf, 2.0, 1.0]),
+                    np.array([1e-5, 1e-4, 1e-4]), echo_per_point=True)
+    return CouplingFit(nu_hz=float(abs(fit.theta[0]) * 1e6),
+                       nu_sigma_hz=float(fit.theta_sigma[0] * 1e6),
+                       amplitude=float(fit.theta[1]), amplitude_sigma=float(fit.theta_sigma[1]),
+                       chi2_reduced=fit.chi2_reduced)

@@ -70,7 +70,7 @@ LAYER_PLANES_NM = (28.0, 32.0)
 LAYER_STEP_NM = 2.0
 LAYER_TAU_S = 6e-6
 LAYER_SHOTS = 100_000
-LAYER_EVOLUTION_TAUS_S = tuple(np.round(np.linspace(0.5e-6, 20e-6, 40), 9))
+LAYER_EVOLUTION_TAUS_S = tuple(np.round(np.geomspace(0.1e-6, 10e-6, 40), 10))
 
 
 def axis_spec(start: float, stop: float, step: float) -> tuple[float, float, int]:

@@ -42,7 +42,7 @@ from scipy import ndimage, optimize
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.reconstruct.counts import check_gates, deer_contrast_dataset
+from nvmri_bluesky.reconstruct.counts import check_gates, deer_contrast_dataset, valid_points
 
 __all__ = [
     "dark_detuning_map", "DetuningInterpolant", "FlipLine", "LorentzianFit",
@@ -337,7 +337,8 @@ def _finite_sigma(x: NDArray, y: NDArray, s: NDArray | None) -> tuple[NDArray, .
 
 
 def fit_lorentzian(frequency_hz: ArrayLike, value: ArrayLike,
-                   sigma: ArrayLike | None = None) -> LorentzianFit:
+                   sigma: ArrayLike | None = None,
+                   initial: tuple[float, float, float, float] | None = None) -> LorentzianFit:
     """Weighted least-squares Lorentzian fit of a resonance peak (e.g. an ESR sweep).
 
     Parameters
@@ -349,20 +350,30 @@ def fit_lorentzian(frequency_hz: ArrayLike, value: ArrayLike,
     sigma : array_like, optional
         One-sigma errors of ``value`` (default 1: then the sigmas come from
         the residual scatter).
+    initial : (centre, fwhm, amplitude, baseline), optional
+        Start values (default: from the smoothed maximum and half-width).
 
     Returns
     -------
     LorentzianFit
+
+    Raises
+    ------
+    NvmriError
+        If the fit does not converge.
     """
     x, y, s = _finite_sigma(np.asarray(frequency_hz, float), np.asarray(value, float),
                             None if sigma is None else np.asarray(sigma, float))
-    c0, w0, a0, b0 = _initial_peak(x, y)
+    c0, w0, a0, b0 = _initial_peak(x, y) if initial is None else initial
 
     def model(f, c, w, a, b):
         return b + a * physics.lorentzian(f - c, abs(w))
 
-    popt, pcov = optimize.curve_fit(model, x, y, p0=[c0, w0, a0, b0], sigma=s,
-                                    absolute_sigma=True, maxfev=20000)
+    try:
+        popt, pcov = optimize.curve_fit(model, x, y, p0=[c0, w0, a0, b0], sigma=s,
+                                        absolute_sigma=True, maxfev=20000)
+    except (RuntimeError, optimize.OptimizeWarning) as exc:
+        raise NvmriError(f"Lorentzian fit did not converge: {exc}") from None
     chi2 = float(np.sum(((y - model(x, *popt)) / s) ** 2) / max(len(x) - 4, 1))
     err = np.sqrt(np.diag(pcov)) * (np.sqrt(max(chi2, 1.0)) if sigma is not None
                                     else np.sqrt(chi2))
@@ -400,12 +411,12 @@ def fit_flip_line(frequency_hz: ArrayLike, value: ArrayLike, sigma: ArrayLike | 
     """
     x, y, s = _finite_sigma(np.asarray(frequency_hz, float), np.asarray(value, float),
                             None if sigma is None else np.asarray(sigma, float))
-    lor = fit_lorentzian(x, y, s)
+    c0, w0, a_lor, b_lor = _initial_peak(x, y)
     scale = 1e6
     width0 = 1.0 / 150e-9
     omega = 1.0 / (2.0 * t_pi_s)
-    # guess the Lorentzian width from the fitted FWHM minus the pulse broadening
-    gamma0 = max(lor.fwhm_hz - 1.2 * omega, 0.3 * width0)
+    # guess the Lorentzian width from the peak's width minus the pulse broadening
+    gamma0 = float(np.clip(w0 - 1.2 * omega, 0.3 * width0, 10.0 * width0))
 
     def curve(p: NDArray) -> NDArray:
         c, log_g, a = p[0] * scale, p[1], p[2]
@@ -418,10 +429,10 @@ def fit_flip_line(frequency_hz: ArrayLike, value: ArrayLike, sigma: ArrayLike | 
         return (y - curve(p)) / s
 
     peak0 = float(physics.dark_flip_probability(0.0, t_pi_s, 1.0 / gamma0))
-    a0 = max(lor.amplitude, 1e-3) / peak0
+    a0 = max(a_lor, 1e-3) / peak0
     if model == "bath":
-        a0 = -np.log(max(1.0 - min(lor.amplitude, 0.95), 1e-3)) / peak0
-    p0 = [lor.centre_hz / scale, np.log(gamma0), a0] + ([lor.baseline] if baseline else [])
+        a0 = -np.log(max(1.0 - min(a_lor, 0.95), 1e-3)) / peak0
+    p0 = [c0 / scale, np.log(gamma0), a0] + ([b_lor] if baseline else [])
     lo = [-np.inf, np.log(1e4), 0.0] + ([-np.inf] if baseline else [])
     hi = [np.inf, np.log(1e9), np.inf] + ([np.inf] if baseline else [])
     res = optimize.least_squares(resid, p0, bounds=(lo, hi), x_scale="jac",
@@ -444,22 +455,27 @@ def fit_deer_spectrum(ds: xr.Dataset, coord: str = "rf_frequency",
                       ) -> tuple[LorentzianFit, FlipLine]:
     """Fit a tip-free ``deer_spectrum`` run: Lorentzian and flip-probability line.
 
+    The Lorentzian is a weighted least-squares fit of the contrast (centre,
+    FWHM, amplitude for the report).  The flip line (centre f_dark0, T2*,
+    amplitude, baseline; model as :func:`fit_flip_line`) is fitted to the four
+    gates' counts by Poisson maximum likelihood (one echo coherence for the
+    sweep), so it is unbiased however noisy the contrast ratio is.
+
     Parameters
     ----------
     ds : xarray.Dataset
         Counts ``signal``, ``echo``, ``bright``, ``dark`` along ``coord`` (RF
-        frequency, Hz); attrs ``rf_duration_s`` (the RF pi pulse, s).
+        frequency, Hz); attrs ``rf_duration_s`` (the RF pi pulse, s), ``shots``.
     coord : str
         Name of the RF-frequency coordinate.
     model : {"single", "bath"}
-        Line shape of the flip fit (:func:`fit_flip_line`).
 
     Returns
     -------
     (LorentzianFit, FlipLine)
-        The Lorentzian gives centre / FWHM / amplitude for the report; the
-        FlipLine (centre f_dark0 and T2*) feeds :class:`DarkSpinPSF`.
     """
+    from nvmri_bluesky.reconstruct._poisson import fit_sweep
+
     check_gates(ds)
     if coord not in ds.coords:
         raise NvmriError(f"DEER spectrum lacks the coordinate {coord!r}")
@@ -467,7 +483,51 @@ def fit_deer_spectrum(ds: xr.Dataset, coord: str = "rf_frequency",
     f = np.asarray(ds[coord].values, float)
     c, s = con["contrast"].values, con["contrast_sigma"].values
     t_pi = float(ds.attrs.get("rf_duration_s", 100e-9))
-    return fit_lorentzian(f, c, s), fit_flip_line(f, c, s, t_pi, model=model)
+    valid = np.asarray(valid_points(ds).values)
+    counts = np.stack([np.asarray(ds[g].values, float)[valid]
+                       for g in ("signal", "echo", "bright", "dark")])
+    shots = np.broadcast_to(np.asarray(ds.attrs.get("shots", 1.0), float), valid.shape)[valid]
+    fv = f[valid]
+    ok = np.isfinite(c) & np.isfinite(s)
+    if ok.sum() < 5:
+        raise NvmriError("fewer than 5 valid points in the DEER spectrum")
+    ref, w0, a_pk, b0 = _initial_peak(f[ok], c[ok])
+    omega = 1.0 / (2.0 * t_pi)
+    gamma0 = float(np.clip(w0 - 1.2 * omega, 2e6, 70e6))
+    peak0 = float(physics.dark_flip_probability(0.0, t_pi, 1.0 / gamma0))
+    a0 = max(a_pk, 1e-3) / peak0
+    if model == "bath":
+        a0 = -np.log(max(1.0 - min(a_pk, 0.95), 1e-3)) / peak0
+
+    def curve(th: NDArray) -> NDArray:
+        prob = physics.dark_flip_probability(fv - ref - th[0] * 1e6, t_pi, 1e-6 / th[1])
+        core = th[2] * prob if model == "single" else 1.0 - np.exp(-th[2] * prob)
+        return th[3] + core
+
+    th0 = np.array([0.0, gamma0 / 1e6, a0, b0])
+    fit = fit_sweep(counts, shots, curve, th0, np.array([-np.inf, 0.01, 0.0, -1.0]),
+                    np.array([np.inf, 1e3, np.inf, 1.0]), np.array([0.02, 0.01, 1e-3, 1e-4]),
+                    echo_per_point=False)
+    g, sg = fit.theta[1], fit.theta_sigma[1]
+    if not fit.theta[2] > 5.0 * fit.theta_sigma[2]:
+        raise NvmriError(f"no significant dark-spin line in the DEER spectrum (amplitude "
+                         f"{fit.theta[2]:.3g} +/- {fit.theta_sigma[2]:.2g}); is tau_s a "
+                         "node of the coupling?")
+    if not (fv.min() < ref + fit.theta[0] * 1e6 < fv.max()):
+        raise NvmriError("the fitted dark-spin line centre lies outside the RF sweep")
+    line = FlipLine(centre_hz=float(ref + fit.theta[0] * 1e6), t2_star_s=float(1e-6 / g),
+                    t_pi_s=t_pi, amplitude=float(fit.theta[2]),
+                    centre_sigma_hz=float(fit.theta_sigma[0] * 1e6),
+                    t2_star_sigma_s=float(1e-6 * sg / g**2),
+                    amplitude_sigma=float(fit.theta_sigma[2]))
+    try:
+        lor = fit_lorentzian(f, c, s, initial=(line.centre_hz, line.fwhm_hz,
+                                               line.amplitude * line.peak, fit.theta[3]))
+    except NvmriError as exc:
+        warnings.warn(f"{exc}; Lorentzian values are NaN", stacklevel=2)
+        nan = float("nan")
+        lor = LorentzianFit(nan, nan, nan, nan, nan, nan, nan, nan, nan)
+    return lor, line
 
 
 # --------------------------------------------------------------------------- #

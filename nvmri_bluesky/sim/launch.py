@@ -10,15 +10,19 @@ Rules (see :func:`configure_ca_env` and :func:`ioc_env`):
 
 * Client (this process): ``EPICS_CA_ADDR_LIST`` = ``127.0.0.1`` (plus
   ``127.0.0.1:<port>`` for every extra port of a pool),
-  ``EPICS_CA_AUTO_ADDR_LIST=NO``, ``EPICS_CA_SERVER_PORT`` = the first port.
-  libca (pyepics) reads these once, when it initialises, so
-  :func:`configure_ca_env` must run before the first CA use in the process;
-  afterwards only IOCs on the configured ports are reachable and
-  :func:`start_ioc` refuses others with a clear error.
-* IOC (subprocess): ``EPICS_CA_SERVER_PORT`` = ``EPICS_CAS_SERVER_PORT`` =
-  its port (caproto binds its UDP search socket there and tries it first for
-  TCP), ``EPICS_CAS_INTF_ADDR_LIST=127.0.0.1`` (loopback only), beacons to
-  ``127.0.0.1`` only (``EPICS_CAS_AUTO_BEACON_ADDR_LIST=NO``).
+  ``EPICS_CA_AUTO_ADDR_LIST=NO``, ``EPICS_CA_SERVER_PORT`` = the first port,
+  ``EPICS_CA_REPEATER_PORT`` = a private in-process CA repeater.
+* libca (pyepics) reads these once, when its context is created, and
+  **``import ophyd`` creates it**: :func:`configure_ca_env` (or
+  :func:`start_ioc`, or :func:`reserve_ca_ports` for a pool) must run before
+  ``import ophyd``.  Afterwards only IOCs on the configured ports are
+  reachable and :func:`start_ioc` refuses others with a clear error.
+* IOC (subprocess, :func:`ioc_env`): ``EPICS_CA_SERVER_PORT`` =
+  ``EPICS_CAS_SERVER_PORT`` = its port (caproto binds its UDP search socket
+  there and tries it first for TCP), ``EPICS_CAS_INTF_ADDR_LIST=127.0.0.1``
+  (loopback only), beacons to ``127.0.0.1`` only
+  (``EPICS_CAS_AUTO_BEACON_ADDR_LIST=NO``) at this process's repeater.
+* A unique PV prefix per IOC (:func:`unique_prefix`) as a second fence.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ from typing import Any
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = [
-    "LOOPBACK", "IocHandle", "start_ioc", "configure_ca_env", "ioc_env", "find_free_port",
-    "client_ports", "ca_initialised", "unique_prefix", "search_pv",
+    "LOOPBACK", "IocHandle", "start_ioc", "configure_ca_env", "reserve_ca_ports", "ioc_env",
+    "find_free_port", "client_ports", "ca_initialised", "unique_prefix", "search_pv",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -54,6 +58,7 @@ LOOPBACK = "127.0.0.1"
 _lock = threading.RLock()
 _configured: list[int] | None = None   # the ports configure_ca_env gave the client
 _live: dict[int, IocHandle] = {}        # port -> running IOC started here
+_repeater_port: int | None = None       # this process's private CA repeater
 
 
 # ---------------------------------------------------------------- environment
@@ -67,6 +72,56 @@ def ca_initialised() -> bool:
 def client_ports() -> list[int]:
     """The CA search ports this process's client was configured with (empty if none)."""
     return list(_configured or [])
+
+
+def _repeat(sock: socket.socket) -> None:
+    """A minimal CA repeater: confirm registrations, forward every other datagram (beacons).
+
+    libca registers with a zero-length datagram or a ``REPEATER_REGISTER``
+    message and expects ``REPEATER_CONFIRM`` (the EPICS repeater confirms
+    both; caproto's only the second, so libca would keep complaining).
+    """
+    import caproto as ca
+
+    register = 24                                      # CA_PROTO_REPEATER_REGISTER
+    clients: set[tuple[str, int]] = set()
+    while True:
+        try:
+            data, addr = sock.recvfrom(ca.MAX_UDP_RECV)
+        except OSError:
+            if sock.fileno() < 0:
+                return
+            continue
+        if len(data) == 0 or (len(data) >= 16 and int.from_bytes(data[:2], "big") == register):
+            clients.add(addr)
+            with contextlib.suppress(OSError):
+                sock.sendto(bytes(ca.RepeaterConfirmResponse(addr[0])), addr)
+            continue
+        for client in list(clients):
+            if client != addr:
+                try:
+                    sock.sendto(data, client)
+                except OSError:
+                    clients.discard(client)
+
+
+def _start_repeater() -> int:
+    """Run a CA repeater for this process on a free loopback port (a daemon thread).
+
+    libca registers with a repeater to receive server beacons (used to
+    reconnect quickly when an IOC comes back) and, finding none, tries to
+    spawn ``caRepeater`` and then complains on stderr ("unable to contact CA
+    repeater after 50 tries").  A private one per process also keeps other
+    sessions' beacons out.
+    """
+    global _repeater_port
+    if _repeater_port is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        sock.bind((LOOPBACK, 0))
+        threading.Thread(target=_repeat, args=(sock,), name="nvmri-ca-repeater",
+                         daemon=True).start()
+        _repeater_port = sock.getsockname()[1]
+    return _repeater_port
 
 
 def configure_ca_env(port: int | Sequence[int]) -> dict[str, str]:
@@ -103,19 +158,47 @@ def configure_ca_env(port: int | Sequence[int]) -> dict[str, str]:
             have = ", ".join(map(str, _configured or [])) or "the shell's EPICS_CA_* settings"
             raise NvmriError(
                 "Channel Access is already initialised in this process (searching "
-                f"{have}); configure_ca_env({ports}) must run before the first CA use")
+                f"{have}); configure_ca_env({ports}) must run before the first CA use, "
+                "i.e. before `import ophyd`")
         env = {
             "EPICS_CA_ADDR_LIST": " ".join(
                 [LOOPBACK] + [f"{LOOPBACK}:{p}" for p in ports[1:]]),
             "EPICS_CA_AUTO_ADDR_LIST": "NO",
             "EPICS_CA_SERVER_PORT": str(ports[0]),
         }
+        if not ca_initialised():
+            env["EPICS_CA_REPEATER_PORT"] = str(_start_repeater())
         os.environ.update(env)
         _configured = ports
     return env
 
 
-def ioc_env(port: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def reserve_ca_ports(n: int = 4) -> list[int]:
+    """Configure this process's CA client for a pool of ``n`` free loopback ports, once.
+
+    Call it early (before ``import ophyd``) in a process that will start one
+    or more simulated IOCs later, possibly after ophyd has been imported:
+    :func:`start_ioc` then picks a port from the pool.  Does nothing if the
+    pool is already configured; raises like :func:`configure_ca_env` if
+    Channel Access was initialised without it.
+
+    Returns
+    -------
+    list of int
+        The pool.
+    """
+    with _lock:
+        if _configured is not None:
+            return list(_configured)
+        pool: list[int] = []
+        for _ in range(n):
+            pool.append(find_free_port(exclude=pool))
+        configure_ca_env(pool)
+        return pool
+
+
+def ioc_env(port: int, base: Mapping[str, str] | None = None,
+            beacon_port: int | None = None) -> dict[str, str]:
     """Environment of an IOC subprocess serving on ``LOOPBACK:port`` only.
 
     Parameters
@@ -124,6 +207,10 @@ def ioc_env(port: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
         UDP search port (and first TCP port tried).
     base : mapping, optional
         Environment to start from; ``os.environ`` by default.
+    beacon_port : int, optional
+        Where the IOC sends its beacons (on loopback): this process's private
+        CA repeater by default (see :func:`configure_ca_env`), so only this
+        process hears them.
     """
     env = dict(os.environ if base is None else base)
     env.update({
@@ -136,6 +223,9 @@ def ioc_env(port: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
         "EPICS_CA_AUTO_ADDR_LIST": "NO",
         "PYTHONUNBUFFERED": "1",
     })
+    beacon_port = beacon_port or _repeater_port
+    if beacon_port is not None:
+        env["EPICS_CAS_BEACON_PORT"] = str(beacon_port)
     return env
 
 
@@ -201,7 +291,7 @@ def search_pv(pvname: str, port: int, timeout: float = 0.25) -> bool:
             except (TimeoutError, ConnectionRefusedError, OSError):
                 return False
             try:
-                commands = read_datagram(data, addr, ca.CLIENT)
+                commands = read_datagram(data, addr, ca.SERVER)  # parsed as sent by a server
             except Exception:  # noqa: BLE001 - not a CA datagram: keep listening
                 continue
             if any(isinstance(c, ca.SearchResponse) and c.cid == cid for c in commands):
@@ -303,10 +393,13 @@ def _choose_port(port: int | None) -> int:
         if free:
             return free[0]
         if ca_initialised():
+            searched = (f"port(s) {', '.join(map(str, pool))}" if pool
+                        else "the shell's EPICS_CA_* settings")
             raise NvmriError(
-                "no free Channel Access port left for another simulated IOC: this process's "
-                f"CA client only searches port(s) {pool or 'from the shell environment'}; "
-                "call configure_ca_env() with a pool of ports before the first CA use")
+                "cannot start a simulated IOC that this process can reach: its Channel Access "
+                f"client is already initialised (importing ophyd does that) and searches "
+                f"{searched}; start the IOC, or call configure_ca_env() with enough ports, "
+                "before `import ophyd`")
         port = find_free_port(exclude=pool)
     if port not in pool:
         configure_ca_env([*pool, port])
@@ -329,7 +422,8 @@ def _scenario_arg(scenario: Any, workdir: Path) -> tuple[Any, str]:
 
 def start_ioc(scenario: Any = "default", prefix: str | None = None, time_scale: float = 0.0,
               port: int | None = None, *, timeout: float = 30.0,
-              ready_pv: str = "PG:STATUS", extra_args: Sequence[str] = ()) -> IocHandle:
+              ready_pv: str = "PG:STATUS", extra_args: Sequence[str] = (),
+              configure_client: bool = True) -> IocHandle:
     """Start the simulated IOC on a private loopback port and wait until it answers.
 
     Also points this process's CA client at it (:func:`configure_ca_env`),
@@ -354,6 +448,11 @@ def start_ioc(scenario: Any = "default", prefix: str | None = None, time_scale: 
         PV (without prefix) whose name search proves the IOC is serving.
     extra_args : sequence of str
         More command-line arguments for ``python -m nvmri_bluesky.sim.ioc``.
+    configure_client : bool
+        Point this process's CA client at the IOC (the default).  False
+        starts it on any free port and leaves this process's CA settings
+        alone: an IOC for another process, which gets there with
+        ``ioc_env(handle.port)``.
 
     Returns
     -------
@@ -370,7 +469,10 @@ def start_ioc(scenario: Any = "default", prefix: str | None = None, time_scale: 
     try:
         loaded, scenario_arg = _scenario_arg(scenario, workdir)
         with _lock:
-            port = _choose_port(port)
+            if configure_client:
+                port = _choose_port(port)
+            elif port is None:
+                port = find_free_port()
         prefix = prefix or unique_prefix()
         cmd = [sys.executable, "-m", "nvmri_bluesky.sim.ioc", "--prefix", prefix,
                "--port", str(port), "--scenario", scenario_arg,
