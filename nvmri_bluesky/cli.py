@@ -25,7 +25,8 @@ def _demo(args: argparse.Namespace) -> int:
     from nvmri_bluesky import demo
 
     demo.run(scenario=args.scenario, out=args.out, catalog=args.catalog, prefix=args.prefix,
-             api_key=args.api_key, quick=args.quick)
+             api_key=args.api_key, quick=args.quick,
+             steps=tuple(args.steps.split(",")) if args.steps else None)
     return 0
 
 
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=None,
                    help="PV prefix of a running instrument (default: start the simulator)")
     p.add_argument("--quick", action="store_true", help="a reduced (faster) protocol")
+    p.add_argument("--steps", default=None,
+                   help="comma-separated protocol steps: calibration,spins,layers "
+                        "(default: each sample's own)")
 
     p = command("runs", _runs, "list the runs in a catalog")
     catalog_args(p)
@@ -150,19 +154,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(exc: BaseException) -> NvmriError | None:
+    """The :class:`NvmriError` behind ``exc`` (e.g. inside a RunEngine's FailedStatus)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, NvmriError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nvmri`` console script."""
+    import logging
+
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        logging.getLogger("bluesky").setLevel(logging.CRITICAL)  # errors are reported below
     try:
         return int(args.func(args) or 0)
-    except NvmriError as err:
-        if args.debug:
-            raise
-        print(f"nvmri {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"nvmri {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        err = user_error(exc)
+        text = str(err) if err is not None else f"{type(exc).__name__}: {exc}"
+        print(f"nvmri {args.command}: error: {text.splitlines()[0] if text else ''}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from nvmri_bluesky.catalog import (
     run_table,
     spool_files,
 )
+from nvmri_bluesky.catalog._catalog import _documents_from_nodes
 from nvmri_bluesky.errors import NvmriError
 
 NGATES = 6
@@ -35,9 +36,7 @@ SCALARS = ("lock_frequency", "lock_error", "deer_contrast")
 
 def _signals(seed: int = 0) -> list[SynSignal]:
     rng = np.random.default_rng(seed)
-    counts = SynSignal(
-        func=lambda: rng.poisson(100.0, NGATES).astype(float), name="counter_counts"
-    )
+    counts = SynSignal(func=lambda: rng.poisson(100.0, NGATES).astype(float), name="counter_counts")
     scalars = [SynSignal(func=rng.random, name=name) for name in SCALARS]
     return [counts, *scalars]
 
@@ -92,6 +91,7 @@ def written(tmp_path_factory):
         rows = cat.runs()
         table = run_table(cat.run(uid_arr[:8]))
         replay = list(cat.documents(uid_arr))
+        rebuilt = list(_documents_from_nodes(cat.run(uid_arr)))
     return {
         "root": root,
         "catalog": root / "catalog",
@@ -103,6 +103,7 @@ def written(tmp_path_factory):
         "rows": rows,
         "table": table,
         "replay": replay,
+        "rebuilt": rebuilt,
     }
 
 
@@ -145,6 +146,18 @@ def test_documents_replay_the_run(written):
         assert got["seq_num"] == want["seq_num"]
         assert got["data"]["counter_counts"] == want["data"]["counter_counts"]
         assert got["data"]["deer_contrast"] == pytest.approx(want["data"]["deer_contrast"])
+
+
+def test_documents_rebuilt_without_the_exporter(written):
+    """The fallback for servers without the JSON-seq exporter gives the same events."""
+    exported = [d for n, d in written["replay"] if n == "event"]
+    rebuilt = [d for n, d in written["rebuilt"] if n == "event"]
+    assert [n for n, _ in written["rebuilt"]][:2] == ["start", "descriptor"]
+    assert written["rebuilt"][-1][0] == "stop"
+    assert [e["seq_num"] for e in rebuilt] == [e["seq_num"] for e in exported]
+    for got, want in zip(rebuilt, exported, strict=True):
+        assert got["data"]["counter_counts"] == want["data"]["counter_counts"]
+        assert got["data"]["motor"] == pytest.approx(want["data"]["motor"])
 
 
 def test_spool_holds_every_document(written):
@@ -315,6 +328,10 @@ def test_import_truncated_spool_without_stop(tmp_path, RE):
 
 
 def test_cli_messages(tmp_path):
+    with pytest.raises(NvmriError, match="no catalog at"):
+        cli_runs(str(tmp_path / "nothing"))
+    assert not (tmp_path / "nothing").exists()
+    open_catalog(tmp_path / "empty").close()
     assert cli_runs(str(tmp_path / "empty")).startswith("no runs in catalog")
     with pytest.raises(NvmriError, match="no spool file or directory"):
         cli_import(tmp_path / "missing", str(tmp_path / "empty"))
@@ -323,3 +340,34 @@ def test_cli_messages(tmp_path):
     with pytest.raises(NvmriError, match="line 2 is not a document"):
         cli_import(bad, str(tmp_path / "empty"))
     assert Path(tmp_path / "empty" / "catalog.db").exists()
+
+
+def test_gate_names_from_the_data_key(tmp_path):
+    from event_model import compose_run
+
+    bundle = compose_run(metadata={"plan_name": "deer_raster", "scenario": "single-spin"})
+    keys = {
+        "stage_x": {"source": "sim", "dtype": "number", "shape": [], "units": "nm"},
+        "counter_counts": {
+            "source": "sim",
+            "dtype": "array",
+            "shape": [3],
+            "dtype_numpy": "<f8",
+            "units": "counts",
+            "gates": ["signal", "echo", "bright"],
+        },
+    }
+    desc = bundle.compose_descriptor(data_keys=keys, name="primary")
+    with open_catalog(tmp_path / "cat") as cat:
+        writer = make_tiled_writer(cat.client)
+        writer("start", bundle.start_doc)
+        writer("descriptor", desc.descriptor_doc)
+        for i in range(4):
+            data = {"stage_x": float(i), "counter_counts": [10.0 * i, 1.0, 2.0]}
+            event = desc.compose_event(data=data, timestamps={k: 1.0 for k in data}, seq_num=i + 1)
+            writer("event", event)
+        writer("stop", bundle.compose_stop())
+        ds = run_table(cat.run(bundle.start_doc["uid"]))
+    assert list(ds["gate"].values) == ["signal", "echo", "bright"]
+    assert ds["counter_counts"].sel(gate="signal").values.tolist() == [0.0, 10.0, 20.0, 30.0]
+    assert ds["stage_x"].attrs["units"] == "nm"

@@ -161,6 +161,7 @@ def test_bad_key_is_refused(facility):
         open_catalog(facility.uri, api_key="0" * 72)
 
 
+@pytest.mark.filterwarnings("ignore:The callback .* when RunRouter passed it")
 def test_read_only_key_cannot_write(facility, tmp_path):
     response = httpx.post(
         f"{facility.uri}/api/v1/metadata/",

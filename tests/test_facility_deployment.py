@@ -245,6 +245,7 @@ def test_queue_runs_into_the_postgres_catalog_and_the_live_viewer(
             live.wait()
 
     with catalog.open() as cat:
+        assert {r.uid for r in cat.runs()} == set(expected)  # a fresh catalog: these runs only
         for uid, n in expected.items():
             rows, seq, stop = _stored_events(cat, uid)
             assert (rows, stop.get("exit_status")) == (n, "success"), (uid, rows, stop)
@@ -405,6 +406,8 @@ def test_catalog_overhead_per_point(catalog: SimpleNamespace, workdir: Path) -> 
     (workdir / "overhead.json").write_text(json.dumps(numbers, indent=1))
     print("catalog overhead:", json.dumps(numbers))
     assert set(numbers["ms_per_point"]) == {"none", "embedded", "postgresql"}
-    # Writing happens on a worker thread; the run waits only for the final flush.
+    # Writing happens on a worker thread; the run waits only for the final flush. Generous
+    # bounds (a loaded 2-core machine): the numbers themselves go to docs/deployment.md.
     for label in ("embedded", "postgresql"):
-        assert numbers["overhead_ms_per_point"][label] < 100.0, numbers
+        assert numbers["overhead_in_run_ms_per_point"][label] < 50.0, numbers
+        assert numbers["stop_wait_s"][label] < 10.0, numbers

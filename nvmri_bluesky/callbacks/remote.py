@@ -107,7 +107,7 @@ class LiveCounter:
             run = RunSummary(uid=doc["uid"], plan_name=str(doc.get("plan_name", "")))
             self._runs[run.uid] = run
             self.summary.runs.append(run)
-            self._say(f"start {run.uid} plan={run.plan_name}")
+            self.say(f"start {run.uid} plan={run.plan_name}")
         elif name == "descriptor":
             self._descriptors[doc["uid"]] = doc["run_start"]
         elif name in ("event", "event_page"):
@@ -124,11 +124,12 @@ class LiveCounter:
             run.num_events = num.get("primary") if "primary" in num else None
             if self.figures_of is not None:
                 run.figures = self.figures_of(run.uid)
-            self._say(run.line())
+            self.say(run.line())
             if self.on_stop is not None:
                 self.on_stop(run)
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
+        """Write ``nvmri live: <text>`` as one line."""
         self.stream.write(f"nvmri live: {text}\n")
         self.stream.flush()
 
@@ -205,7 +206,7 @@ def run_live(address: str, out_dir: str | Path = ".", max_runs: int | None = Non
     dispatcher.subscribe(RunRouter([factory]))
     dispatcher.subscribe(counter)
     dispatcher.loop.call_soon(
-        lambda: counter._say(f"listening on {dispatcher.address} (figures in {out})"))
+        lambda: counter.say(f"listening on {dispatcher.address} (figures in {out})"))
     try:
         dispatcher.start()
     except asyncio.CancelledError:

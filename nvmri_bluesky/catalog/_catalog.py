@@ -507,7 +507,8 @@ def run_table(run: Any, stream: str = "primary", *, rename: bool = True) -> Any:
     xarray.Dataset
         Dimension ``time`` (event time, s since epoch, in ``seq_num`` order) with
         coordinate ``seq_num``; one variable per data key (scalars are 1D;
-        ``counter_counts`` is ``(time, gate)``). Each variable's attrs carry the
+        ``counter_counts`` is ``(time, gate)``, with gate names as coordinate when
+        its data key lists them as ``"gates"``). Each variable's attrs carry the
         descriptor's data-key entry (``units``, ``source``, ``dtype``, ``shape``);
         the dataset's attrs carry ``uid``, ``plan_name``, ``scenario`` and
         ``stream``. A stream with no events gives an empty dataset.
@@ -554,6 +555,9 @@ def run_table(run: Any, stream: str = "primary", *, rename: bool = True) -> Any:
             shared = [v for v in ds.data_vars if v != "counter_counts" and extra[0] in ds[v].dims]
             if not shared:
                 ds = ds.rename({extra[0]: "gate"})
+        names = data_keys.get("counter_counts", {}).get("gates")
+        if "gate" in ds.dims and isinstance(names, list) and len(names) == ds.sizes["gate"]:
+            ds = ds.assign_coords(gate=[str(n) for n in names])
     ds.attrs.update(
         {
             "uid": uid,
@@ -617,6 +621,7 @@ def open_catalog(
     api_key: str | None = None,
     *,
     timeout: float = CONNECT_TIMEOUT,
+    create: bool = True,
 ) -> Catalog:
     """Open the run catalog.
 
@@ -633,6 +638,9 @@ def open_catalog(
         reads ``$TILED_API_KEY``). Ignored for a directory.
     timeout : float
         Seconds before a facility server that does not answer is unreachable.
+    create : bool
+        Create a missing catalog directory (default); if False, a missing one is
+        an ``NvmriError``.
 
     Returns
     -------
@@ -658,6 +666,8 @@ def open_catalog(
     directory = Path(location).expanduser()
     if directory.exists() and not directory.is_dir():
         raise NvmriError(f"catalog location {directory} is a file, not a directory")
+    if not create and not (directory / "catalog.db").is_file():
+        raise NvmriError(f"no catalog at {directory} (give --catalog DIR|URI)")
     server = EmbeddedServer(directory)
     try:
 
@@ -808,7 +818,7 @@ def format_runs(rows: list[RunRow]) -> str:
 
 def cli_runs(location: str | None, api_key: str | None = None) -> str:
     """``nvmri runs``: the runs of a catalog as a printable table (newest first)."""
-    with open_catalog(location, api_key) as catalog:
+    with open_catalog(location, api_key, create=False) as catalog:
         rows = catalog.runs()
         if not rows:
             return f"no runs in catalog {catalog.location}"

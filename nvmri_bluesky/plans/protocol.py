@@ -49,7 +49,7 @@ class _Collector:
 def take(plan: Generator) -> Generator[Any, Any, tuple[str, xr.Dataset]]:
     """Run a measurement plan and return (uid, its data as a dataset)."""
     collector = _Collector()
-    uid = yield from bpp.subs_wrapper(plan, collector)
+    yield from bpp.subs_wrapper(plan, collector)
     if collector.start is None:
         raise NvmriError("the measurement produced no run")
     return collector.start["uid"], run_dataset(collector.start, collector.events,
@@ -144,14 +144,46 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     return uids
 
 
-def dark_spin_line(devices: Any, span_hz: float = 40e6, num: int = 81, tau_s: float = 10e-6,
-                   evolution_taus_s: tuple[float, ...] | None = None,
-                   mw_frequency_hz: float = rasters.F_NV_START_HZ, shots: int = 200_000,
-                   md: dict | None = None) -> Generator[Any, Any, dict[str, str]]:
-    """Tip-free dark-spin ESR line (centre, width), then the DEER evolution on it.
+def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None
+                     ) -> Generator[Any, Any, tuple[str, Any, float, float]]:
+    """PSF map run -> (uid, detuning interpolant, f+ retracted, predicted dark line)."""
+    from nvmri_bluesky import physics
+    from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
 
-    The RF sweep is centred on gamma_e B0 estimated from the NV line found
-    with the tip retracted (f+ = D + gamma B0 for a field along the axis).
+    uid, psf = yield from take(rasters.psf_map(
+        devices, x=grid["x"], y=grid["y"], z=grid["z"], shots=shots,
+        md={"measurement": "psf_map", **(md or {})}))
+    detuning = DetuningInterpolant.from_map(dark_detuning_map(psf))
+    f_plus0 = float(psf.attrs["f_nv0_hz"])
+    line = float(physics.dark_spin_frequency_from_transitions(f_plus0, psf.attrs["f_minus0_hz"]))
+    return uid, detuning, f_plus0, line
+
+
+def _scaled(grid: dict, quick: bool) -> dict:
+    """A coarser copy of a PSF-map grid for a quick protocol (same box)."""
+    if not quick:
+        return grid
+    return {k: (lo, hi, max(4, (n + 1) // 2)) for k, (lo, hi, n) in grid.items()}
+
+
+def single_spins(devices: Any, quick: bool = False, md: dict | None = None
+                 ) -> Generator[Any, Any, dict[str, str]]:
+    """Fig. 4: find and image point dark spins near the NV (no prior position).
+
+    1. PSF map: both NV transitions locked over a 3D grid, and with the tip
+       retracted (the dark-spin line gamma |B0| follows from them).
+    2. Tip-free DEER evolution on that line: the coupling |nu|, hence tau.
+    3. Tip-free DEER spectrum at that tau: the line centre and width.
+    4. DEER raster with the per-point lock, RF offset and window designed
+       from the measured map so any spin in the prior box shows its ring.
+
+    Parameters
+    ----------
+    devices
+        The instrument.
+    quick : bool
+        Coarser maps and fewer shots (tests).
+    md : dict, optional
 
     Yields
     ------
@@ -160,39 +192,96 @@ def dark_spin_line(devices: Any, span_hz: float = 40e6, num: int = 81, tau_s: fl
     Returns
     -------
     dict
-        ``{"deer_spectrum": uid, "deer_evolution": uid}``.
+        measurement -> uid.
     """
-    from nvmri_bluesky import physics
-    from nvmri_bluesky.reconstruct.psf import fit_lorentzian
+    from nvmri_bluesky.reconstruct import protocol as design
+    from nvmri_bluesky.reconstruct.localize import fit_deer_evolution
+    from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
     uids: dict[str, str] = {}
-    guess = yield from _retracted_line(devices, mw_frequency_hz, shots)
-    centre = guess - physics.D_ZFS
-    uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
-        devices, centre - span_hz, centre + span_hz, num, tau_s=tau_s, mw_frequency_hz=guess,
-        shots=shots, md={"measurement": "deer_spectrum", **(md or {})}))
-    contrast = spectrum["deer_contrast"].values
-    fit = fit_lorentzian(spectrum["rf_frequency"].values, contrast)
-    if not fit.amplitude > 5 * fit.amplitude_sigma:
-        raise NvmriError("no dark-spin ESR line within "
-                         f"+/-{span_hz / 1e6:.0f} MHz of {centre / 1e9:.4f} GHz")
-    taus = evolution_taus_s or tuple(np.round(np.linspace(0.4e-6, 30e-6, 75), 9))
-    uids["deer_evolution"], _ = yield from take(sweeps.deer_evolution(
-        devices, taus, rf_frequency_hz=fit.centre_hz, mw_frequency_hz=guess, shots=shots,
+    shots = design.SPIN_SHOTS
+    uids["psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
+        devices, _scaled(design.SPIN_PSF_MAP, quick), shots, md)
+    taus = design.EVOLUTION_TAUS_S[::2] if quick else design.EVOLUTION_TAUS_S
+    uids["deer_evolution"], evolution = yield from take(sweeps.deer_evolution(
+        devices, taus, rf_frequency_hz=f_line, mw_frequency_hz=f_plus0, shots=shots,
         md={"measurement": "deer_evolution", **(md or {})}))
+    tau = design.choose_tau(fit_deer_evolution(evolution).nu_hz)
+    span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
+    uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
+        devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
+        tau_s=tau, mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
+        md={"measurement": "deer_spectrum", **(md or {})}))
+    _, line = fit_deer_spectrum(spectrum)
+    raster = design.design_spin_raster(detuning, line.centre_hz, tau,
+                                       step_nm=2 * design.SPIN_STEP_NM if quick
+                                       else design.SPIN_STEP_NM)
+    uids["deer_raster"], _ = yield from take(rasters.deer_raster(
+        devices, x=raster.x, y=raster.y, z=raster.z[0], rf_frequency_hz=raster.rf_frequency_hz,
+        tau_s=tau, mw_frequency_hz=f_plus0, shots=raster.shots,
+        md={"measurement": "deer_raster", **(md or {})}))
     return uids
 
 
-def _retracted_line(devices: Any, mw_frequency_hz: float, shots: int
-                    ) -> Generator[Any, Any, float]:
-    """The NV ms=0->+1 frequency with the tip retracted (no run), Hz."""
-    from nvmri_bluesky.plans import pulses
-    from nvmri_bluesky.plans.lock import FrequencyLock, lock_detunings, locked_acquire
-    from nvmri_bluesky.plans.stubs import prepare, retract
+def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
+                   ) -> Generator[Any, Any, dict[str, str]]:
+    """Fig. 3: image a dark-spin layer above the NV; its height and density.
 
-    lock = FrequencyLock()
-    program = pulses.frequency_lock(lock_detunings(lock.fwhm_hz))
-    yield from retract(devices.stage)
-    yield from prepare(devices, program, shots, mw_on=True, rf_on=False)
-    yield from locked_acquire(devices, lock, program, mw_frequency_hz)
-    return float(lock.frequency.get())
+    1. PSF map over the layer's reach, both transitions.
+    2. Tip-free DEER spectrum on the predicted line: centre and width.
+    3. DEER raster in two planes with the RF offset that puts the resonant
+       dome just below them (``design_layer_raster``).
+    4. Tip-free DEER decay (many spins: a decay, not an oscillation): the
+       density at the imaged height.
+
+    Parameters
+    ----------
+    devices
+        The instrument.
+    quick : bool
+        Coarser maps (tests).
+    md : dict, optional
+
+    Yields
+    ------
+    Msg
+
+    Returns
+    -------
+    dict
+        measurement -> uid.
+    """
+    from nvmri_bluesky.reconstruct import protocol as design
+    from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
+
+    uids: dict[str, str] = {}
+    uids["psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
+        devices, _scaled(design.LAYER_PSF_MAP, quick), design.LAYER_SHOTS, md)
+    span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
+    uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
+        devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
+        tau_s=design.LAYER_TAU_S, mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
+        md={"measurement": "deer_spectrum", **(md or {})}))
+    _, line = fit_deer_spectrum(spectrum, model="bath")
+    raster = design.design_layer_raster(detuning, line.centre_hz)
+    planes = raster.z
+    uids["deer_raster"], _ = yield from take(rasters.deer_raster(
+        devices, x=raster.x, y=raster.y, z=(planes[0], planes[-1], len(planes)),
+        rf_frequency_hz=raster.rf_frequency_hz, tau_s=raster.tau_s, mw_frequency_hz=f_plus0,
+        shots=raster.shots, md={"measurement": "deer_raster", **(md or {})}))
+    uids["deer_decay"], _ = yield from take(sweeps.deer_evolution(
+        devices, design.LAYER_EVOLUTION_TAUS_S, rf_frequency_hz=line.centre_hz,
+        mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
+        md={"measurement": "deer_decay", **(md or {})}))
+    return uids
+
+
+STEPS = {"calibration": calibration, "spins": single_spins, "layers": surface_layers}
+"""The protocol's steps by name (``nvmri demo`` runs them per sample)."""
+
+
+def step_plan(step: str, devices: Any, quick: bool = False) -> Generator:
+    """The plan of one protocol step (``calibration``, ``spins`` or ``layers``)."""
+    if step == "calibration":
+        return calibration(devices, line_half_nm=40.0 if quick else 60.0)
+    return STEPS[step](devices, quick=quick)

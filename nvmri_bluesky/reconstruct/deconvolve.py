@@ -280,7 +280,9 @@ def richardson_lucy(image: ArrayLike, psf: ArrayLike, num_iter: int | None = 50,
     image : array_like, shape (n1, ..., nd)
         Blurred map, non-negative for the usual RL meaning.
     psf : array_like, shape (m1, ..., md), each mi <= ni
-        Centred PSF (index ``(mi - 1) // 2`` is zero offset).
+        Centred PSF (index ``(mi - 1) // 2`` is zero offset), normalised to
+        sum 1 as skimage assumes (RL's multiplicative update has no other
+        normalisation).
     num_iter : int or None
         Iterations; ``None`` chooses them by the discrepancy principle
         (:func:`richardson_lucy_discrepancy`, ``max_iter`` 500).

@@ -25,7 +25,7 @@ decay at that height (:func:`fit_layer_decay`, which samples ~ pi (1.5 h)^2 n
 spins and so fluctuates least).  The image's own density is a cross-check.
 
 Integration domain: the layer plane within ``rho_max_nm`` of the NV (default
-3 h_max), restricted to where the PSF map covers t - (rho, h); elsewhere the
+45 nm), restricted to where the PSF map covers t - (rho, h); elsewhere the
 PSF counts as 0 (spins there are far from the imaged resonance when the
 PSF map is sized as docs/reconstruction.md says).
 """
@@ -276,9 +276,9 @@ def _raster_arrays(ds: xr.Dataset) -> tuple[NDArray, NDArray, NDArray, NDArray, 
 
 
 def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningInterpolant,
-                    line: FlipLine, heights_nm: tuple[float, float] = (4.0, 20.0),
+                    line: FlipLine, heights_nm: tuple[float, float] = (4.0, 18.0),
                     axis: ArrayLike | None = None, coarse_step_nm: float = 1.5,
-                    rho_max_nm: float | None = None, fine_nm: float = 0.5) -> LayerFit:
+                    rho_max_nm: float = 45.0, fine_nm: float = 1.0) -> LayerFit:
     """Height and density of a layer from DEER rasters (expected-image model).
 
     The Poisson deviance of all gates is profiled over h (coarse scan, then a
@@ -300,10 +300,11 @@ def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningI
         Range of layer heights above the NV searched, nm.
     axis : array_like (3,), optional
     coarse_step_nm : float
-    rho_max_nm : float, optional
-        Layer disk radius integrated (default 3 * hi).
+    rho_max_nm : float
+        Layer disk radius integrated, nm (spins beyond ~2.5 h barely couple).
     fine_nm : float
-        Integration step target, nm.
+        Integration step target, nm (1 nm: within 0.2 nm of a 0.5 nm step for
+        the protocol's rasters, 4x faster).
 
     Returns
     -------
@@ -313,7 +314,7 @@ def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningI
     arrays = [_raster_arrays(d) for d in sets]
     psfs = [DarkSpinPSF(detuning, line, float(d.attrs["rf_frequency_hz"])) for d in sets]
     taus = [float(d.attrs["tau_s"]) for d in sets]
-    r_max = 3.0 * heights_nm[1] if rho_max_nm is None else rho_max_nm
+    r_max = float(rho_max_nm)
     obs = np.concatenate([a[3][:, a[4]].ravel() for a in arrays])
     n_sets = len(sets)
     cache: dict[float, list[_LayerGeometry]] = {}

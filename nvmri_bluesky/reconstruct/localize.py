@@ -77,6 +77,7 @@ from nvmri_bluesky.reconstruct.psf import (
 
 __all__ = [
     "PRIOR_BOX", "SpinFit", "LocalizationResult", "localize_spins", "deconvolve_deer",
+    "shift_operator",
     "spin_model_counts", "fisher_information", "fit_deer_evolution", "CouplingFit",
 ]
 
@@ -327,9 +328,22 @@ def _lattice_axis(values: NDArray) -> tuple[float, float]:
     return float(v[0]), float(steps[0])
 
 
+def _object_grid(ds: xr.Dataset, box: ArrayLike, dz_step: float
+                 ) -> tuple[int, int, NDArray, float, float]:
+    d = ds.transpose("x", "y", "z", ...)
+    hx = _lattice_axis(d["x"].values)[1]
+    hy = _lattice_axis(d["y"].values)[1]
+    b = np.asarray(box, float)
+    kx = max(int(np.ceil(max(abs(b[0, 0]), abs(b[0, 1])) / hx)), 1)
+    ky = max(int(np.ceil(max(abs(b[1, 0]), abs(b[1, 1])) / hy)), 1)
+    nz = max(int(round((b[2, 1] - b[2, 0]) / dz_step)) + 1, 1)
+    return kx, ky, np.linspace(b[2, 0], b[2, 1], nz), hx, hy
+
+
 def deconvolve_deer(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX,
                     dz_step: float = 0.5, contrast: ArrayLike | None = None,
-                    sigma: ArrayLike | None = None, max_iter: int = 100) -> xr.DataArray:
+                    sigma: ArrayLike | None = None, max_iter: int = 60,
+                    operator: ShiftOperator | None = None) -> xr.DataArray:
     """w-weighted spin density on an offset grid, by Richardson-Lucy.
 
     Parameters
@@ -348,6 +362,10 @@ def deconvolve_deer(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX
         Map to deconvolve on the raster's (x, y, z) shape and its noise; by
         default the DEER contrast and its sigma propagated from the counts.
     max_iter : int
+        Upper bound of the discrepancy-stopped RL.
+    operator : ShiftOperator, optional
+        A prebuilt operator for this raster, PSF, box and dz_step (reuse it
+        for several maps of one raster); built here when omitted.
 
     Returns
     -------
@@ -356,8 +374,7 @@ def deconvolve_deer(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX
         integral ~ w.  attrs ``rl_iterations``, ``rl_chi2``.
     """
     d = ds.transpose("x", "y", "z", ...)
-    x0, hx = _lattice_axis(d["x"].values)
-    y0, hy = _lattice_axis(d["y"].values)
+    kx, ky, z_obj, hx, hy = _object_grid(d, box, dz_step)
     if contrast is None:
         con = deer_contrast_dataset(d)
         contrast = con["contrast"].transpose("x", "y", "z").values
@@ -369,12 +386,7 @@ def deconvolve_deer(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX
         bad |= ~np.isfinite(s)
         s = np.where(bad, np.inf, s)
     c = np.where(bad, 0.0, c)
-    b = np.asarray(box, float)
-    kx = max(int(np.ceil(max(abs(b[0, 0]), abs(b[0, 1])) / hx)), 1)
-    ky = max(int(np.ceil(max(abs(b[1, 0]), abs(b[1, 1])) / hy)), 1)
-    nz = max(int(round((b[2, 1] - b[2, 0]) / dz_step)) + 1, 1)
-    z_obj = np.linspace(b[2, 0], b[2, 1], nz)
-    op = ShiftOperator.build(psf, d["x"].values, d["y"].values, d["z"].values, kx, ky, z_obj)
+    op = operator if operator is not None else shift_operator(d, psf, box, dz_step)
     res = richardson_lucy_operator(c, op, sigma=s, max_iter=max_iter)
     out = xr.DataArray(res.image, dims=("dx", "dy", "dz"),
                        coords={"dx": np.arange(-kx, kx + 1) * hx,
@@ -385,6 +397,16 @@ def deconvolve_deer(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX
     for a in ("dx", "dy", "dz"):
         out[a].attrs["units"] = "nm"
     return out
+
+
+def shift_operator(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX,
+                   dz_step: float = 0.5, supersample: int = 2) -> ShiftOperator:
+    """The raster's imaging operator from an offset grid (see :func:`deconvolve_deer`)."""
+    d = ds.transpose("x", "y", "z", ...)
+    kx, ky, z_obj, _, _ = _object_grid(d, box, dz_step)
+    return ShiftOperator.build(psf, d["x"].values, d["y"].values,
+                               np.atleast_1d(d["z"].values), kx, ky, z_obj,
+                               supersample=supersample)
 
 
 def _peaks(obj: xr.DataArray, box: NDArray, n: int, min_sep_nm: float = 1.5,
@@ -575,7 +597,7 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
     min_delta_deviance, min_weight_snr : float
         Model-selection thresholds (module doc).
     n_starts : int
-        Deconvolution peaks tried as starts for each added spin.
+        Deconvolution peaks tried as starts for the first spin (2 for later ones).
     dz_step : float
         Object-plane spacing of the deconvolution, nm.
     coupling_hint : CouplingFit, optional
@@ -604,12 +626,13 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         nuis0 += [a0, c0, float(np.median(e0))]
     fit = _fit(rasters, np.r_[nuis0, 0.0], box, line)
     devs = [fit.deviance]
-    density = deconvolve_deer(sets[0], rasters[0].psf, box, dz_step)
+    op = shift_operator(sets[0], rasters[0].psf, box, dz_step)
+    density = deconvolve_deer(sets[0], rasters[0].psf, box, dz_step, operator=op)
     source = density
     n_spins = 0
     for _ in range(max_spins):
         best = None
-        for pos, wsum in _peaks(source, box, n_starts):
+        for pos, wsum in _peaks(source, box, n_starts if n_spins == 0 else 2):
             th0 = np.r_[fit.theta, pos, float(np.clip(wsum, 0.2, 1.9))]
             trial = _fit(rasters, th0, box, line, max_iter=25)
             if best is None or trial.deviance < best.deviance:
@@ -628,7 +651,7 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         devs.append(fit.deviance)
         if n_spins < max_spins:
             source = _residual_density(sets[0], rasters[0], lay.spins(fit.theta),
-                                       float(fit.theta[lay.shift]) * 1e6, box, dz_step)
+                                       float(fit.theta[lay.shift]) * 1e6, box, dz_step, op)
 
     lay = _Layout(n_sets, n_spins)
     cov = fit.covariance(inflate=True)
@@ -656,7 +679,7 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
 
 
 def _residual_density(ds: xr.Dataset, r0: _Raster, spins: NDArray, shift_hz: float,
-                      box: NDArray, dz_step: float) -> xr.DataArray:
+                      box: NDArray, dz_step: float, op: ShiftOperator) -> xr.DataArray:
     """Deconvolution of the contrast the current spins leave unexplained."""
     d = ds.transpose("x", "y", "z", ...)
     con = deer_contrast_dataset(d)
@@ -666,7 +689,8 @@ def _residual_density(ds: xr.Dataset, r0: _Raster, spins: NDArray, shift_hz: flo
     resid = np.full(c_data.shape, np.nan)
     resid[ok] = c_data[ok] - c_model
     return deconvolve_deer(d, r0.psf, box, dz_step, contrast=resid,
-                           sigma=con["contrast_sigma"].transpose("x", "y", "z").values)
+                           sigma=con["contrast_sigma"].transpose("x", "y", "z").values,
+                           operator=op)
 
 
 # --------------------------------------------------------------------------- #

@@ -42,8 +42,8 @@ __all__ = [
     "SPIN_PSF_MAP", "SPIN_PLANE_NM", "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM", "SPIN_SHOTS",
     "SPECTRUM_SHOTS", "SPECTRUM_SPAN_HZ", "SPECTRUM_POINTS", "EVOLUTION_TAUS_S",
     "LAYER_PSF_MAP", "LAYER_PLANES_NM", "LAYER_STEP_NM", "LAYER_TAU_S", "LAYER_SHOTS",
-    "LAYER_EVOLUTION_TAUS_S", "RasterDesign", "design_spin_raster", "design_layer_raster",
-    "choose_tau", "axis_spec",
+    "LAYER_EVOLUTION_TAUS_S", "LAYER_EVOLUTION_SHOTS", "RasterDesign", "design_spin_raster",
+    "design_layer_raster", "choose_tau", "axis_spec",
 ]
 
 PRIOR_LATERAL_NM = 8.0
@@ -67,9 +67,10 @@ EVOLUTION_TAUS_S = tuple(np.round(np.linspace(0.4e-6, 30e-6, 75), 9))
 LAYER_PSF_MAP = {"x": (-60.0, 100.0, 41), "y": (-76.0, 76.0, 39), "z": (8.0, 32.0, 9)}
 """PSF map for layers (covers the layer plane's reach): (start, stop, num), nm."""
 LAYER_PLANES_NM = (28.0, 32.0)
-LAYER_STEP_NM = 2.0
+LAYER_STEP_NM = 3.0
 LAYER_TAU_S = 6e-6
 LAYER_SHOTS = 100_000
+LAYER_EVOLUTION_SHOTS = 1_000_000
 LAYER_EVOLUTION_TAUS_S = tuple(np.round(np.geomspace(0.1e-6, 10e-6, 40), 10))
 
 

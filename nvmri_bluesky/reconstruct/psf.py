@@ -147,7 +147,9 @@ class DetuningInterpolant:
     ``map_coordinates``) of the map padded by 4 cells of cubic extrapolation
     (so the edges behave like a not-a-knot spline); the gradient is the
     spline's exact derivative at the nodes, itself cubic-spline interpolated
-    (relative error ~ (step / field scale)^4).  Uniform steps are required.
+    (exact at the nodes; between them it differs from the value spline's
+    derivative by ~ 840 (step / tip distance)^4, ~3e-3 relative for 3 nm
+    steps at 70 nm from the tip).  Uniform steps are required.
     """
 
     axes: tuple[NDArray, NDArray, NDArray]
@@ -167,14 +169,15 @@ class DetuningInterpolant:
         coef = ndimage.spline_filter(padded, order=3, mode="mirror")
         grads = []
         for ax in range(3):
-            # exact spline derivative at the (padded) nodes: central difference of
-            # B-spline coefficients, (c[k+1] - c[k-1]) / 2 per cell
-            dc = (np.roll(coef, -1, axis=ax) - np.roll(coef, 1, axis=ax)) / 2.0 / steps[ax]
-            sl = [slice(None)] * 3
-            sl[ax] = slice(1, -1)
-            dvals = np.pad(dc[tuple(sl)], [(1, 1) if i == ax else (0, 0) for i in range(3)],
-                           mode="edge")
-            grads.append(ndimage.spline_filter(dvals, order=3, mode="mirror"))
+            # exact spline derivative at the (padded) nodes: along ``ax`` the
+            # B-spline derivative weights (-1/2, 0, 1/2), along the others the
+            # B-spline node weights (1/6, 2/3, 1/6)
+            dvals = ndimage.correlate1d(coef, [-0.5, 0.0, 0.5], axis=ax, mode="mirror")
+            for other in range(3):
+                if other != ax:
+                    dvals = ndimage.correlate1d(dvals, [1 / 6, 2 / 3, 1 / 6], axis=other,
+                                                mode="mirror")
+            grads.append(ndimage.spline_filter(dvals / steps[ax], order=3, mode="mirror"))
         object.__setattr__(self, "_coef", (coef, *grads))
         object.__setattr__(self, "_origin", np.array([a[0] for a in self.axes]))
         object.__setattr__(self, "_step", np.array(steps, float))

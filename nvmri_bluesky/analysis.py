@@ -1,0 +1,172 @@
+"""From stored runs to report.json: the reconstruction of a whole protocol.
+
+Reads runs from the catalog only (:func:`nvmri_bluesky.reconstruct.runs.load_run`),
+never the simulator: each sample's ``{measurement: uid}`` map says which run
+is which.  Figures are written beside the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvmri_bluesky import physics
+from nvmri_bluesky.reconstruct import calibration as cal
+from nvmri_bluesky.reconstruct.report import layer_report, quantity, resolution_report, spins_report
+from nvmri_bluesky.reconstruct.runs import load_run
+
+PAPER = {
+    "gradient_gauss_per_nm": (2.4, 0.2, "G/nm"),
+    "ramsey_fringe_period_nm": (0.33, 0.03, "nm"),
+    "esr_slice_fwhm_nm": (0.25, None, "nm"),
+    "layer height nv1": (10.0, None, "nm"),
+    "layer height nv2": (14.0, None, "nm"),
+    "layer density": (0.5, None, "/nm^2"),
+    "spin dx": (4.0, 0.4, "nm"), "spin dy": (5.1, 0.3, "nm"), "spin dz": (-3.65, 0.05, "nm"),
+    "resolution lateral": (0.8, 0.4, "nm"), "resolution vertical": (1.5, 0.6, "nm"),
+}
+"""The paper's values (Figs. 2-4) the table compares with: (value, sigma, unit)."""
+
+
+def calibration_report(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
+    """Fig. 2 quantities from the calibration runs."""
+    line = load_run(cat, uids["gradient_line"], ["psf_map"])
+    y = line["y"].values
+    b_par = cal.field_along_axis(line["lock_frequency"].values.ravel(),
+                                 line["lock_f_minus"].values.ravel())
+    grad, _ = cal.gradient_peak(y, b_par)
+    ramsey = load_run(cat, uids["ramsey_line"], ["ramsey_raster"])
+    p0 = np.ravel(physics.normalised_population(ramsey["ramsey"].values, ramsey["bright"].values,
+                                                ramsey["dark"].values))
+    period = cal.fringe_period(ramsey["y"].values, p0)
+    cw = load_run(cat, uids["cw_slice"], ["esr_raster"])
+    fwhm, _ = cal.slice_fwhm(cw["x"].values, np.ravel(cw["cw_0"].values / cw["cw_1"].values))
+    return {"gradient_gauss_per_nm": cal.gauss_per_nm(grad).as_dict(),
+            "ramsey_fringe_period_nm": period.as_dict(),
+            "ramsey_implied_gradient_gauss_per_nm":
+                cal.implied_gradient(period, float(ramsey.attrs["tau_s"])).as_dict(),
+            "esr_slice_fwhm_nm": fwhm.as_dict()}
+
+
+def _psf_and_line(cat: Any, uids: dict[str, str], model: str = "single") -> tuple[Any, Any]:
+    from nvmri_bluesky.reconstruct.psf import (
+        DetuningInterpolant,
+        dark_detuning_map,
+        fit_deer_spectrum,
+    )
+
+    psf = load_run(cat, uids["psf_map"], ["psf_map"])
+    detuning = DetuningInterpolant.from_map(dark_detuning_map(psf))
+    _, line = fit_deer_spectrum(load_run(cat, uids["deer_spectrum"], ["deer_spectrum"]),
+                                model=model)
+    return detuning, line
+
+
+def spins_result(cat: Any, uids: dict[str, str]) -> Any:
+    """Localisation of point spins from a ``single_spins`` protocol's runs."""
+    from nvmri_bluesky.reconstruct.localize import fit_deer_evolution, localize_spins
+
+    detuning, line = _psf_and_line(cat, uids)
+    coupling = fit_deer_evolution(load_run(cat, uids["deer_evolution"], ["deer_evolution"]))
+    deer = load_run(cat, uids["deer_raster"], ["deer_raster"])
+    return localize_spins(deer, detuning, line, coupling_hint=coupling), deer
+
+
+def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
+    """Height (image) and density (tip-free decay) of a layer from its runs."""
+    from nvmri_bluesky.reconstruct.layers import fit_layer_decay, fit_layer_image
+
+    detuning, line = _psf_and_line(cat, uids, model="bath")
+    deer = load_run(cat, uids["deer_raster"], ["deer_raster"])
+    image = fit_layer_image(deer, detuning, line)
+    decay = fit_layer_decay(load_run(cat, uids["deer_decay"], ["deer_evolution"]),
+                            image.height_nm, image.height_sigma_nm, line=line)
+    return {"report": layer_report(image, decay), "deer": deer, "image": image}
+
+
+def analyse(cat: Any, runs: dict[str, dict[str, str]], out: Path, location: str
+            ) -> dict[str, Any]:
+    """Reconstruct every sample's runs; return report.json's content (and draw figures).
+
+    Parameters
+    ----------
+    cat
+        The open catalog.
+    runs : dict
+        sample name -> {measurement: uid}.
+    out : Path
+        Where figures go.
+    location : str
+        The catalog's directory or URI (recorded).
+    """
+    from nvmri_bluesky import figures
+
+    nan = quantity(float("nan"), float("nan"))
+    report: dict[str, Any] = {
+        "scenario": ", ".join(runs), "catalog": str(location),
+        "runs": {f"{s}/{m}": u for s, uids in runs.items() for m, u in uids.items()},
+        "gradient_gauss_per_nm": nan, "ramsey_fringe_period_nm": nan, "esr_slice_fwhm_nm": nan,
+        "layers": [], "spins": [], "resolution_nm": {"lateral": nan, "vertical": nan},
+    }
+    for sample, uids in runs.items():
+        if "ramsey_line" in uids:
+            report.update(calibration_report(cat, uids))
+            figures.calibration(cat, uids, out / "fig2_calibration.png")
+        if "deer_decay" in uids:
+            layer = layers_result(cat, uids)
+            report["layers"].append({"sample": sample, **layer["report"]})
+            figures.layer(layer["deer"], out / f"fig3_layer_{sample}.png", layer["image"])
+        elif "deer_raster" in uids:
+            result, deer = spins_result(cat, uids)
+            report["spins"] += [{"sample": sample, **s} for s in spins_report(result)]
+            if result.spins:
+                report["resolution_nm"] = resolution_report(result)
+            figures.spins(deer, result, out / f"fig4_spins_{sample}.png")
+    return report
+
+
+def _fmt(q: dict | None, scale: float = 1.0) -> str:
+    if not q or q.get("value") is None:
+        return "n/a"
+    sigma = q.get("sigma")
+    return (f"{q['value'] * scale:.3g} +/- {sigma * scale:.2g}" if sigma is not None
+            else f"{q['value'] * scale:.3g}")
+
+
+def table(report: dict[str, Any]) -> str:
+    """The paper's values beside the measured ones, as text."""
+    rows = [("quantity", "paper", "measured")]
+
+    def paper(key: str) -> str:
+        v, s, unit = PAPER[key]
+        return f"{v:g}{'' if s is None else f' +/- {s:g}'} {unit}"
+
+    rows.append(("Fig.2a gradient (G/nm)", paper("gradient_gauss_per_nm"),
+                 _fmt(report["gradient_gauss_per_nm"])))
+    rows.append(("Fig.2a fringe period (nm)", paper("ramsey_fringe_period_nm"),
+                 _fmt(report["ramsey_fringe_period_nm"])))
+    if "ramsey_implied_gradient_gauss_per_nm" in report:
+        rows.append(("  gradient the fringes imply (G/nm)", "2.4 G/nm",
+                     _fmt(report["ramsey_implied_gradient_gauss_per_nm"])))
+    rows.append(("Fig.2b CW slice FWHM (nm)", paper("esr_slice_fwhm_nm"),
+                 _fmt(report["esr_slice_fwhm_nm"])))
+    for i, layer in enumerate(report["layers"]):
+        key = "layer height nv2" if "nv2" in layer.get("sample", "") else "layer height nv1"
+        rows.append((f"Fig.3 layer height above NV ({layer.get('sample', i)})", paper(key),
+                     _fmt(layer["height_above_nv_nm"])))
+        rows.append((f"Fig.3 layer density ({layer.get('sample', i)})", paper("layer density"),
+                     _fmt(layer["density_per_nm2"])))
+    for spin in report["spins"]:
+        for axis in ("dx", "dy", "dz"):
+            rows.append((f"Fig.4 spin {axis} ({spin.get('sample', '')})",
+                         paper(f"spin {axis}"), _fmt(spin[f"{axis}_nm"])))
+        rows.append(("Fig.4 spin coupling (kHz)", "-", _fmt(spin["coupling_hz"], 1e-3)))
+    for axis in ("lateral", "vertical"):
+        rows.append((f"resolution {axis} (nm)", paper(f"resolution {axis}"),
+                     _fmt(report["resolution_nm"][axis])))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

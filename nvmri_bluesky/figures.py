@@ -1,0 +1,139 @@
+"""Report figures: what a physicist would put on a slide (PNG, headless).
+
+* Fig. 2: the field along the NV axis on the y-linecut with its gradient, the
+  Ramsey fringes there, and the CW-ESR resonant slice, each with its fit.
+* Fig. 3: DEER contrast maps of a layer, one panel per plane.
+* Fig. 4: the DEER contrast map of the single-spin raster and orthogonal cuts
+  through the deconvolved object map at the fitted spin, position marked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from nvmri_bluesky import physics
+from nvmri_bluesky.reconstruct import calibration as cal
+from nvmri_bluesky.reconstruct.counts import deer_contrast_dataset
+from nvmri_bluesky.reconstruct.runs import load_run
+
+
+def scale_bar(ax: Axes, length_nm: float, label: str | None = None) -> None:
+    """A white scale bar in the lower-left corner of an image axes (data units nm)."""
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    x, y = x0 + 0.06 * (x1 - x0), y0 + 0.07 * (y1 - y0)
+    ax.plot([x, x + length_nm], [y, y], color="white", lw=3, solid_capstyle="butt")
+    ax.text(x + length_nm / 2, y + 0.03 * (y1 - y0), label or f"{length_nm:g} nm",
+            color="white", ha="center", va="bottom", fontsize=8, fontweight="bold")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def calibration(cat: Any, uids: dict[str, str], path: Path) -> Path:
+    """Fig. 2: gradient line, Ramsey fringes and CW slice."""
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    line = load_run(cat, uids["gradient_line"])
+    y = line["y"].values
+    b_par = cal.field_along_axis(line["lock_frequency"].values.ravel(),
+                                 line["lock_f_minus"].values.ravel())
+    ax1.plot(y, (b_par - np.nanmin(b_par)) * 1e4, "k-", lw=1)
+    ax1.set_xlabel("tip y (nm), x = 0, apex 30 nm")
+    ax1.set_ylabel("B_tip along NV axis (G, offset)")
+    twin = ax1.twinx()
+    twin.plot(y, np.gradient(b_par, y) * 1e4, "C0-", lw=1)
+    twin.set_ylabel("dB/dy (G/nm)", color="C0")
+    ax1.set_title("tip field from both NV transitions")
+
+    ramsey = load_run(cat, uids["ramsey_line"])
+    p0 = np.ravel(physics.normalised_population(ramsey["ramsey"].values,
+                                                ramsey["bright"].values, ramsey["dark"].values))
+    period = cal.fringe_period(ramsey["y"].values, p0)
+    ax2.plot(ramsey["y"].values, p0, ".-", ms=3, lw=0.6)
+    ax2.set_xlabel("tip y (nm)")
+    ax2.set_ylabel("Ramsey P0")
+    ax2.set_title(f"Fig. 2a fringes: period {10 * period.value:.2f} +/- "
+                  f"{10 * period.sigma:.2f} A")
+
+    cw = load_run(cat, uids["cw_slice"])
+    x = cw["x"].values
+    ratio = np.ravel(cw["cw_0"].values / cw["cw_1"].values)
+    fwhm, centre = cal.slice_fwhm(x, ratio)
+    ax3.plot(x - centre, ratio, ".", ms=3)
+    ax3.set_xlabel("tip x - slice centre (nm), apex 10 nm")
+    ax3.set_ylabel("CW fluorescence I/I0")
+    ax3.set_title(f"Fig. 2b slice: FWHM {10 * fwhm.value:.2f} +/- {10 * fwhm.sigma:.2f} A")
+    return _save(fig, path)
+
+
+def _contrast(deer: xr.Dataset) -> xr.DataArray:
+    return deer_contrast_dataset(deer)["contrast"]
+
+
+def layer(deer: xr.Dataset, path: Path, fit: Any | None = None) -> Path:
+    """Fig. 3: DEER contrast per plane of a layer raster."""
+    c = _contrast(deer)
+    planes = c["z"].values
+    fig = Figure(figsize=(4.2 * len(planes) + 0.8, 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(planes)))
+    x, y = c["x"].values, c["y"].values
+    for ax, z in zip(axes, planes, strict=True):
+        im = ax.imshow(c.sel(z=z).transpose("y", "x").values, origin="lower", cmap="magma",
+                       extent=(x[0], x[-1], y[0], y[-1]))
+        ax.set_title(f"apex {z:.0f} nm")
+        ax.set_xlabel("x (nm)")
+        ax.set_ylabel("y (nm)")
+        scale_bar(ax, 10.0)
+    fig.colorbar(im, ax=axes.tolist(), label="DEER contrast")
+    if fit is not None:
+        fig.suptitle(f"layer {fit.height_nm:.1f} +/- {fit.height_sigma_nm:.1f} nm above the NV")
+    return _save(fig, path)
+
+
+def spins(deer: xr.Dataset, result: Any, path: Path) -> Path:
+    """Fig. 4: contrast map and orthogonal cuts of the deconvolved map at the spin."""
+    c = _contrast(deer)
+    fig = Figure(figsize=(14, 3.9), layout="constrained")
+    axes = fig.subplots(1, 4)
+    x, y = c["x"].values, c["y"].values
+    im = axes[0].imshow(c.isel(z=0).transpose("y", "x").values, origin="lower", cmap="magma",
+                        extent=(x[0], x[-1], y[0], y[-1]))
+    axes[0].set_title(f"DEER contrast, apex {float(c['z'][0]):.0f} nm")
+    axes[0].set_xlabel("tip x (nm)")
+    axes[0].set_ylabel("tip y (nm)")
+    scale_bar(axes[0], 10.0)
+    fig.colorbar(im, ax=axes[0], shrink=0.8)
+    density = result.density
+    spin = result.spins[0].offset_nm if result.spins else np.zeros(3)
+    dims = [d for d in ("x", "y", "z") if d in density.dims]
+    cuts = (("x", "y", "z"), ("x", "z", "y"), ("y", "z", "x"))
+    for ax, (h, v, fixed) in zip(axes[1:], cuts, strict=True):
+        if fixed not in dims:
+            ax.set_axis_off()
+            continue
+        k = "xyz".index(fixed)
+        plane = density.sel({fixed: spin[k]}, method="nearest").transpose(v, h)
+        hx, vx = plane[h].values, plane[v].values
+        ax.imshow(plane.values, origin="lower", cmap="viridis", aspect="auto",
+                  extent=(hx[0], hx[-1], vx[0], vx[-1]))
+        ax.plot(spin["xyz".index(h)], spin["xyz".index(v)], "r+", ms=14, mew=2)
+        ax.plot(0, 0, "wx", ms=8, mew=2) if (h, v) == ("x", "y") else None
+        ax.set_xlabel(f"d{h} (nm)")
+        ax.set_ylabel(f"d{v} (nm)")
+        ax.set_title(f"deconvolved, d{fixed} = {spin[k]:.2f} nm")
+    if result.spins:
+        s = result.spins[0]
+        fig.suptitle("spin - NV = (" + ", ".join(
+            f"{v:.2f} +/- {e:.2f}" for v, e in zip(s.offset_nm, s.offset_sigma_nm, strict=True))
+            + ") nm")
+    return _save(fig, path)

@@ -1,0 +1,71 @@
+"""Surface dark-spin layers against ground truth (paper: 10 and 14 nm above the NV)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reconstruct_synth as syn
+
+from nvmri_bluesky.reconstruct import protocol
+from nvmri_bluesky.reconstruct.layers import (
+    fit_layer_decay,
+    fit_layer_image,
+    layer_decay,
+    layer_decay_integral,
+)
+from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, FlipLine, dark_detuning_map
+from nvmri_bluesky.reconstruct.report import layer_report
+
+DENSITY = 0.5
+
+
+@pytest.mark.parametrize("depth,seed", [(10.0, 21), (14.0, 22)])
+def test_layer_height_and_density(depth, seed):
+    rng = np.random.default_rng(seed)
+    inst = syn.instrument(depth)
+    layer = syn.layer_offsets(rng, depth, DENSITY, 40.0)       # surface layer: h = depth
+    m = protocol.LAYER_PSF_MAP
+    pm = syn.psf_map(inst, np.linspace(*m["x"]), np.linspace(*m["y"]), np.linspace(*m["z"]),
+                     rng)
+    det = DetuningInterpolant.from_map(dark_detuning_map(pm))
+    line = FlipLine(centre_hz=inst.f_dark0, centre_sigma_hz=300e3)
+    design = protocol.design_layer_raster(det, line.centre_hz)
+    assert design.n_points <= 1000
+    ds = syn.deer_raster(inst, layer, *design.axes(), design.rf_frequency_hz, design.tau_s,
+                         design.shots, rng)
+    image = fit_layer_image(ds, det, line)
+    assert abs(image.height_nm - depth) <= 1.0
+    assert abs(image.height_nm - depth) <= 3 * image.height_sigma_nm + 0.1
+    assert abs(image.density_per_nm2 / DENSITY - 1) <= 0.3
+    evo = syn.deer_evolution(inst, layer, protocol.LAYER_EVOLUTION_TAUS_S,
+                             protocol.LAYER_EVOLUTION_SHOTS, rng)
+    decay = fit_layer_decay(evo, image.height_nm, image.height_sigma_nm, line=line)
+    assert abs(decay.density_per_nm2 / DENSITY - 1) <= 0.3
+    assert abs(decay.density_per_nm2 - DENSITY) <= 3 * decay.density_sigma_per_nm2
+    rep = layer_report(image, decay)
+    assert rep["height_above_nv_nm"]["value"] == pytest.approx(image.height_nm)
+    assert rep["density_per_nm2"]["value"] == pytest.approx(decay.density_per_nm2)
+
+
+def test_decay_density_sigma_is_honest():
+    """Over realisations the decay density scatters as its reported sigma says."""
+    line = FlipLine(centre_hz=syn.INST.f_dark0)
+    taus = np.asarray(protocol.LAYER_EVOLUTION_TAUS_S)
+    z = []
+    for seed in range(8):
+        rng = np.random.default_rng(100 + seed)
+        layer = syn.layer_offsets(rng, 10.0, DENSITY, 40.0)
+        evo = syn.deer_evolution(syn.instrument(10.0), layer, taus,
+                                 protocol.LAYER_EVOLUTION_SHOTS, rng)
+        fit = fit_layer_decay(evo, 10.0, 0.0, line=line)
+        z.append((fit.density_per_nm2 - DENSITY) / fit.density_sigma_per_nm2)
+    assert np.all(np.abs(z) < 3.0)
+    assert 0.4 < np.std(z) < 1.6
+
+
+def test_decay_integral_limits():
+    # short tau: J = (pi tau)^2 / 2 * integral nu^2 (quadratic), long tau: slower growth
+    j = layer_decay_integral(np.array([1e-8, 2e-8]), 10.0)
+    assert j[1] / j[0] == pytest.approx(4.0, rel=1e-3)
+    c = layer_decay(np.array([0.1e-6, 1e-6, 10e-6]), 10.0, 0.5, 0.53)
+    assert np.all(np.diff(c) > 0) and c[-1] == pytest.approx(1.0, abs=1e-6)
