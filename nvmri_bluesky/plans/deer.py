@@ -48,10 +48,10 @@ class DeerReadout(Device):
 
 def deer_program(fwhm_hz: float, tau_s: float, rf_duration_s: float) -> pulses.Program:
     """The per-point DEER program with its references and the lock gates."""
-    from nvmri_bluesky.plans.lock import lock_detunings
+    from nvmri_bluesky.plans.lock import LOCK_WINDOW_S, lock_detunings
 
     return pulses.deer(tau=tau_s, rf_duration=rf_duration_s, references=True,
-                       lock_detunings=lock_detunings(fwhm_hz))
+                       lock_detunings=lock_detunings(fwhm_hz), lock_window=LOCK_WINDOW_S)
 
 
 def deer_point(devices: Any, rf_frequency_hz: float, tau_s: float = 10e-6,

@@ -33,12 +33,25 @@ from nvmri_bluesky.plans.stubs import acquire, load_program, set_frequency
 
 TAU_CW_S = 120e-9
 """Default CW probe inverse linewidth (FWHM = 1/tau_cw = 8.3 MHz), s."""
-LOCK_GATES = ("lock_0", "lock_1", "lock_2")
+LOCK_WINDOW_S = 10e-6
+"""CW counting window of each lock gate per shot, s."""
+FINDER_FWHM = (1.5, 3.0, 5.0, 8.0, 12.0)
+"""Finder gates at +/- these multiples of the FWHM: a coarse spectrum in every acquisition."""
 
 
-def lock_detunings(fwhm_hz: float) -> tuple[float, float, float]:
-    """MW sidebands of the three lock gates for a line of width ``fwhm_hz``, Hz."""
-    return (-fwhm_hz / 2.0, fwhm_hz / 2.0, 25.0 * fwhm_hz)
+def lock_detunings(fwhm_hz: float) -> tuple[float, ...]:
+    """MW sidebands of the lock gates for a line of width ``fwhm_hz``, Hz.
+
+    ``lock_0``/``lock_1`` at -/+ FWHM/2 (the error signal), ``lock_2`` 25 FWHM
+    away (fluorescence reference), then finder gates at -/+ FINDER_FWHM.
+    """
+    finders = [sign * k * fwhm_hz for k in FINDER_FWHM for sign in (-1.0, 1.0)]
+    return (-fwhm_hz / 2.0, fwhm_hz / 2.0, 25.0 * fwhm_hz, *finders)
+
+
+def lock_program(fwhm_hz: float) -> pulses.Program:
+    """The lock-only program (PSF maps, retracted-tip references)."""
+    return pulses.frequency_lock(lock_detunings(fwhm_hz), window=LOCK_WINDOW_S)
 
 
 class FrequencyLock(Device):
@@ -62,7 +75,7 @@ class FrequencyLock(Device):
     error = Cpt(Signal, value=np.nan, kind="normal")
     reacquisitions = Cpt(Signal, value=0, kind="normal")
 
-    def __init__(self, *args: Any, fwhm_hz: float = 1 / TAU_CW_S, tolerance_hz: float = 0.4e6,
+    def __init__(self, *args: Any, fwhm_hz: float = 1 / TAU_CW_S, tolerance_hz: float = 0.5e6,
                  max_iterations: int = 6, reacquire_spans_hz: Sequence[float] = (60e6, 600e6),
                  min_contrast: float = 0.04, name: str = "lock", **kwargs: Any) -> None:
         super().__init__(*args, name=name, **kwargs)
@@ -86,16 +99,28 @@ class FrequencyLock(Device):
     def detunings(self) -> tuple[float, float, float]:
         return lock_detunings(self.fwhm_hz)
 
-    def offset(self, counts: dict[str, float]) -> float:
-        """f_nv - f_mw from one acquisition's lock gates, Hz (nan when lost)."""
+    def offset(self, counts: dict[str, float]) -> tuple[float, bool]:
+        """f_nv - f_mw from one acquisition's lock gates, Hz, and whether it is fine.
+
+        Fine: from the pair at -/+ FWHM/2.  Coarse: the deepest finder gate,
+        when the line is outside the pair's capture range.  (nan, False) when
+        no gate sees the line.
+        """
         ref = counts["lock_2"]
         if not ref > 0:
-            return np.nan
+            return np.nan, False
         u, contrast = physics.odmr_pair_offset(1 - counts["lock_0"] / ref,
                                                1 - counts["lock_1"] / ref)
-        if not (np.isfinite(u) and contrast > self.min_contrast and abs(u) < 0.65):
-            return np.nan
-        return float(u) * self.fwhm_hz
+        if np.isfinite(u) and contrast > self.min_contrast and abs(u) < 0.65:
+            return float(u) * self.fwhm_hz, True
+        detunings = lock_detunings(self.fwhm_hz)
+        dips = {d: 1 - counts.get(f"lock_{i}", ref) / ref for i, d in enumerate(detunings)
+                if i != 2}
+        d_best = max(dips, key=dips.get)
+        noise = 4.0 / np.sqrt(ref)
+        if dips[d_best] > max(self.min_contrast / 2, noise):
+            return float(d_best), False
+        return np.nan, False
 
 
 def gate_counts(gates: Sequence[str], counts: Sequence[float]) -> dict[str, float]:
@@ -195,21 +220,21 @@ def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,
     best: tuple[float, float, dict[str, float]] | None = None
     for _ in range(lock.max_iterations):
         counts = gate_counts(program.gate_names, (yield from acquire(devices.counter)))
-        offset = lock.offset(counts)
+        offset, fine = lock.offset(counts)
         if not np.isfinite(offset):
             f_mw = yield from find_line(devices, lock, f_mw, program)
             lock.reacquisitions.put(lock.reacquisitions.get() + 1)
         else:
-            if best is None or abs(offset) < abs(best[1]):
+            if fine and (best is None or abs(offset) < abs(best[1])):
                 best = (f_mw, offset, counts)
-            if abs(offset) <= lock.tolerance_hz:
+            if fine and abs(offset) <= lock.tolerance_hz:
                 break
             f_mw += offset
         yield from set_frequency(devices.mw, f_mw)
     # Photon noise can keep a settled lock's residual just above the tolerance:
     # record the best acquisition with its residual (never silently) while it
     # is well inside the line; otherwise the lock is lost.
-    if best is None or abs(best[1]) > lock.fwhm_hz / 4:
+    if best is None or abs(best[1]) > max(lock.tolerance_hz, lock.fwhm_hz / 4):
         raise NvmriError(f"frequency lock did not settle within {lock.max_iterations} "
                          f"acquisitions near {f_mw / 1e9:.4f} GHz")
     f_used, offset, counts = best

@@ -19,7 +19,13 @@ from nvmri_bluesky import physics
 from nvmri_bluesky.plans import pulses
 from nvmri_bluesky.plans.checks import Axis, check_frequency, check_grid, check_positive
 from nvmri_bluesky.plans.deer import DeerReadout, deer_program
-from nvmri_bluesky.plans.lock import FrequencyLock, Predictor, lock_detunings, locked_acquire
+from nvmri_bluesky.plans.lock import (
+    TAU_CW_S,
+    FrequencyLock,
+    Predictor,
+    lock_program,
+    locked_acquire,
+)
 from nvmri_bluesky.plans.metadata import run_metadata
 from nvmri_bluesky.plans.stubs import prepare, retract, set_frequency
 
@@ -153,8 +159,11 @@ def psf_map(devices: Any, x: Axis, y: Axis, z: Axis | float,
     axes = check_grid(devices.stage, _axes(x, y, z))
     check_positive(shots=shots)
     check_frequency(devices.mw, mw_frequency_hz, "mw_frequency_hz")
-    plus, minus = FrequencyLock(name="lock"), FrequencyLock(name="lock_minus")
-    program = pulses.frequency_lock(lock_detunings(plus.fwhm_hz))
+    # A PSF map records the lock's estimate itself: any fine estimate (inside the
+    # pair's capture range) is a measurement; the MW need not sit on the line.
+    plus = FrequencyLock(name="lock", tolerance_hz=0.5 / TAU_CW_S)
+    minus = FrequencyLock(name="lock_minus", tolerance_hz=0.5 / TAU_CW_S)
+    program = lock_program(plus.fwhm_hz)
     args, grid = _grid(devices.stage, axes, snake)
     motors = [devices.stage.x, devices.stage.y, devices.stage.z]
     f_minus = abs(mw_frequency_hz - 2 * physics.D_ZFS)

@@ -279,9 +279,9 @@ def fisher_information(ds: xr.Dataset | Sequence[xr.Dataset], detuning: Detuning
     """Poisson Fisher information of the raster model at given parameters.
 
     Parameter order: per dataset (a, C, E), the line shift (MHz), then per
-    spin (dx, dy, dz, w).  The inverse (with the line-centre prior
-    ``line.centre_sigma_hz`` added on the shift's diagonal) is the
-    Cramer-Rao bound the localisation's sigmas estimate.
+    spin (dx, dy, dz, w).  The line-centre prior (``line.centre_sigma_hz``;
+    0 holds the line fixed) is added on the shift's diagonal, as in the fit;
+    the inverse is the Cramer-Rao bound the localisation's sigmas estimate.
 
     Returns
     -------
@@ -294,8 +294,7 @@ def fisher_information(ds: xr.Dataset | Sequence[xr.Dataset], detuning: Detuning
     theta = np.r_[np.tile([photons_per_shot, contrast, echo], len(sets)), 0.0, spins.ravel()]
     mu, jac = _model_fn(rasters, lay)(theta, True)
     fisher = jac.T @ (jac / np.maximum(mu, 1e-12)[:, None])
-    if line.centre_sigma_hz > 0:
-        fisher[lay.shift, lay.shift] += (1e6 / line.centre_sigma_hz) ** 2
+    fisher[lay.shift, lay.shift] += 1.0 / _shift_prior_mhz(line) ** 2
     return fisher
 
 
@@ -303,13 +302,20 @@ def fisher_information(ds: xr.Dataset | Sequence[xr.Dataset], detuning: Detuning
 # the fit
 # --------------------------------------------------------------------------- #
 
+def _shift_prior_mhz(line: FlipLine) -> float:
+    """Sigma (MHz) of the Gaussian prior on the line shift: the spectrum fit's centre sigma.
+
+    A line given without uncertainty (0) is held fixed (1e-9 MHz).
+    """
+    return line.centre_sigma_hz / 1e6 if line.centre_sigma_hz > 0 else 1e-9
+
+
 def _fit(rasters: Sequence[_Raster], theta0: NDArray, box: NDArray, line: FlipLine,
          max_iter: int = 200) -> PoissonFit:
     lay = _Layout(len(rasters), (theta0.size - _N_NUIS * len(rasters) - 1) // 4)
     lo, hi = lay.bounds(box)
     ps = np.full(theta0.size, np.inf)
-    # the line centre's uncertainty enters as a Gaussian prior on the shift (MHz)
-    ps[lay.shift] = line.centre_sigma_hz / 1e6 if line.centre_sigma_hz > 0 else 1e-9
+    ps[lay.shift] = _shift_prior_mhz(line)
     return poisson_ml(_model_fn(rasters, lay), _observed(rasters), theta0, lo, hi,
                       prior_mean=np.zeros(theta0.size), prior_sigma=ps, max_iter=max_iter)
 
