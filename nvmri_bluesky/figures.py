@@ -115,15 +115,11 @@ def spins(deer: xr.Dataset, result: Any, path: Path) -> Path:
     fig.colorbar(im, ax=axes[0], shrink=0.8)
     density = result.density
     spin = result.spins[0].offset_nm if result.spins else np.zeros(3)
-    dims = [d for d in ("x", "y", "z") if d in density.dims]
     cuts = (("x", "y", "z"), ("x", "z", "y"), ("y", "z", "x"))
     for ax, (h, v, fixed) in zip(axes[1:], cuts, strict=True):
-        if fixed not in dims:
-            ax.set_axis_off()
-            continue
         k = "xyz".index(fixed)
-        plane = density.sel({fixed: spin[k]}, method="nearest").transpose(v, h)
-        hx, vx = plane[h].values, plane[v].values
+        plane = density.sel({f"d{fixed}": spin[k]}, method="nearest").transpose(f"d{v}", f"d{h}")
+        hx, vx = plane[f"d{h}"].values, plane[f"d{v}"].values
         ax.imshow(plane.values, origin="lower", cmap="viridis", aspect="auto",
                   extent=(hx[0], hx[-1], vx[0], vx[-1]))
         ax.plot(spin["xyz".index(h)], spin["xyz".index(v)], "r+", ms=14, mew=2)

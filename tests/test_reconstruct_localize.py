@@ -132,3 +132,15 @@ def test_no_spin_no_detection():
                          rng)
     result = localize_spins(ds, det, line, max_spins=1)
     assert result.spins == ()
+
+
+def test_joint_rasters_at_two_rf_offsets():
+    inst, spin, _, design, _, line, _ = scenario(SEEDS[2])
+    det = _detuning(round(inst.nv_depth_nm, 6), SEEDS[2])
+    rng = np.random.default_rng(9)
+    sets = [syn.deer_raster(inst, spin, *design.axes(), design.rf_frequency_hz + d,
+                            design.tau_s, design.shots // 2, rng) for d in (0.0, -30e6)]
+    result = localize_spins(sets, det, line, max_spins=1)
+    assert result.nuisance.shape == (2, 3)
+    err = result.spins[0].offset_nm - spin
+    assert np.all(np.abs(err) <= 0.3) and np.all(np.abs(err) <= 3 * result.spins[0].offset_sigma_nm)

@@ -17,6 +17,7 @@ from nvmri_bluesky.reconstruct.psf import (
     dark_detuning_map,
     feasible_offset_box,
     fit_deer_spectrum,
+    fit_flip_line,
     fit_lorentzian,
 )
 
@@ -123,3 +124,15 @@ def test_spectrum_fit_recovers_the_line(seed):
     assert abs(line.t2_star_s - INST.dark_t2_star_s) < 3 * line.t2_star_sigma_s
     assert abs(lor.centre_hz - INST.f_dark0) < 3 * lor.centre_sigma_hz
     assert 10e6 < lor.fwhm_hz < 16e6                      # pulse-broadened line
+
+
+def test_flip_line_fit_on_contrast():
+    rng = np.random.default_rng(6)
+    f = INST.f_dark0 + np.linspace(-40e6, 40e6, 161)
+    c = 1.6 * physics.dark_flip_probability(f - INST.f_dark0, 100e-9, 150e-9)
+    line = fit_flip_line(f, c + 0.02 * rng.standard_normal(f.size), np.full(f.size, 0.02),
+                         100e-9)
+    assert abs(line.centre_hz - INST.f_dark0) < 3 * line.centre_sigma_hz
+    assert abs(line.t2_star_s - 150e-9) < 3 * line.t2_star_sigma_s
+    assert abs(line.amplitude - 1.6) < 3 * line.amplitude_sigma
+    assert line.fwhm_hz == pytest.approx(11.94e6, rel=0.05)

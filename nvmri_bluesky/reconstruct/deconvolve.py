@@ -34,7 +34,7 @@ per-point) or estimated by :func:`estimate_noise` (MAD of first differences).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -372,8 +372,9 @@ class ShiftOperator:
     kernels_f: NDArray
 
     @classmethod
-    def build(cls, kernel: callable, x: ArrayLike, y: ArrayLike, z_img: ArrayLike,
-              kx: int, ky: int, z_obj: ArrayLike, supersample: int = 3) -> ShiftOperator:
+    def build(cls, kernel: Callable[[NDArray], ArrayLike], x: ArrayLike, y: ArrayLike,
+              z_img: ArrayLike, kx: int, ky: int, z_obj: ArrayLike,
+              supersample: int = 3) -> ShiftOperator:
         """Sample the kernel and precompute its FFTs.
 
         Parameters

@@ -703,7 +703,7 @@ def _residual_density(ds: xr.Dataset, r0: _Raster, spins: NDArray, shift_hz: flo
 # tip-free coupling
 # --------------------------------------------------------------------------- #
 
-def fit_deer_evolution(ds: xr.Dataset, coord: str = "tau", nu_max_hz: float = 5e6
+def fit_deer_evolution(ds: xr.Dataset, coord: str = "tau", nu_max_hz: float = 20e6
                        ) -> CouplingFit:
     """|nu| of one coherently coupled spin from a tip-free DEER evolution.
 
@@ -737,13 +737,21 @@ def fit_deer_evolution(ds: xr.Dataset, coord: str = "tau", nu_max_hz: float = 5e
     dt = float(np.min(np.diff(np.sort(t))))
     nu_hi = min(nu_max_hz, 1.0 / max(dt, 1e-12))
     wts = 1.0 / ss**2
-    best = (np.inf, 0.0, 0.0, 0.0)
-    for nu in np.linspace(nu_hi / 4000.0, nu_hi, 4000):
-        basis = np.column_stack([np.ones_like(t), 1.0 - np.cos(np.pi * nu * t)])
-        coef, *_ = np.linalg.lstsq(basis * np.sqrt(wts)[:, None], cc * np.sqrt(wts), rcond=None)
-        chi = float(np.sum(wts * (cc - basis @ coef) ** 2))
-        if chi < best[0]:
-            best = (chi, nu, coef[1], coef[0])
+    # weighted least squares of c = b + A (1 - cos(pi nu tau)) on a grid of nu whose
+    # step keeps the phase error at the longest tau below 0.2 rad
+    step = 0.2 / (np.pi * float(np.max(t)))
+    nus = np.arange(step, nu_hi + step, step)
+    g = 1.0 - np.cos(np.pi * nus[:, None] * t[None, :])           # (n_nu, n_tau)
+    s0, s1, s2 = wts.sum(), g @ wts, (g**2) @ wts
+    y0, y1 = float(wts @ cc), g @ (wts * cc)
+    det = s0 * s2 - s1**2
+    det = np.where(np.abs(det) > 0, det, np.inf)
+    amp = (s0 * y1 - s1 * y0) / det
+    base = (s2 * y0 - s1 * y1) / det
+    chi = float(wts @ cc**2) - 2 * (base * y0 + amp * y1) + base**2 * s0 \
+        + 2 * base * amp * s1 + amp**2 * s2
+    i = int(np.argmin(chi))
+    best = (float(chi[i]), float(nus[i]), float(amp[i]), float(base[i]))
     valid = valid_points(ds).values
     counts = np.stack([np.asarray(ds[g].values, float)[valid] for g in GATE_ORDER])
     shots = np.broadcast_to(np.asarray(ds.attrs.get("shots", 1.0), float), valid.shape)[valid]

@@ -8,11 +8,11 @@ tip-free coupling), so a plan can call it between runs.
 Single spins (Fig. 4)
 ---------------------
 1. ``psf_map`` (lock both transitions): :data:`SPIN_PSF_MAP` grid.
-2. ``deer_spectrum`` (tip retracted): RF over f_dark0 +/- 40 MHz, 81 points,
-   tau 10 us, :data:`SPECTRUM_SHOTS` shots -> f_dark0 and T2*.
-3. ``deer_evolution`` (tip retracted, RF on f_dark0): tau 0.4 .. 30 us,
-   75 points -> |nu| (:func:`~.localize.fit_deer_evolution`), then
-   :func:`choose_tau`.
+2. ``deer_evolution`` (tip retracted, RF on the line predicted from the
+   retracted-tip NV transitions): :data:`EVOLUTION_TAUS_S` -> |nu|
+   (:func:`~.localize.fit_deer_evolution`), then :func:`choose_tau`.
+3. ``deer_spectrum`` (tip retracted) at that tau: RF over the predicted
+   line +/- 40 MHz, 81 points, :data:`SPECTRUM_SHOTS` shots -> f_dark0, T2*.
 4. ``deer_raster``: one plane at apex height :data:`SPIN_PLANE_NM`, RF offset
    and window from :func:`design_spin_raster` (ring of a spin at the top of
    the prior box still >= 6 nm in radius; window = the largest ring plus the
@@ -62,7 +62,9 @@ SPIN_SHOTS = 200_000
 SPECTRUM_SHOTS = 200_000
 SPECTRUM_SPAN_HZ = 40e6
 SPECTRUM_POINTS = 81
-EVOLUTION_TAUS_S = tuple(np.round(np.linspace(0.4e-6, 30e-6, 75), 9))
+EVOLUTION_TAUS_S = tuple(np.round(np.r_[np.linspace(0.25e-6, 2.0e-6, 36),
+                                          np.linspace(2.5e-6, 30e-6, 40)], 9))
+"""Tip-free evolution: 50 ns steps to 2 us (|nu| up to 20 MHz unaliased), then 0.7 us steps."""
 
 LAYER_PSF_MAP = {"x": (-60.0, 100.0, 41), "y": (-76.0, 76.0, 39), "z": (8.0, 32.0, 9)}
 """PSF map for layers (covers the layer plane's reach): (start, stop, num), nm."""
