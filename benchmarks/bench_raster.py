@@ -51,10 +51,10 @@ def run() -> dict[str, Any]:
                                         "z": 30.0}))            # warm-up: caches, program
             events.clear()
             ours = _timed(RE, plans.deer_raster(nv, **raster))
+            acquisitions = len(events)   # ours only: the baseline's events come next
+            reacq = events[-1]["data"]["lock_reacquisitions"] if events else 0
             base = _timed(RE, bp.grid_scan([det], motor3, 30, 33, nz, motor2, -6, 6, ny,
                                            motor1, -6, 6, nx, snake_axes=True))
-            acquisitions = len(events)
-            reacq = events[-1]["data"]["lock_reacquisitions"] if events else 0
         finally:
             nv.destroy()
     ours_ms, base_ms = 1e3 * ours / n, 1e3 * base / n

@@ -159,11 +159,10 @@ def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None
     return uid, detuning, f_plus0, line
 
 
-def _scaled(grid: dict, quick: bool) -> dict:
-    """A coarser copy of a PSF-map grid for a quick protocol (same box)."""
-    if not quick:
-        return grid
-    return {k: (lo, hi, max(4, (n + 1) // 2)) for k, (lo, hi, n) in grid.items()}
+def _scaled(grid: dict, factor: float) -> dict:
+    """A copy of a PSF-map grid with ``factor`` times the step (same box)."""
+    return {k: (lo, hi, max(4, int(round((n - 1) / factor)) + 1)) for k, (lo, hi, n)
+            in grid.items()}
 
 
 def single_spins(devices: Any, quick: bool = False, md: dict | None = None
@@ -201,8 +200,8 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
     uids: dict[str, str] = {}
     shots = design.SPIN_SHOTS
     uids["psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
-        devices, _scaled(design.SPIN_PSF_MAP, quick), shots, md)
-    taus = design.EVOLUTION_TAUS_S[::2] if quick else design.EVOLUTION_TAUS_S
+        devices, design.SPIN_PSF_MAP, shots, md)
+    taus = design.EVOLUTION_TAUS_S
     uids["deer_evolution"], evolution = yield from take(sweeps.deer_evolution(
         devices, taus, rf_frequency_hz=f_line, mw_frequency_hz=f_plus0, shots=shots,
         md={"measurement": "deer_evolution", **(md or {})}))
@@ -214,8 +213,7 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
         md={"measurement": "deer_spectrum", **(md or {})}))
     _, line = fit_deer_spectrum(spectrum)
     raster = design.design_spin_raster(detuning, line.centre_hz, tau,
-                                       step_nm=2 * design.SPIN_STEP_NM if quick
-                                       else design.SPIN_STEP_NM)
+                                       step_nm=2.0 if quick else design.SPIN_STEP_NM)
     uids["deer_raster"], _ = yield from take(rasters.deer_raster(
         devices, x=raster.x, y=raster.y, z=raster.z[0], rf_frequency_hz=raster.rf_frequency_hz,
         tau_s=tau, mw_frequency_hz=f_plus0, shots=raster.shots,
@@ -256,7 +254,7 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
 
     uids: dict[str, str] = {}
     uids["psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
-        devices, _scaled(design.LAYER_PSF_MAP, quick), design.LAYER_SHOTS, md)
+        devices, _scaled(design.LAYER_PSF_MAP, 2.0 if quick else 1.0), design.LAYER_SHOTS, md)
     span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
     uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
         devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
