@@ -18,8 +18,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nvmri_bluesky import physics
-from nvmri_bluesky.reconstruct import calibration as cal
 from nvmri_bluesky.reconstruct.counts import deer_contrast_dataset
+from nvmri_bluesky.reconstruct.fig2 import (
+    cw_slice_fwhm,
+    field_gradient_map,
+    ramsey_local_periods,
+    shortest_fringe_period,
+)
 from nvmri_bluesky.reconstruct.runs import load_run
 
 
@@ -45,34 +50,32 @@ def calibration(cat: Any, uids: dict[str, str], path: Path) -> Path:
     ax1, ax2, ax3 = fig.subplots(1, 3)
     line = load_run(cat, uids["gradient_line"])
     y = line["y"].values
-    b_par = cal.field_along_axis(line["lock_frequency"].values.ravel(),
-                                 line["lock_f_minus"].values.ravel())
-    ax1.plot(y, (b_par - np.nanmin(b_par)) * 1e4, "k-", lw=1)
+    grads = field_gradient_map(line, along="y")
+    ax1.plot(y, grads["dbpar"].values.ravel(), "k-", lw=1.2, label="dB_par/dy (both transitions)")
+    ax1.plot(y, grads["dfplus_equiv"].values.ravel(), "C0--", lw=1,
+             label="(df+/dy)/gamma (what fringes see)")
     ax1.set_xlabel("tip y (nm), x = 0, apex 30 nm")
-    ax1.set_ylabel("B_tip along NV axis (G, offset)")
-    twin = ax1.twinx()
-    twin.plot(y, np.gradient(b_par, y) * 1e4, "C0-", lw=1)
-    twin.set_ylabel("dB/dy (G/nm)", color="C0")
-    ax1.set_title("tip field from both NV transitions")
+    ax1.set_ylabel("gradient (G/nm)")
+    ax1.legend(fontsize=7)
+    ax1.set_title("tip field gradient along the NV axis")
 
     ramsey = load_run(cat, uids["ramsey_line"])
     p0 = np.ravel(physics.normalised_population(ramsey["ramsey"].values,
                                                 ramsey["bright"].values, ramsey["dark"].values))
-    period = cal.fringe_period(ramsey["y"].values, p0)
+    period, sigma, _ = shortest_fringe_period(ramsey_local_periods(ramsey["y"].values, p0))
     ax2.plot(ramsey["y"].values, p0, ".-", ms=3, lw=0.6)
     ax2.set_xlabel("tip y (nm)")
     ax2.set_ylabel("Ramsey P0")
-    ax2.set_title(f"Fig. 2a fringes: period {10 * period.value:.2f} +/- "
-                  f"{10 * period.sigma:.2f} A")
+    ax2.set_title(f"Fig. 2a fringes: period {10 * period:.2f} +/- {10 * sigma:.2f} A")
 
     cw = load_run(cat, uids["cw_slice"])
     x = cw["x"].values
     ratio = np.ravel(cw["cw_0"].values / cw["cw_1"].values)
-    fwhm, centre = cal.slice_fwhm(x, ratio)
-    ax3.plot(x - centre, ratio, ".", ms=3)
+    fit = cw_slice_fwhm(x, np.ravel(cw["cw_0"].values), reference=np.ravel(cw["cw_1"].values))
+    ax3.plot(x - fit.centre_nm, ratio, ".", ms=3)
     ax3.set_xlabel("tip x - slice centre (nm), apex 10 nm")
     ax3.set_ylabel("CW fluorescence I/I0")
-    ax3.set_title(f"Fig. 2b slice: FWHM {10 * fwhm.value:.2f} +/- {10 * fwhm.sigma:.2f} A")
+    ax3.set_title(f"Fig. 2b slice: FWHM {10 * fit.fwhm_nm:.2f} +/- {10 * fit.fwhm_sigma_nm:.2f} A")
     return _save(fig, path)
 
 

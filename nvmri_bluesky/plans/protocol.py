@@ -21,8 +21,9 @@ import numpy as np
 import xarray as xr
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.physics import GAMMA_E
 from nvmri_bluesky.plans import rasters, sweeps
-from nvmri_bluesky.reconstruct import calibration as cal
+from nvmri_bluesky.reconstruct.fig2 import field_gradient_map
 from nvmri_bluesky.reconstruct.runs import run_dataset
 
 
@@ -109,12 +110,12 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
         shots=shots, snake=False, md={"measurement": "gradient_line", **(md or {})}))
     y = grad_line["y"].values
     f_plus = grad_line["lock_frequency"].values.ravel()
-    b_par = cal.field_along_axis(f_plus, grad_line["lock_f_minus"].values.ravel())
-    _, y_peak = cal.gradient_peak(y, b_par)
-    f_peak = float(np.interp(y_peak, y, f_plus))
-    period_guess = float(np.interp(y_peak, y[1:-1], np.abs(np.gradient(f_plus, y)[1:-1])))
-    period_guess = 1.0 / (ramsey_tau_s * max(period_guess, 1.0))
-    half = max(12 * period_guess, 1.0)
+    grads = field_gradient_map(grad_line, along="y")
+    i_peak = int(np.nanargmax(np.abs(grads["dbpar"].values.ravel()[1:-1]))) + 1
+    y_peak, f_peak = float(y[i_peak]), float(f_plus[i_peak])
+    f_slope = abs(float(grads["dfplus_equiv"].values.ravel()[i_peak])) * 1e-4 * GAMMA_E
+    period_guess = 1.0 / (ramsey_tau_s * max(f_slope, 1.0))
+    half = max(8 * period_guess, 1.0)
     step = period_guess / 10
     y_lo = round(y_peak - half, 3)
     uids["ramsey_line"], _ = yield from take(rasters.ramsey_raster(
@@ -128,12 +129,12 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
         shots=shots, snake=False, md={"measurement": "cw_gradient_line", **(md or {})}))
     x = cw_line["x"].values
     f_plus = cw_line["lock_frequency"].values.ravel()
-    b_par = cal.field_along_axis(f_plus, cw_line["lock_f_minus"].values.ravel())
-    grad = np.abs(np.gradient(b_par, x)) * 1e4
+    grads = field_gradient_map(cw_line, along="x")
+    grad = np.abs(grads["dbpar"].values.ravel())
     target = cw_gradient_gauss_per_nm
     i = int(np.nanargmin(np.abs(grad - target) + 1e3 * (grad < 0.8 * target)))
     x_c, f_c = float(x[i]), float(f_plus[i])
-    f_slope = abs(float(np.gradient(f_plus, x)[i]))
+    f_slope = abs(float(grads["dfplus_equiv"].values.ravel()[i])) * 1e-4 * GAMMA_E
     width = 1.0 / (120e-9 * max(f_slope, 1.0))
     x_lo = round(x_c - 8 * width, 4)
     uids["cw_slice"], _ = yield from take(rasters.esr_raster(
