@@ -272,7 +272,11 @@ def test_server_killed_mid_run_spool_has_everything(tmp_path, RE, fast_tiled_ret
     def per_step(detectors, step, pos_cache):
         steps.append(step)
         if len(steps) == kill_at:
-            cat.server.close()  # the catalog dies; the RunEngine must not notice
+            # Let the writer catch up first so the catalog holds a partial run
+            # (start + some events), then the catalog dies; the RunEngine must
+            # not notice.
+            assert cat.flush(timeout=30)
+            cat.server.close()
         yield from bps.one_nd_step(detectors, step, pos_cache)
 
     (uid,) = RE(scan([det, *_signals(1)], motor, 0, 1, n_points, per_step=per_step))

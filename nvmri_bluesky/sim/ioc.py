@@ -55,6 +55,16 @@ def _text_pv(name: str, value: str, max_length: int, doc: str, read_only: bool =
                       max_subscription_backlog=10)
 
 
+async def _post(channel, value) -> None:
+    """Write an IOC-owned field and post it to monitors, only if its value changes.
+
+    (As a record posts a field only when it changed.)  The value comes from
+    the IOC itself, so the put-side checks (limits, putter) are skipped.
+    """
+    if channel.value != value:
+        await channel.write(value, verify_value=False)
+
+
 class StageAxis(PVGroup):
     """One stage axis as a motor record (the PV is the group's prefix)."""
 
@@ -95,9 +105,9 @@ class StageAxis(PVGroup):
             raise NvmriError(f"stage {self.axis}: calibration (SET) is not supported")
         self.engine.check_move(self.axis, value)           # the crash guard
         start = self._halt()
-        await f.done_moving_to_value.write(0)
-        await f.motor_is_moving.write(1)
-        await f.direction_of_travel.write(int(value >= start))
+        await _post(f.done_moving_to_value, 0)
+        await _post(f.motor_is_moving, 1)
+        await _post(f.direction_of_travel, int(value >= start))
         scale = self.parent.time_scale
         velocity = float(f.velocity.value) or self.engine.scenario.stage.velocity_nm_per_s
         if scale > 0 and value != start:
@@ -144,14 +154,14 @@ class StageAxis(PVGroup):
     async def _arrive(self, f, position: float, velocity: float | None = None) -> None:
         self.engine.move(self.axis, position, velocity)
         await self._readback(position)
-        await f.motor_is_moving.write(0)
-        await f.done_moving_to_value.write(1)
+        await _post(f.motor_is_moving, 0)
+        await _post(f.done_moving_to_value, 1)
         await self.parent.update_stage_health()
 
     async def _readback(self, position: float) -> None:
         f = self.motor.field_inst
-        await f.user_readback_value.write(position)
-        await f.dial_readback_value.write(position)
+        await _post(f.user_readback_value, position)
+        await _post(f.dial_readback_value, position)
 
     @motor.fields.stop.putter
     async def motor(fields, instance, value):
