@@ -42,6 +42,15 @@ def _samples(scenario: str | None, prefix: str | None, steps: tuple[str, ...] | 
     return [(scenario or "instrument", steps or ALL_STEPS)]
 
 
+def _sample_name(source: str, prefix: str | None) -> str:
+    """The scenario's own name (a file's ``name`` field), or the instrument's prefix."""
+    if prefix is not None:
+        return f"instrument {prefix}"
+    from nvmri_bluesky.sim.scenario import load_scenario
+
+    return load_scenario(source).name
+
+
 def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
         catalog: str | None = None, prefix: str | None = None, api_key: str | None = None,
         quick: bool = False, steps: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -86,12 +95,13 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
     location = catalog or str(out / "catalog")
     runs: dict[str, dict[str, str]] = {}
     with open_catalog(location, api_key=api_key) as cat:
-        for name, steps in samples:
+        for source, steps in samples:
+            name = _sample_name(source, prefix)
             _say(f"== sample {name}: {', '.join(steps)}")
             with ExitStack() as stack:
                 sample_prefix = prefix
                 if prefix is None:
-                    ioc = stack.enter_context(launch.start_ioc(name, time_scale=0.0))
+                    ioc = stack.enter_context(launch.start_ioc(source, time_scale=0.0))
                     sample_prefix = ioc.prefix
                 runs[name] = _measure(cat, out, sample_prefix, name, steps, quick)
         _say("== reconstructing from the catalog")
