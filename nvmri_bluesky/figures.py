@@ -99,7 +99,7 @@ def layer(deer: xr.Dataset, path: Path, fit: Any | None = None) -> Path:
         scale_bar(ax, 10.0)
     fig.colorbar(im, ax=axes.tolist(), label="DEER contrast")
     if fit is not None:
-        fig.suptitle(f"layer {fit.height_nm:.1f} +/- {fit.height_sigma_nm:.1f} nm above the NV")
+        fig.suptitle(f"layer {fit.height_nm:.2f} +/- {fit.height_sigma_nm:.2f} nm above the NV")
     return _save(fig, path)
 
 

@@ -188,6 +188,10 @@ class EmbeddedServer:
             raise
         self.base_url = base_url
         self.uri = f"{base_url}/api/v1"
+        # tiled's server thread is not a daemon: stop it when the interpreter
+        # shuts down (threading's exit hooks run before non-daemon threads are
+        # joined; plain atexit runs after, too late), so a session can exit.
+        threading._register_atexit(self.close)
         self._closed = False
 
     def _wait_ready(self, base_url: str) -> None:

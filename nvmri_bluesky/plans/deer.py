@@ -9,13 +9,13 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
 from ophyd import Component as Cpt
-from ophyd import Device, Signal
+from ophyd import Device
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.plans import pulses
 from nvmri_bluesky.plans.lock import FrequencyLock, locked_acquire
 from nvmri_bluesky.plans.metadata import run_metadata
-from nvmri_bluesky.plans.stubs import prepare, set_frequency
+from nvmri_bluesky.plans.stubs import UnitSignal, prepare, set_frequency
 
 
 class DeerReadout(Device):
@@ -25,18 +25,12 @@ class DeerReadout(Device):
     same acquisition, so laser and collection drifts cancel point by point.
     """
 
-    contrast = Cpt(Signal, value=np.nan, kind="hinted")
-    p0_signal = Cpt(Signal, value=np.nan, kind="normal")
-    p0_echo = Cpt(Signal, value=np.nan, kind="normal")
+    contrast = Cpt(UnitSignal, value=np.nan, units="", kind="hinted")
+    p0_signal = Cpt(UnitSignal, value=np.nan, units="", kind="normal")
+    p0_echo = Cpt(UnitSignal, value=np.nan, units="", kind="normal")
 
     def __init__(self, *args: Any, name: str = "deer", **kwargs: Any) -> None:
         super().__init__(*args, name=name, **kwargs)
-
-    def describe(self) -> dict:
-        desc = super().describe()
-        for entry in desc.values():
-            entry["units"] = ""
-        return desc
 
     def update(self, counts: Mapping[str, float]) -> None:
         """Derive the readings from one acquisition's gate counts."""

@@ -6,10 +6,12 @@ acquisition's pulse program (``lock_0`` at -FWHM/2, ``lock_1`` at +FWHM/2 and
 per point both measures and locks.  The pair of dips gives the offset
 f_nv - f_mw in closed form (:func:`nvmri_bluesky.physics.odmr_pair_offset`).
 
-When the offset leaves the capture range (|offset| > FWHM/sqrt(2)) or the
-contrast vanishes, the lock is *lost*: it re-acquires with a comb program (a
-whole ODMR spectrum in one acquisition, sidebands over a wide span) and only
-then goes back to the measurement program.  It never leaves the MW source
+When the offset leaves the pair's capture range (|offset| > 0.65 FWHM) the
+lock is *lost* and re-acquires (counted in ``lock_reacquisitions``): from the
+finder gates that ride along in the same program (+/- 1.5 ... 12 FWHM), or,
+if no gate sees the line, with a comb program (a whole ODMR spectrum in one
+acquisition, sidebands over a wide span) before going back to the
+measurement program.  It never leaves the MW source
 silently off resonance: a point is only recorded once the residual offset is
 inside the tolerance, or the plan fails with a clear error.
 
@@ -24,12 +26,12 @@ from typing import Any
 
 import numpy as np
 from ophyd import Component as Cpt
-from ophyd import Device, Signal
+from ophyd import Device
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans import pulses
-from nvmri_bluesky.plans.stubs import acquire, load_program, set_frequency
+from nvmri_bluesky.plans.stubs import UnitSignal, acquire, load_program, set_frequency
 
 TAU_CW_S = 120e-9
 """Default CW probe inverse linewidth (FWHM = 1/tau_cw = 8.3 MHz), s."""
@@ -71,9 +73,9 @@ class FrequencyLock(Device):
         A pair contrast below this means the line is gone.
     """
 
-    frequency = Cpt(Signal, value=np.nan, kind="hinted")
-    error = Cpt(Signal, value=np.nan, kind="normal")
-    reacquisitions = Cpt(Signal, value=0, kind="normal")
+    frequency = Cpt(UnitSignal, value=np.nan, units="Hz", kind="hinted")
+    error = Cpt(UnitSignal, value=np.nan, units="Hz", kind="normal")
+    reacquisitions = Cpt(UnitSignal, value=0, units="", kind="normal")
 
     def __init__(self, *args: Any, fwhm_hz: float = 1 / TAU_CW_S, tolerance_hz: float = 0.5e6,
                  max_iterations: int = 6, reacquire_spans_hz: Sequence[float] = (60e6, 600e6),
@@ -84,20 +86,21 @@ class FrequencyLock(Device):
         self.max_iterations = max_iterations
         self.reacquire_spans_hz = tuple(reacquire_spans_hz)
         self.min_contrast = min_contrast
-        for sig in (self.frequency, self.error):
-            sig._metadata["units"] = "Hz"  # describe() reports units
-        self.reacquisitions._metadata["units"] = ""
-
-    def describe(self) -> dict:
-        desc = super().describe()
-        for key, sig in ((self.frequency.name, "Hz"), (self.error.name, "Hz"),
-                         (self.reacquisitions.name, "")):
-            desc[key]["units"] = sig
-        return desc
 
     @property
     def detunings(self) -> tuple[float, float, float]:
         return lock_detunings(self.fwhm_hz)
+
+    def noise(self, counts: dict[str, float]) -> float:
+        """Photon-noise sigma of the pair's offset estimate near the line centre, Hz.
+
+        With I0 counts in the reference gate and CW contrast C, the pair
+        difference gives sigma ~ FWHM / (C sqrt(2 I0)).
+        """
+        ref = max(counts["lock_2"], 1.0)
+        dips = 1 - (counts["lock_0"] + counts["lock_1"]) / (2 * ref)
+        contrast = max(2 * dips, self.min_contrast)      # C L(FWHM/2) = C/2
+        return self.fwhm_hz / (contrast * np.sqrt(2 * ref))
 
     def offset(self, counts: dict[str, float]) -> tuple[float, bool]:
         """f_nv - f_mw from one acquisition's lock gates, Hz, and whether it is fine.
@@ -217,28 +220,33 @@ def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,
     """
     f_mw = predicted_hz
     yield from set_frequency(devices.mw, f_mw)
-    best: tuple[float, float, dict[str, float]] | None = None
     for _ in range(lock.max_iterations):
         counts = gate_counts(program.gate_names, (yield from acquire(devices.counter)))
         offset, fine = lock.offset(counts)
-        if not np.isfinite(offset):
-            f_mw = yield from find_line(devices, lock, f_mw, program)
+        if fine and abs(offset) <= lock.tolerance_hz:
+            return _record(lock, f_mw, offset, counts)
+        if not fine:                       # outside the pair's capture range: lost
             lock.reacquisitions.put(lock.reacquisitions.get() + 1)
-        else:
-            if fine and (best is None or abs(offset) < abs(best[1])):
-                best = (f_mw, offset, counts)
-            if fine and abs(offset) <= lock.tolerance_hz:
-                break
-            f_mw += offset
+        f_mw = (f_mw + offset if np.isfinite(offset)
+                else (yield from find_line(devices, lock, f_mw, program)))
         yield from set_frequency(devices.mw, f_mw)
-    # Photon noise can keep a settled lock's residual just above the tolerance:
-    # record the best acquisition with its residual (never silently) while it
-    # is well inside the line; otherwise the lock is lost.
-    if best is None or abs(best[1]) > max(lock.tolerance_hz, lock.fwhm_hz / 4):
-        raise NvmriError(f"frequency lock did not settle within {lock.max_iterations} "
-                         f"acquisitions near {f_mw / 1e9:.4f} GHz")
-    f_used, offset, counts = best
-    lock.frequency.put(f_used + offset)
+    # Photon noise can keep a settled lock's residual above the tolerance: one
+    # more acquisition at the latest estimate is kept, with its residual
+    # recorded (never silently), when that residual is within its own noise
+    # (3 sigma) or a quarter of the line.
+    counts = gate_counts(program.gate_names, (yield from acquire(devices.counter)))
+    offset, fine = lock.offset(counts)
+    limit = max(lock.tolerance_hz, lock.fwhm_hz / 4, 3 * lock.noise(counts))
+    if fine and abs(offset) <= limit:
+        return _record(lock, f_mw, offset, counts)
+    raise NvmriError(f"frequency lock did not settle within {lock.max_iterations + 1} "
+                     f"acquisitions near {f_mw / 1e9:.4f} GHz")
+
+
+def _record(lock: FrequencyLock, f_mw: float, offset: float,
+            counts: dict[str, float]) -> dict[str, float]:
+    """Put the accepted acquisition's result in the lock's soft signals."""
+    lock.frequency.put(f_mw + offset)
     lock.error.put(offset)
     return counts
 

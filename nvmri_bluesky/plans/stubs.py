@@ -11,9 +11,23 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import numpy as np
+from ophyd import Signal
 
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans import pulses
+
+
+class UnitSignal(Signal):
+    """A soft signal (a plan-side derived reading) whose description carries units."""
+
+    def __init__(self, *args: Any, units: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.units = units
+
+    def describe(self) -> dict:
+        desc = super().describe()
+        desc[self.name]["units"] = self.units
+        return desc
 
 
 def load_program(pulser: Any, program: pulses.Program) -> Generator[Any, Any, None]:

@@ -13,7 +13,6 @@ from typing import Any
 import bluesky.plan_stubs as bps
 import bluesky.plans as bp
 import bluesky.preprocessors as bpp
-from ophyd import Signal
 
 from nvmri_bluesky.plans import pulses
 from nvmri_bluesky.plans.checks import (
@@ -25,7 +24,7 @@ from nvmri_bluesky.plans.deer import DeerReadout, deer_program
 from nvmri_bluesky.plans.lock import FrequencyLock, locked_acquire
 from nvmri_bluesky.plans.metadata import run_metadata
 from nvmri_bluesky.plans.rasters import F_NV_START_HZ
-from nvmri_bluesky.plans.stubs import load_program, prepare, retract, set_frequency
+from nvmri_bluesky.plans.stubs import UnitSignal, load_program, prepare, retract, set_frequency
 
 
 def odmr_sweep(devices: Any, start_hz: float, stop_hz: float, num: int,
@@ -66,8 +65,7 @@ def _timing_sweep(devices: Any, plan_name: str, parameter: str, values: Sequence
     check_values_positive(parameter, values)
     check_positive(shots=shots)
     check_frequency(devices.mw, mw_frequency_hz, "mw_frequency_hz")
-    value = Signal(name=parameter, value=float(values[0]))
-    value._metadata["units"] = "s"
+    value = UnitSignal(name=parameter, value=float(values[0]), units="s")
     programs = [build(v) for v in values]
     _md = run_metadata(devices, plan_name, dict(values=list(values), shots=shots,
                                                 mw_frequency_hz=mw_frequency_hz, **extra_args),
@@ -263,8 +261,7 @@ def deer_evolution(devices: Any, taus_s: Sequence[float], rf_frequency_hz: float
     Msg
     """
     check_values_positive("taus_s", taus_s)
-    tau = Signal(name="tau", value=float(taus_s[0]))
-    tau._metadata["units"] = "s"
+    tau = UnitSignal(name="tau", value=float(taus_s[0]), units="s")
     lock_fwhm = FrequencyLock().fwhm_hz
 
     def setup(t, _program):
