@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignal
 from ophyd.status import Status, StatusBase
 
-from nvmri_bluesky.devices.signals import EpicsSignalROU, WaveformSignalRO, watch_disconnect
+from nvmri_bluesky.devices.signals import (
+    ConciseRepr,
+    EpicsSignalROU,
+    WaveformSignalRO,
+    _watch_disconnect,
+    call_later,
+    put_flush_only,
+)
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = ["PhotonCounter"]
@@ -33,7 +41,7 @@ _GRACE_S = 0.2
 """After the acquire put completed, how long to wait for the counts before asking why not, s."""
 
 
-class PhotonCounter(Device):
+class PhotonCounter(ConciseRepr, Device):
     """Counter ``<prefix>CNT:COUNTS`` / ``CNT:ACQ_ID``, armed by ``<prefix>PG:ACQUIRE``.
 
     Build it as ``PhotonCounter("NVMRI:", name="counter")``.
@@ -70,23 +78,23 @@ class PhotonCounter(Device):
         NvmriError
             If the counter is not connected (IOC stopped or unreachable).
         """
-        if not self.connected:
-            missing = [s.pvname for s in (self.acquire, self.counts, self.acq_id)
-                       if not s.connected]
-            raise NvmriError(f"counter: {', '.join(missing) or self.prefix} not connected "
+        missing = [s.pvname for s in (self.acquire, self.counts, self.acq_id)
+                   if not s.connected]
+        if missing:
+            raise NvmriError(f"counter: {', '.join(missing)} not connected "
                              "(IOC stopped or unreachable)")
         status = Status(self, timeout=self.acquire_timeout)
         start_id = self.acq_id.get()
         lock = threading.Lock()
         seen = {"put": False, "counts": False, "id": False}
-        timers: list[threading.Timer] = []
+        cancels: list[Callable[[], None]] = []
 
         def finish() -> None:
             with lock:
                 if status.done or not all(seen.values()):
                     return
-                for t in timers:
-                    t.cancel()
+                for cancel in cancels:
+                    cancel()
                 status.set_finished()
 
         def on_counts(**_: Any) -> None:
@@ -123,35 +131,32 @@ class PhotonCounter(Device):
                     return
             except Exception:  # noqa: BLE001 - unreadable: let the freshness timer decide
                 pass
-            t = threading.Timer(max(self.fresh_timeout - _GRACE_S, 0.0), stale)
-            t.daemon = True
-            timers.append(t)
             if not status.done:
-                t.start()
+                cancels.append(call_later(max(self.fresh_timeout - _GRACE_S, 0.0), stale))
 
         def on_put(**_: Any) -> None:
             seen["put"] = True
             if not (seen["counts"] and seen["id"]):
-                # monitors usually follow within a millisecond; look closer only if not
-                t = threading.Timer(_GRACE_S, refused)
-                t.daemon = True
-                timers.append(t)
-                t.start()
+                # the IOC sends the counts before the completion; look closer only if not
+                # (on a thread of its own: ``refused`` makes blocking CA gets)
+                cancels.append(call_later(_GRACE_S, lambda: threading.Thread(
+                    target=refused, name="counter-refused", daemon=True).start()))
             finish()
 
         cids = [(self.counts, self.counts.subscribe(on_counts, run=False)),
-                (self.acq_id, self.acq_id.subscribe(on_id, run=False))]
+                (self.acq_id, self.acq_id.subscribe(on_id, run=False)),
+                (self.acquire, _watch_disconnect(self.acquire, status, "the acquisition"))]
 
         def cleanup(_st: StatusBase) -> None:
             for sig, cid in cids:
                 sig.unsubscribe(cid)
-            for t in timers:
-                t.cancel()
+            for cancel in cancels:
+                cancel()
 
         status.add_callback(cleanup)
-        watch_disconnect(self.acquire, status, "the acquisition")
         try:
-            self.acquire.put(1, use_complete=True, callback=on_put)
+            with put_flush_only():
+                self.acquire.put(1, use_complete=True, callback=on_put)
         except Exception as exc:
             error = NvmriError(f"counter: cannot start the acquisition: {exc}")
             status.set_exception(error)

@@ -12,7 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
+import logging
 import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -28,7 +34,145 @@ class LimitExceeded(NvmriError, LimitError):
     """A setpoint outside the IOC's limits, refused before anything was sent."""
 
 __all__ = ["LimitExceeded", "UnitsMixin", "EpicsSignalU", "EpicsSignalROU", "WaveformSignalRO",
-           "SetpointWithReadback", "fill_units", "watch_disconnect"]
+           "SetpointWithReadback", "ConciseRepr", "call_later", "fill_units", "put_flush_only",
+           "watch_disconnect"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Deadlines:
+    """Run callbacks at deadlines on one daemon thread.
+
+    The devices arm a watchdog (a readback or counts that should have arrived
+    by now) on every put; a ``threading.Timer`` would start a thread per put
+    (about 0.1-0.7 ms, on the thread that completes the status).  Entries are
+    cancelled lazily: the callback is dropped, the entry expires unnoticed.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._heap: list[list[Any]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> list[Any]:
+        entry = [time.monotonic() + delay, next(self._seq), fn]
+        with self._cv:
+            heapq.heappush(self._heap, entry)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="nvmri-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._cv.notify()
+        return entry
+
+    def _next(self) -> Callable[[], None]:
+        with self._cv:
+            while True:
+                while self._heap and self._heap[0][2] is None:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cv.wait()
+                    continue
+                delay = self._heap[0][0] - time.monotonic()
+                if delay <= 0:
+                    fn = heapq.heappop(self._heap)[2]
+                    if fn is not None:
+                        return fn
+                    continue
+                self._cv.wait(delay)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._next()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a watchdog must not die
+                logger.exception("deadline callback %r failed", fn)
+
+
+_deadlines = _Deadlines()
+
+
+def call_later(delay: float, fn: Callable[[], None]) -> Callable[[], None]:
+    """Call ``fn()`` on the shared watchdog thread after ``delay`` s; return a cancel function."""
+    entry = _deadlines.call_later(delay, fn)
+
+    def cancel() -> None:
+        entry[2] = None
+
+    return cancel
+
+
+_flush = threading.local()
+
+
+def _install_put_flush() -> bool:
+    """Let :func:`put_flush_only` change how pyepics ends a put (pyepics control layer only).
+
+    ``epics.ca.put`` queues the request and then calls ``ca.poll()``, i.e.
+    ``ca_pend_event(1e-4 s)`` (1e-5 s without a callback) and ``ca_pend_io``:
+    with preemptive callbacks that is a flush plus a sleep, 0.1-0.7 ms on the
+    calling thread (the RunEngine's) per put on a loaded machine.  The
+    replacement only flushes (``ca_flush_io``), and only on a thread inside
+    :func:`put_flush_only`; everywhere else ``ca.poll`` is unchanged.
+    """
+    try:
+        import ophyd
+        if getattr(ophyd.cl, "name", "") != "pyepics":
+            return False
+        from epics import ca
+    except Exception:  # noqa: BLE001 - another control layer: nothing to do
+        return False
+    if getattr(ca.poll, "_nvmri_flush", False):
+        return True
+    original = ca.poll
+
+    def poll(evt: float = 1.0e-5, iot: float = 1.0) -> Any:
+        if getattr(_flush, "only", False):
+            return ca.flush_io()
+        return original(evt=evt, iot=iot)
+
+    poll._nvmri_flush = True  # type: ignore[attr-defined]
+    poll.__doc__ = original.__doc__
+    ca.poll = poll
+    return True
+
+
+_PUT_FLUSH = _install_put_flush()
+
+
+@contextlib.contextmanager
+def put_flush_only() -> Iterator[None]:
+    """Within this block, a pyepics put on this thread is flushed, not followed by a sleep.
+
+    The put itself (and its put-completion callback) is unchanged; see
+    :func:`_install_put_flush`.
+    """
+    if not _PUT_FLUSH or getattr(_flush, "only", False):
+        yield
+        return
+    _flush.only = True
+    try:
+        yield
+    finally:
+        _flush.only = False
+
+
+class ConciseRepr:
+    """Mixin for devices: ``repr()`` names the device without its attribute lists.
+
+    bluesky puts ``repr(msg.obj)`` on the trace span of every ``set`` and
+    ``trigger`` and ophyd on every status; ophyd's device repr walks every
+    component for ``read_attrs`` and ``configuration_attrs`` (0.2-0.3 ms
+    for a motor record here).
+    """
+
+    def __repr__(self) -> str:
+        parent = getattr(self, "parent", None)
+        of = f", parent={parent.name!r}" if parent is not None else ""
+        return f"{type(self).__name__}(prefix={self.prefix!r}, name={self.name!r}{of})"
 
 
 def fill_units(described: dict[str, dict[str, Any]], default: str) -> dict[str, dict[str, Any]]:
@@ -104,6 +248,12 @@ def watch_disconnect(signal: Any, status: Any, what: str) -> None:
     Without this a put-completion or a motor move whose IOC dies never
     completes; with it the plan gets one clear line at once.
     """
+    cid = _watch_disconnect(signal, status, what)
+    status.add_callback(lambda _st: signal.unsubscribe(cid))
+
+
+def _watch_disconnect(signal: Any, status: Any, what: str) -> int:
+    """:func:`watch_disconnect` without the clean-up: return the subscription id."""
     def on_meta(*, connected: bool = True, **_: Any) -> None:
         if not connected and not status.done:
             try:
@@ -113,8 +263,7 @@ def watch_disconnect(signal: Any, status: Any, what: str) -> None:
             except Exception:  # noqa: BLE001 - finished meanwhile: nothing to fail
                 pass
 
-    cid = signal.subscribe(on_meta, event_type=signal.SUB_META, run=False)
-    status.add_callback(lambda _st: signal.unsubscribe(cid))
+    return signal.subscribe(on_meta, event_type=signal.SUB_META, run=False)
 
 
 class SetpointWithReadback(EpicsSignalU):
@@ -169,6 +318,8 @@ class SetpointWithReadback(EpicsSignalU):
             return str(readback) == str(target)
         atol = self.tolerance or 0.0
         rtol = self.rtolerance or 0.0
+        if isinstance(readback, int | float | np.number) and isinstance(target, int | float):
+            return abs(float(readback) - target) <= atol + rtol * abs(target)
         try:
             rb, tg = np.asarray(readback, float), np.asarray(target, float)
         except (TypeError, ValueError):
@@ -192,14 +343,14 @@ class SetpointWithReadback(EpicsSignalU):
         status = Status(self, timeout=timeout, settle_time=settle_time)
         lock = threading.Lock()
         state = {"put": False, "readback": False}
-        timer: list[threading.Timer] = []
+        cancels: list[Callable[[], None]] = []
 
         def finish() -> None:
             with lock:
                 if not (state["put"] and state["readback"]) or status.done:
                     return
-                for t in timer:
-                    t.cancel()
+                for cancel in cancels:
+                    cancel()
                 status.set_finished()
 
         def on_readback(*, value: Any = None, **_: Any) -> None:
@@ -219,18 +370,21 @@ class SetpointWithReadback(EpicsSignalU):
         def on_put(**_: Any) -> None:
             state["put"] = True
             if not state["readback"]:
-                t = threading.Timer(self.readback_timeout, too_late)
-                t.daemon = True
-                timer.append(t)
-                t.start()
+                cancels.append(call_later(self.readback_timeout, too_late))
             finish()
 
-        cid = self.subscribe(on_readback, event_type=self.SUB_VALUE, run=False)
-        status.add_callback(lambda _st: self.unsubscribe(cid))
-        watch_disconnect(self, status, f"the put to {self.setpoint_pvname}")
+        cids = (self.subscribe(on_readback, event_type=self.SUB_VALUE, run=False),
+                _watch_disconnect(self, status, f"the put to {self.setpoint_pvname}"))
+
+        def cleanup(_st: Any) -> None:
+            for cid in cids:
+                self.unsubscribe(cid)
+
+        status.add_callback(cleanup)
         on_readback(value=self._readback)   # already there (setting the same value)
         try:
-            self.put(value, use_complete=True, callback=on_put)
+            with put_flush_only():
+                self.put(value, use_complete=True, callback=on_put)
         except Exception as exc:
             status.set_exception(exc)
             raise

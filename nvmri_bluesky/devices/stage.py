@@ -19,7 +19,13 @@ from ophyd.device import required_for_connection
 from ophyd.utils import DisconnectedError
 from ophyd.utils.epics_pvs import AlarmSeverity
 
-from nvmri_bluesky.devices.signals import LimitExceeded, watch_disconnect
+from nvmri_bluesky.devices.signals import (
+    ConciseRepr,
+    EpicsSignalROU,
+    LimitExceeded,
+    put_flush_only,
+    watch_disconnect,
+)
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = ["StageLimitError", "NmMotor", "Stage"]
@@ -29,13 +35,18 @@ class StageLimitError(LimitExceeded):
     """A stage move outside the soft limits (z below z_min among them); nothing moved."""
 
 
-class NmMotor(EpicsMotor):
+class NmMotor(ConciseRepr, EpicsMotor):
     """``EpicsMotor`` in nm whose soft limits are the record's ``.LLM`` / ``.HLM``.
 
     The limits come from the monitored ``.LLM`` / ``.HLM`` fields (as the
     motor record enforces them), not from the ``.VAL`` control limits, and
     :meth:`check_value` names the crash guard in its message.
     """
+
+    # MOVN unmonitored: nothing reads it from the monitor (ophyd's ``moving``
+    # makes a CA get) and every move posts it twice
+    motor_is_moving = Cpt(EpicsSignalROU, ".MOVN", kind="omitted", auto_monitor=False,
+                          units="")
 
     UNITS: dict[str, str] = {
         "user_readback": "nm", "user_setpoint": "nm", "user_offset": "nm",
@@ -69,7 +80,8 @@ class NmMotor(EpicsMotor):
     def move(self, position: Any, wait: bool = True, **kwargs: Any) -> Any:
         """Move to ``position`` nm (see ``EpicsMotor.move``); fail fast on disconnect."""
         try:
-            status = super().move(position, wait=False, **kwargs)
+            with put_flush_only():
+                status = super().move(position, wait=False, **kwargs)
         except DisconnectedError:
             raise NvmriError(f"{self.name}: {self.prefix} is not connected "
                              "(IOC stopped or unreachable); nothing moved") from None

@@ -67,7 +67,11 @@ class Source:
 
 @dataclass(frozen=True)
 class _Compiled:
-    """A program reduced to per-gate arrays, shape (n_gates,) each."""
+    """A program reduced to per-gate arrays, shape (n_gates,) each.
+
+    ``duration`` is ``program.duration`` (one shot of every gate, s) and
+    ``deer`` the indices of the DEER gates, both fixed by the program.
+    """
 
     program: Program
     kind: NDArray
@@ -77,6 +81,8 @@ class _Compiled:
     window: NDArray
     rf_detuning: NDArray
     rf_duration: NDArray
+    duration: float
+    deer: NDArray
 
 
 def _read_gate(gate: Gate) -> tuple[int, float, float, float, float, float, float]:
@@ -116,7 +122,9 @@ def _read_gate(gate: Gate) -> tuple[int, float, float, float, float, float, floa
 
 def _compile(program: Program) -> _Compiled:
     rows = np.array([_read_gate(g) for g in program.gates], float).reshape(-1, 7)
-    return _Compiled(program, rows[:, 0].astype(int), *rows[:, 1:].T)
+    kind = rows[:, 0].astype(int)
+    return _Compiled(program, kind, *rows[:, 1:].T, duration=program.duration,
+                     deer=np.flatnonzero(kind == _DEER))
 
 
 class Engine:
@@ -171,6 +179,11 @@ class Engine:
         self.couplings = physics.dipolar_coupling(self.spins - inst.nv_position_nm,
                                                   inst.nv_axis)
         self._drift = np.array(self.scenario.tip.drift_nm_per_s, float)
+        # expected_counts() caches what depends only on the tip and the field
+        # (one entry each: a raster acquires several times per tip position)
+        self._lines: tuple[bytes, tuple[NDArray, NDArray]] | None = None
+        self._deer_cache: tuple[tuple, NDArray] | None = None
+        self._echo: NDArray | None = None      # E(tau) of every gate of the program
 
     # ------------------------------------------------------------ state
 
@@ -230,12 +243,15 @@ class Engine:
         compiled = _compile(program)
         for t_pi in np.unique(compiled.rf_duration[compiled.kind == _DEER]):
             physics.dark_flip_probability(0.0, t_pi, self.instrument.dark_t2_star_s)  # warm
+        inst = self.instrument
+        self._echo = physics.echo_coherence(compiled.tau, inst.nv_t2_s, inst.nv_t2_exponent)
+        self._deer_cache = None
         self._compiled = compiled
         return program
 
     def acquisition_time(self) -> float:
         """Simulated length of one acquisition, shots * program duration, s."""
-        return self.shots * (self.program.duration if self.program else 0.0)
+        return self.shots * (self._compiled.duration if self._compiled else 0.0)
 
     def faults_starting(self, kind: str) -> list:
         """Faults of ``kind`` that start with the next acquisition."""
@@ -256,9 +272,7 @@ class Engine:
         c, inst = self._compiled, self.instrument
         apex = self.apex()
         bias = inst.b0_vector + self._field_jump(self.acquisitions)
-        b_nv = bias + physics.tip_field(inst.nv_position_nm, apex, inst.tip_radius_nm,
-                                        inst.tip_moment_am2)
-        f_plus, f_minus = physics.nv_transition_frequencies(b_nv, inst.nv_axis)
+        f_plus, f_minus = self._nv_lines(apex, bias)
         drive = self.mw.freq_hz + c.mw_detuning
         f_nv = np.where(np.abs(drive - f_plus) <= np.abs(drive - abs(f_minus)),
                         f_plus, abs(f_minus))
@@ -270,9 +284,9 @@ class Engine:
                 1.0, self.shots, inst.photons_per_shot, inst.contrast))
         rabi = physics.rabi_from_power(self.mw.power_dbm, MW_RABI_HZ, MW_REF_POWER_DBM)
         amp = physics.rabi_amplitude(delta, rabi)
-        coherence = physics.echo_coherence(c.tau, inst.nv_t2_s, inst.nv_t2_exponent)
-        for i in np.flatnonzero(c.kind == _DEER):
-            coherence[i] = self._deer(c.tau[i], c.rf_detuning[i], c.rf_duration[i], apex, bias)
+        coherence = self._echo.copy()
+        if len(c.deer):
+            coherence[c.deer] = self._deer_coherences(apex, bias)
         echo_p0 = 1.0 - amp * (1.0 - physics.p0_from_coherence(coherence))
         p0 = np.choose(c.kind, [1.0, 1.0,   # CW (unused), bright
                                 1.0 - physics.rabi_flip_probability(delta, rabi, c.mw_duration),
@@ -282,14 +296,41 @@ class Engine:
         pulsed = physics.expected_counts(p0, self.shots, inst.photons_per_shot, inst.contrast)
         return np.where(c.kind == _CW, cw, pulsed)
 
-    def _deer(self, tau: float, rf_detuning: float, rf_duration: float, apex: NDArray,
-              bias: NDArray) -> float:
-        """DEER coherence S of one gate with the tip at ``apex``."""
+    def _nv_lines(self, apex: NDArray, bias: NDArray) -> tuple[NDArray, NDArray]:
+        """(f+, f-) of the NV with the tip at ``apex`` in the field ``bias``, Hz (cached)."""
+        key = apex.tobytes() + bias.tobytes()
+        if self._lines is None or self._lines[0] != key:
+            inst = self.instrument
+            b_nv = bias + physics.tip_field(inst.nv_position_nm, apex, inst.tip_radius_nm,
+                                            inst.tip_moment_am2)
+            self._lines = key, physics.nv_transition_frequencies(b_nv, inst.nv_axis)
+        return self._lines[1]
+
+    def _deer_coherences(self, apex: NDArray, bias: NDArray) -> NDArray:
+        """DEER coherence of every DEER gate of the program (cached per tip, field and RF)."""
+        key = (apex.tobytes(), bias.tobytes(), self.rf.on, self.rf.freq_hz)
+        if self._deer_cache is None or self._deer_cache[0] != key:
+            c = self._compiled
+            f_j = self._dark_frequencies(apex, bias)
+            values = np.array([self._deer(c.tau[i], c.rf_detuning[i], c.rf_duration[i], f_j)
+                               for i in c.deer])
+            self._deer_cache = key, values
+        return self._deer_cache[1]
+
+    def _dark_frequencies(self, apex: NDArray, bias: NDArray) -> NDArray | None:
+        """Dark-spin resonances f_j with the tip at ``apex``, Hz; None if no spin is driven."""
         inst = self.instrument
         if not self.rf.on or len(self.spins) == 0:
-            return float(physics.echo_coherence(tau, inst.nv_t2_s, inst.nv_t2_exponent))
+            return None
         b = bias + physics.tip_field(self.spins, apex, inst.tip_radius_nm, inst.tip_moment_am2)
-        f_j = physics.dark_spin_frequency(b)
+        return physics.dark_spin_frequency(b)
+
+    def _deer(self, tau: float, rf_detuning: float, rf_duration: float,
+              f_j: NDArray | None) -> float:
+        """DEER coherence S of one gate, the dark spins at ``f_j`` (None: RF off or none)."""
+        inst = self.instrument
+        if f_j is None:
+            return float(physics.echo_coherence(tau, inst.nv_t2_s, inst.nv_t2_exponent))
         p = physics.dark_flip_probability(self.rf.freq_hz + rf_detuning - f_j, rf_duration,
                                           inst.dark_t2_star_s)
         return float(physics.deer_coherence(tau, p, self.couplings, inst.nv_t2_s,
