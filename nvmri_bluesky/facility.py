@@ -541,6 +541,9 @@ class ReManager(Service):
         """A ``bluesky_queueserver_api.zmq.REManagerAPI`` speaking as ``user`` of ``user_group``."""
         from bluesky_queueserver_api.zmq import REManagerAPI
 
+        # The manager validates a queued plan's arguments before it answers;
+        # on a busy 2-core machine that can exceed the API's 2 s default.
+        kwargs.setdefault("timeout_recv", 30.0)
         rm = REManagerAPI(zmq_control_addr=self.control_addr, zmq_info_addr=self.info_addr,
                           **kwargs)
         rm.user_group = user_group
