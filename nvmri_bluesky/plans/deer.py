@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Generator, Mapping
 from typing import Any
 
-import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
 from ophyd import Component as Cpt
@@ -15,7 +14,7 @@ from nvmri_bluesky import physics
 from nvmri_bluesky.plans import pulses
 from nvmri_bluesky.plans.lock import FrequencyLock, locked_acquire
 from nvmri_bluesky.plans.metadata import run_metadata
-from nvmri_bluesky.plans.stubs import UnitSignal, prepare, set_frequency
+from nvmri_bluesky.plans.stubs import UnitSignal, prepare, record, set_frequency
 
 
 class DeerReadout(Device):
@@ -92,9 +91,6 @@ def deer_point(devices: Any, rf_frequency_hz: float, tau_s: float = 10e-6,
         yield from set_frequency(devices.rf, rf_frequency_hz)
         counts = yield from locked_acquire(devices, lock, program, mw_frequency_hz)
         readout.update(counts)
-        yield from bps.create("primary")
-        for obj in (*motors, devices.counter, lock, readout):
-            yield from bps.read(obj)
-        yield from bps.save()
+        yield from record((*motors, devices.counter, lock, readout))
 
     return (yield from inner())

@@ -191,7 +191,8 @@ def _comb_minimum(detunings: np.ndarray, counts: np.ndarray, min_contrast: float
 
 
 def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,
-                   predicted_hz: float) -> Generator[Any, Any, dict[str, float]]:
+                   predicted_hz: float, tuned: bool = False
+                   ) -> Generator[Any, Any, dict[str, float]]:
     """Acquire one point with the MW source locked to the NV line.
 
     Triggers the loaded ``program`` (which must contain the lock gates), and
@@ -208,6 +209,8 @@ def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,
         The loaded measurement program (with ``lock_0..2`` gates).
     predicted_hz : float
         Where the line is expected at this point, Hz.
+    tuned : bool
+        The MW source already sits at ``predicted_hz`` (set with the move).
 
     Yields
     ------
@@ -219,7 +222,8 @@ def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,
         Gate name -> counts of the accepted acquisition.
     """
     f_mw = predicted_hz
-    yield from set_frequency(devices.mw, f_mw)
+    if not tuned:
+        yield from set_frequency(devices.mw, f_mw)
     for _ in range(lock.max_iterations):
         counts = gate_counts(program.gate_names, (yield from acquire(devices.counter)))
         offset, fine = lock.offset(counts)

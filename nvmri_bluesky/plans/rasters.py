@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-import bluesky.plan_stubs as bps
 import bluesky.plans as bp
 
 from nvmri_bluesky import physics
@@ -27,7 +26,7 @@ from nvmri_bluesky.plans.lock import (
     locked_acquire,
 )
 from nvmri_bluesky.plans.metadata import run_metadata
-from nvmri_bluesky.plans.stubs import prepare, retract, set_frequency
+from nvmri_bluesky.plans.stubs import move_and_tune, prepare, record, retract, set_frequency
 
 F_NV_START_HZ = 6.233e9
 """Where locks look for the ms=0->+1 line first unless told (0.12 T), Hz."""
@@ -50,27 +49,27 @@ def _grid(stage: Any, axes: dict[str, Axis], snake: bool) -> tuple[list, dict]:
     return args, grid
 
 
-def _position(stage: Any, pos_cache: dict) -> list[float]:
-    return [pos_cache[stage.x], pos_cache[stage.y], pos_cache[stage.z]]
-
-
 def _locked_step(devices: Any, locks: Sequence[tuple[FrequencyLock, Predictor]],
                  program: pulses.Program, readout: DeerReadout | None,
                  readings: Sequence[Any]) -> Callable:
-    """A grid_scan ``per_step``: move, lock every transition, record one event."""
+    """A grid_scan ``per_step``: move, lock every transition, record one event.
+
+    The MW source is tuned to the first lock's prediction while the stage
+    moves (one wait for both).
+    """
+    stage = devices.stage
 
     def per_step(detectors, step, pos_cache):
-        yield from bps.move_per_step(step, pos_cache)
-        position = _position(devices.stage, pos_cache)
-        for lock, predictor in locks:
-            counts = yield from locked_acquire(devices, lock, program, predictor(position))
+        position = [step.get(m, pos_cache[m]) for m in (stage.x, stage.y, stage.z)]
+        predicted = [predictor(position) for _, predictor in locks]
+        yield from move_and_tune(step, pos_cache, devices.mw, predicted[0])
+        for i, (lock, predictor) in enumerate(locks):
+            counts = yield from locked_acquire(devices, lock, program, predicted[i],
+                                               tuned=i == 0)
             predictor.add(position, lock.frequency.get())
         if readout is not None:
             readout.update(counts)
-        yield from bps.create("primary")
-        for obj in readings:
-            yield from bps.read(obj)
-        yield from bps.save()
+        yield from record(readings)
 
     return per_step
 

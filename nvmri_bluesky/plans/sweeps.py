@@ -24,7 +24,14 @@ from nvmri_bluesky.plans.deer import DeerReadout, deer_program
 from nvmri_bluesky.plans.lock import FrequencyLock, locked_acquire
 from nvmri_bluesky.plans.metadata import run_metadata
 from nvmri_bluesky.plans.rasters import F_NV_START_HZ
-from nvmri_bluesky.plans.stubs import UnitSignal, load_program, prepare, retract, set_frequency
+from nvmri_bluesky.plans.stubs import (
+    UnitSignal,
+    load_program,
+    prepare,
+    record,
+    retract,
+    set_frequency,
+)
 
 
 def odmr_sweep(devices: Any, start_hz: float, stop_hz: float, num: int,
@@ -182,10 +189,7 @@ def _tip_free_deer(devices: Any, plan_name: str, sweep: Any, values: Sequence[fl
             counts = yield from locked_acquire(devices, lock, active, f_guess)
             f_guess = lock.frequency.get()
             readout.update(counts)
-            yield from bps.create("primary")
-            for obj in (sweep, devices.counter, lock, readout):
-                yield from bps.read(obj)
-            yield from bps.save()
+            yield from record((sweep, devices.counter, lock, readout))
 
     yield from retract(devices.stage)
     yield from prepare(devices, program, shots, mw_on=True, rf_on=True)
