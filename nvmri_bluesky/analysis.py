@@ -101,6 +101,68 @@ def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
     return {"report": layer_report(image, decay), "deer": deer, "image": image}
 
 
+def _empty_report(location: str) -> dict[str, Any]:
+    nan = quantity(float("nan"), float("nan"))
+    return {"scenario": "", "catalog": str(location), "runs": {},
+            "gradient_gauss_per_nm": nan, "ramsey_fringe_period_nm": nan,
+            "esr_slice_fwhm_nm": nan, "layers": [], "spins": [],
+            "resolution_nm": {"lateral": nan, "vertical": nan}}
+
+
+def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> dict[str, Any]:
+    """Reconstruct one sample's runs: the report.json entries it gives (and its figures).
+
+    Parameters
+    ----------
+    cat
+        The open catalog.
+    sample : str
+        The sample's name.
+    uids : dict
+        measurement -> run uid, as the protocol plans return them.
+    out : Path
+        Where figures go.
+
+    Returns
+    -------
+    dict
+        A partial report (only the keys this sample measures); :func:`merge`
+        combines them.
+    """
+    from nvmri_bluesky import figures
+
+    part: dict[str, Any] = {"runs": {f"{sample}/{m}": u for m, u in uids.items()}}
+    if "ramsey_line" in uids:
+        part.update(calibration_report(cat, uids))
+        figures.calibration(cat, uids, out / "fig2_calibration.png")
+    if "deer_decay" in uids:
+        layer = layers_result(cat, uids)
+        part["layers"] = [{"sample": sample, **layer["report"]}]
+        figures.layer(layer["deer"], out / f"fig3_layer_{sample}.png", layer["image"])
+    elif "deer_raster" in uids:
+        result, deer = spins_result(cat, uids)
+        part["spins"] = [{"sample": sample, **s} for s in spins_report(result)]
+        if result.spins:
+            part["resolution_nm"] = resolution_report(result)
+        figures.spins(deer, result, out / f"fig4_spins_{sample}.png")
+    return part
+
+
+def merge(parts: dict[str, dict[str, Any]], location: str) -> dict[str, Any]:
+    """report.json's content from every sample's partial report (sample -> part)."""
+    report = _empty_report(location)
+    report["scenario"] = ", ".join(parts)
+    for part in parts.values():
+        for key, value in part.items():
+            if key == "runs":
+                report[key].update(value)
+            elif key in ("layers", "spins"):
+                report[key] += value
+            else:
+                report[key] = value
+    return report
+
+
 def analyse(cat: Any, runs: dict[str, dict[str, str]], out: Path, location: str
             ) -> dict[str, Any]:
     """Reconstruct every sample's runs; return report.json's content (and draw figures).
@@ -116,30 +178,8 @@ def analyse(cat: Any, runs: dict[str, dict[str, str]], out: Path, location: str
     location : str
         The catalog's directory or URI (recorded).
     """
-    from nvmri_bluesky import figures
-
-    nan = quantity(float("nan"), float("nan"))
-    report: dict[str, Any] = {
-        "scenario": ", ".join(runs), "catalog": str(location),
-        "runs": {f"{s}/{m}": u for s, uids in runs.items() for m, u in uids.items()},
-        "gradient_gauss_per_nm": nan, "ramsey_fringe_period_nm": nan, "esr_slice_fwhm_nm": nan,
-        "layers": [], "spins": [], "resolution_nm": {"lateral": nan, "vertical": nan},
-    }
-    for sample, uids in runs.items():
-        if "ramsey_line" in uids:
-            report.update(calibration_report(cat, uids))
-            figures.calibration(cat, uids, out / "fig2_calibration.png")
-        if "deer_decay" in uids:
-            layer = layers_result(cat, uids)
-            report["layers"].append({"sample": sample, **layer["report"]})
-            figures.layer(layer["deer"], out / f"fig3_layer_{sample}.png", layer["image"])
-        elif "deer_raster" in uids:
-            result, deer = spins_result(cat, uids)
-            report["spins"] += [{"sample": sample, **s} for s in spins_report(result)]
-            if result.spins:
-                report["resolution_nm"] = resolution_report(result)
-            figures.spins(deer, result, out / f"fig4_spins_{sample}.png")
-    return report
+    return merge({sample: analyse_sample(cat, sample, uids, out)
+                  for sample, uids in runs.items()}, location)
 
 
 def _fmt(q: dict | None, scale: float = 1.0) -> str:

@@ -25,7 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
     from nvmri_bluesky import demo
 
     demo.run(scenario=args.scenario, out=args.out, catalog=args.catalog, prefix=args.prefix,
-             api_key=args.api_key, quick=args.quick,
+             api_key=args.api_key, quick=args.quick, jobs=args.jobs,
              steps=tuple(args.steps.split(",")) if args.steps else None)
     return 0
 
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=None,
                    help="PV prefix of a running instrument (default: start the simulator)")
     p.add_argument("--quick", action="store_true", help="a reduced (faster) protocol")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="samples measured at once, each with its own IOC (default 2)")
     p.add_argument("--steps", default=None,
                    help="comma-separated protocol steps: calibration,spins,layers "
                         "(default: each sample's own)")

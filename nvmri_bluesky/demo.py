@@ -29,6 +29,8 @@ PAPER_SAMPLES = (("paper-fig2", ("calibration",)),
                  ("paper-fig4", ("spins",)))
 """The built-in paper scenarios and the protocol steps each one gets."""
 ALL_STEPS = ("calibration", "spins", "layers")
+STEP_COST = {"calibration": 1, "layers": 3, "spins": 4}
+"""Relative wall time of the protocol steps (to start the longest samples first)."""
 
 
 def _say(text: str) -> None:
@@ -53,7 +55,8 @@ def _sample_name(source: str, prefix: str | None) -> str:
 
 def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
         catalog: str | None = None, prefix: str | None = None, api_key: str | None = None,
-        quick: bool = False, steps: tuple[str, ...] | None = None) -> dict[str, Any]:
+        quick: bool = False, steps: tuple[str, ...] | None = None,
+        jobs: int = 2) -> dict[str, Any]:
     """Run the protocol on every sample, reconstruct from the catalog, write the report.
 
     Parameters
@@ -69,18 +72,20 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
     api_key : str, optional
         API key of a facility catalog.
     quick : bool
-        A reduced protocol (fewer, coarser points) for tests.
+        A reduced protocol (fewer points) for tests.
     steps : tuple of str, optional
         Protocol steps (``calibration``, ``spins``, ``layers``) instead of
         each sample's default.
+    jobs : int
+        Samples measured and reconstructed at once, each in a process of its
+        own with its own simulated IOC (the paper's samples are independent
+        instruments); 1 runs them one after the other in this process.
 
     Returns
     -------
     dict
         The report (as written to ``OUT/report.json``).
     """
-    from nvmri_bluesky.sim import launch
-
     t0 = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,38 +93,87 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
     unknown = set(steps or ()) - set(ALL_STEPS)
     if unknown:
         raise NvmriError(f"unknown protocol step(s) {sorted(unknown)}; choose from {ALL_STEPS}")
+    if jobs < 1:
+        raise NvmriError(f"jobs must be at least 1, not {jobs}")
     if prefix is None:
+        from nvmri_bluesky.sim import launch
+
         launch.reserve_ca_ports()                      # before ophyd is imported
     from nvmri_bluesky.catalog import open_catalog
 
     location = catalog or str(out / "catalog")
-    runs: dict[str, dict[str, str]] = {}
     with open_catalog(location, api_key=api_key) as cat:
-        for source, steps in samples:
-            name = _sample_name(source, prefix)
-            _say(f"== sample {name}: {', '.join(steps)}")
-            with ExitStack() as stack:
-                sample_prefix = prefix
-                if prefix is None:
-                    ioc = stack.enter_context(launch.start_ioc(source, time_scale=0.0))
-                    sample_prefix = ioc.prefix
-                runs[name] = _measure(cat, out, sample_prefix, name, steps, quick)
-        _say("== reconstructing from the catalog")
-        from nvmri_bluesky.analysis import analyse
+        # workers write to the same catalog: the embedded server's URI with its key
+        target = cat.server.uri_with_key if cat.server is not None else location
+        tasks = [(target, api_key, out, source, prefix, steps, quick, jobs > 1)
+                 for source, steps in samples]
+        if jobs == 1 or len(tasks) == 1:
+            parts = dict(_sample(*task) for task in tasks)
+        else:
+            parts = _in_parallel(tasks, jobs)
+    from nvmri_bluesky.analysis import merge, table
 
-        report = analyse(cat, runs, out, location)
+    report = merge(parts, location)
     report["elapsed_s"] = round(time.monotonic() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    from nvmri_bluesky.analysis import table
-
     print(table(report))
     _say(f"== wrote {out / 'report.json'} and figures in {out}/ "
          f"({report['elapsed_s']:.0f} s)")
     return report
 
 
+def _in_parallel(tasks: list[tuple], jobs: int) -> dict[str, dict[str, Any]]:
+    """Run :func:`_sample` on every task in ``jobs`` fresh processes; sample -> part."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: each worker configures Channel Access before importing ophyd
+    context = multiprocessing.get_context("spawn")
+    # the longest protocols first, so the workers finish together
+    order = sorted(range(len(tasks)), key=lambda i: -sum(STEP_COST[s] for s in tasks[i][5]))
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
+        futures = {i: pool.submit(_sample, *tasks[i]) for i in order}
+        try:
+            return dict(futures[i].result() for i in range(len(tasks)))
+        except KeyboardInterrupt:
+            for f in futures.values():
+                f.cancel()
+            _say("interrupted; runs so far are stored in the catalog")
+            raise
+
+
+def _sample(catalog: str, api_key: str | None, out: Path, source: str, prefix: str | None,
+            steps: tuple[str, ...], quick: bool, shared_terminal: bool
+            ) -> tuple[str, dict[str, Any]]:
+    """Measure one sample (its own simulated IOC unless ``prefix``) and reconstruct it.
+
+    Returns
+    -------
+    (str, dict)
+        The sample's name and its partial report (:func:`analysis.analyse_sample`).
+    """
+    from nvmri_bluesky.sim import launch
+
+    if prefix is None:
+        launch.reserve_ca_ports()                      # before ophyd is imported
+    from nvmri_bluesky.analysis import analyse_sample
+    from nvmri_bluesky.catalog import open_catalog
+
+    name = _sample_name(source, prefix)
+    _say(f"== sample {name}: {', '.join(steps)}")
+    with open_catalog(catalog, api_key=api_key) as cat:
+        with ExitStack() as stack:
+            sample_prefix = prefix
+            if prefix is None:
+                ioc = stack.enter_context(launch.start_ioc(source, time_scale=0.0))
+                sample_prefix = ioc.prefix
+            uids = _measure(cat, out, sample_prefix, name, steps, quick, shared_terminal)
+        _say(f"== {name}: reconstructing from the catalog")
+        return name, analyse_sample(cat, name, uids, out)
+
+
 def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...],
-             quick: bool) -> dict[str, str]:
+             quick: bool, shared_terminal: bool = False) -> dict[str, str]:
     """Run the protocol steps on one sample; return {measurement: uid}."""
     from bluesky import RunEngine
 
@@ -129,8 +183,9 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
 
     nv = make_devices(prefix)
     RE = RunEngine({"scenario": name}, call_returns_result=True)
-    RE.subscribe(Progress())
-    RE.subscribe(LiveSlices(out_dir=out / "live"))
+    RE.subscribe(Progress(label=name, interval_s=5.0, inline=False) if shared_terminal
+                 else Progress())
+    RE.subscribe(LiveSlices(out_dir=out / "live" / name))
     cat.subscribe(RE, out / "spool")
     uids: dict[str, str] = {}
     try:

@@ -18,12 +18,20 @@ class Progress(CallbackBase):
         Where to write (default stderr).
     interval_s : float
         Least time between refreshes, s.
+    label : str, optional
+        Prefix of every line (e.g. the sample, when several run at once).
+    inline : bool
+        Refresh one line in place (a terminal); False prints each refresh as
+        a line of its own (logs, or several processes sharing a terminal).
     """
 
-    def __init__(self, stream: IO[str] | None = None, interval_s: float = 0.5) -> None:
+    def __init__(self, stream: IO[str] | None = None, interval_s: float = 0.5,
+                 label: str = "", inline: bool = True) -> None:
         super().__init__()
         self.stream = stream or sys.stderr
         self.interval_s = interval_s
+        self.prefix = f"{label} " if label else ""
+        self.head, self.tail = ("\r", "") if inline else ("", "\n")
         self._reset()
 
     def _reset(self) -> None:
@@ -40,18 +48,18 @@ class Progress(CallbackBase):
         now = time.monotonic()
         if now - self.t_last >= self.interval_s:
             self.t_last = now
-            self._write("\r" + self.line(now))
+            self._write(self.head + self.line(now) + self.tail)
 
     def stop(self, doc: dict) -> None:
         status = doc.get("exit_status", "?")
         reason = f" ({doc['reason']})" if doc.get("reason") else ""
-        self._write("\r" + self.line(time.monotonic()) + f"  {status}{reason}\n")
+        self._write(self.head + self.line(time.monotonic()) + f"  {status}{reason}\n")
 
     def line(self, now: float) -> str:
         """The progress line as it stands at ``now`` (monotonic seconds)."""
         elapsed = max(now - self.t0, 1e-9)
         rate = self.done / elapsed
-        text = f"[{self.plan}] {self.done}"
+        text = f"{self.prefix}[{self.plan}] {self.done}"
         if self.total:
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
             text += f"/{self.total} points ({100 * self.done / self.total:3.0f}%)"

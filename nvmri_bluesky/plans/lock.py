@@ -4,7 +4,10 @@ The lock probes the CW ODMR line with three gates that ride along in every
 acquisition's pulse program (``lock_0`` at -FWHM/2, ``lock_1`` at +FWHM/2 and
 ``lock_2`` far off resonance as the fluorescence reference), so one trigger
 per point both measures and locks.  The pair of dips gives the offset
-f_nv - f_mw in closed form (:func:`nvmri_bluesky.physics.odmr_pair_offset`).
+f_nv - f_mw in closed form (:func:`nvmri_bluesky.physics.odmr_pair_offset`);
+the pair alone cannot tell a line inside its capture range from one 1-1.5 FWHM
+away (the same two dips), so a Lorentzian scan over all lock gates vetoes such
+aliases (:meth:`FrequencyLock.line_scan`).
 
 When the offset leaves the pair's capture range (|offset| > 0.65 FWHM) the
 lock is *lost* and re-acquires (counted in ``lock_reacquisitions``): from the
@@ -22,6 +25,7 @@ The lock is an ophyd ``Device`` of soft signals (``lock_frequency``,
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,11 @@ LOCK_WINDOW_S = 10e-6
 """CW counting window of each lock gate per shot, s."""
 FINDER_FWHM = (1.5, 3.0, 5.0, 8.0, 12.0)
 """Finder gates at +/- these multiples of the FWHM: a coarse spectrum in every acquisition."""
+ALIAS_DCHI2 = 16.0
+"""Chi^2 margin (4 sigma) of the all-gate line scan (:meth:`FrequencyLock.line_scan`): by
+which a line outside the pair's capture range must beat every line inside to overrule a
+fine pair estimate, and by which a line inside must beat "no line" to stand in for a
+failed pair estimate."""
 
 
 def lock_detunings(fwhm_hz: float) -> tuple[float, ...]:
@@ -105,16 +114,32 @@ class FrequencyLock(Device):
     def offset(self, counts: dict[str, float]) -> tuple[float, bool]:
         """f_nv - f_mw from one acquisition's lock gates, Hz, and whether it is fine.
 
-        Fine: from the pair at -/+ FWHM/2.  Coarse: the deepest finder gate,
-        when the line is outside the pair's capture range.  (nan, False) when
-        no gate sees the line.
+        Fine: from the pair at -/+ FWHM/2, unless the finder gates show that
+        the pair saw an alias of a line outside its capture range (see
+        :meth:`line_scan`); then, or when the pair gives no estimate, the
+        Lorentzian fit over all lock gates (fine if inside the capture range),
+        else the deepest finder gate (coarse).  (nan, False) when no gate sees
+        the line.
         """
         ref = counts["lock_2"]
         if not ref > 0:
             return np.nan, False
         u, contrast = physics.odmr_pair_offset(1 - counts["lock_0"] / ref,
                                                1 - counts["lock_1"] / ref)
-        if np.isfinite(u) and contrast > self.min_contrast and abs(u) < 0.65:
+        pair_fine = bool(np.isfinite(u) and contrast > self.min_contrast and abs(u) < 0.65)
+        scan = self.line_scan(counts)
+        if scan is not None:
+            grid, chi2, amp = scan
+            inside = np.abs(grid) < 0.65
+            i_in = int(np.argmin(np.where(inside, chi2, np.inf)))
+            i_out = int(np.argmin(np.where(inside, np.inf, chi2)))
+            if chi2[i_in] - chi2[i_out] > ALIAS_DCHI2:       # the line is outside the pair
+                return float(grid[i_out]) * self.fwhm_hz, False
+            if pair_fine:
+                return float(u) * self.fwhm_hz, True
+            if -chi2[i_in] > ALIAS_DCHI2 and amp[i_in] > self.min_contrast:
+                return _refine(grid, chi2, i_in) * self.fwhm_hz, True
+        elif pair_fine:
             return float(u) * self.fwhm_hz, True
         detunings = lock_detunings(self.fwhm_hz)
         dips = {d: 1 - counts.get(f"lock_{i}", ref) / ref for i, d in enumerate(detunings)
@@ -124,6 +149,58 @@ class FrequencyLock(Device):
         if dips[d_best] > max(self.min_contrast / 2, noise):
             return float(d_best), False
         return np.nan, False
+
+    def line_scan(self, counts: dict[str, float]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Lorentzian fit over the pair and finder gates, scanned in the line offset.
+
+        The pair ratio rho = -2u/(1 + 2u^2) is not monotonic: a line at
+        u' = 1/(2u), outside the capture range (|u'| > 1/sqrt(2)), gives the
+        same two dips as one at u (with another contrast), so the pair alone
+        would lock a line 1-1.5 FWHM away to within 0.5 FWHM of the MW.  The
+        finder gates that ride along in every acquisition tell the branches
+        apart.  Poisson-weighted least squares, contrast free, at offsets u
+        (FWHM units) over the finders' span.
+
+        Returns
+        -------
+        (u, chi2, contrast) : ndarrays, or None without finder gates
+            chi2 relative to "no line" (0); the best contrast at each u.
+        """
+        ref = counts["lock_2"]
+        idx = tuple(i for i in range(len(lock_detunings(1.0)))
+                    if i != 2 and f"lock_{i}" in counts)
+        if len(idx) < 4:
+            return None
+        raw = np.array([counts[f"lock_{i}"] for i in idx])
+        dips = 1 - raw / ref
+        weight = ref**2 / np.maximum(raw, 1.0)                 # 1 / var(dip)
+        grid, shape, shape2 = _line_scan(idx)
+        proj = shape @ (weight * dips)
+        norm = shape2 @ weight
+        chi2 = -np.where(proj > 0, proj**2 / norm, 0.0)
+        return grid, chi2, proj / norm
+
+
+def _refine(grid: np.ndarray, values: np.ndarray, i: int) -> float:
+    """Parabolic refinement of the minimum ``values[i]`` on a uniform ``grid``."""
+    if not 0 < i < len(grid) - 1:
+        return float(grid[i])
+    y0, y1, y2 = values[i - 1:i + 2]
+    denom = y0 - 2 * y1 + y2
+    frac = 0.5 * (y0 - y2) / denom if denom > 0 else 0.0
+    return float(grid[i] + np.clip(frac, -1.0, 1.0) * (grid[1] - grid[0]))
+
+
+@lru_cache(maxsize=8)
+def _line_scan(gates: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trial line offsets u (FWHM units), the unit Lorentzian dips of ``gates`` at each and
+    their squares: the design of :meth:`FrequencyLock.line_scan`."""
+    det = np.array(lock_detunings(1.0))[list(gates)]
+    span = float(np.max(np.abs(det))) + 2.0
+    grid = np.arange(-span, span + 0.005, 0.01)
+    shape = physics.lorentzian(det[None, :] - grid[:, None], 1.0)
+    return grid, shape, shape**2
 
 
 def gate_counts(gates: Sequence[str], counts: Sequence[float]) -> dict[str, float]:
@@ -184,10 +261,7 @@ def _comb_minimum(detunings: np.ndarray, counts: np.ndarray, min_contrast: float
     noise = 3 * np.sqrt(base / 3) / base
     if depth < max(min_contrast, noise):
         return None
-    y0, y1, y2 = smooth[i - 1:i + 2]
-    denom = y0 - 2 * y1 + y2
-    frac = 0.5 * (y0 - y2) / denom if denom > 0 else 0.0
-    return float(detunings[i] + np.clip(frac, -1, 1) * (detunings[1] - detunings[0]))
+    return _refine(detunings, smooth, i)
 
 
 def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,

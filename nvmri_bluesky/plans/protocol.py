@@ -160,12 +160,6 @@ def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None
     return uid, detuning, f_plus0, line
 
 
-def _scaled(grid: dict, factor: float) -> dict:
-    """A copy of a PSF-map grid with ``factor`` times the step (same box)."""
-    return {k: (lo, hi, max(4, int(round((n - 1) / factor)) + 1)) for k, (lo, hi, n)
-            in grid.items()}
-
-
 def single_spins(devices: Any, quick: bool = False, md: dict | None = None
                  ) -> Generator[Any, Any, dict[str, str]]:
     """Fig. 4: find and image point dark spins near the NV (no prior position).
@@ -182,7 +176,7 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
     devices
         The instrument.
     quick : bool
-        Coarser maps and fewer shots (tests).
+        Half the tip-free spectrum points (tests).
     md : dict, optional
 
     Yields
@@ -213,8 +207,7 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
         tau_s=tau, mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
         md={"measurement": "deer_spectrum", **(md or {})}))
     _, line = fit_deer_spectrum(spectrum)
-    raster = design.design_spin_raster(detuning, line.centre_hz, tau,
-                                       step_nm=2.0 if quick else design.SPIN_STEP_NM)
+    raster = design.design_spin_raster(detuning, line.centre_hz, tau)
     uids["deer_raster"], _ = yield from take(rasters.deer_raster(
         devices, x=raster.x, y=raster.y, z=raster.z[0], rf_frequency_hz=raster.rf_frequency_hz,
         tau_s=tau, mw_frequency_hz=f_plus0, shots=raster.shots,
@@ -238,7 +231,7 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
     devices
         The instrument.
     quick : bool
-        Coarser maps (tests).
+        Half the tip-free spectrum points (tests).
     md : dict, optional
 
     Yields
@@ -255,12 +248,11 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
 
     uids: dict[str, str] = {}
     uids["psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
-        devices, _scaled(design.LAYER_PSF_MAP, LAYER_PSF_COARSENING * (1.5 if quick else 1.0)),
-        design.LAYER_SHOTS, md)
+        devices, design.LAYER_PSF_MAP, design.LAYER_SHOTS, md)
     span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
     uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
         devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
-        tau_s=design.LAYER_TAU_S, mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
+        tau_s=design.LAYER_TAU_S, mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
         md={"measurement": "deer_spectrum", **(md or {})}))
     _, line = fit_deer_spectrum(spectrum, model="bath")
     raster = design.design_layer_raster(detuning, line.centre_hz)
@@ -275,11 +267,6 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
         md={"measurement": "deer_decay", **(md or {})}))
     return uids
 
-
-LAYER_PSF_COARSENING = 2.0
-"""The layer protocol measures its PSF map at this times the reconstruction's
-recommended step (8 nm lateral, 6 nm vertical: 2100 points instead of 14391);
-heights and densities stay within their targets (docs/reconstruction.md)."""
 
 STEPS = {"calibration": calibration, "spins": single_spins, "layers": surface_layers}
 """The protocol's steps by name (``nvmri demo`` runs them per sample)."""
