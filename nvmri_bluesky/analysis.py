@@ -85,8 +85,10 @@ def spins_result(cat: Any, uids: dict[str, str]) -> Any:
 
     detuning, line = _psf_and_line(cat, uids)
     coupling = fit_deer_evolution(load_run(cat, uids["deer_evolution"], ["deer_evolution"]))
-    deer = load_run(cat, uids["deer_raster"], ["deer_raster"])
-    return localize_spins(deer, detuning, line, coupling_hint=coupling), deer
+    # the fine raster first: the fit's starts come from the first raster's deconvolution
+    deer = [load_run(cat, uids[m], ["deer_raster"]) for m in ("deer_raster", "deer_survey")
+            if m in uids]
+    return localize_spins(deer, detuning, line, coupling_hint=coupling), deer[0]
 
 
 def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
@@ -139,7 +141,7 @@ def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> di
         layer = layers_result(cat, uids)
         part["layers"] = [{"sample": sample, **layer["report"]}]
         figures.layer(layer["deer"], out / f"fig3_layer_{sample}.png", layer["image"])
-    elif "deer_raster" in uids:
+    elif "deer_raster" in uids or "deer_survey" in uids:
         result, deer = spins_result(cat, uids)
         part["spins"] = [{"sample": sample, **s} for s in spins_report(result)]
         if result.spins:

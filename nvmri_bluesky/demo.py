@@ -56,7 +56,7 @@ def _sample_name(source: str, prefix: str | None) -> str:
 def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
         catalog: str | None = None, prefix: str | None = None, api_key: str | None = None,
         quick: bool = False, steps: tuple[str, ...] | None = None,
-        jobs: int = 2) -> dict[str, Any]:
+        jobs: int = 3) -> dict[str, Any]:
     """Run the protocol on every sample, reconstruct from the catalog, write the report.
 
     Parameters
@@ -176,6 +176,7 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
              quick: bool, shared_terminal: bool = False) -> dict[str, str]:
     """Run the protocol steps on one sample; return {measurement: uid}."""
     from bluesky import RunEngine
+    from bluesky.utils import RunEngineInterrupted
 
     from nvmri_bluesky.callbacks import LiveSlices, Progress
     from nvmri_bluesky.devices import make_devices
@@ -191,7 +192,11 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
     try:
         for step in steps:
             plan = protocol.step_plan(step, nv, quick=quick)
-            result = RE(plan)
+            try:
+                result = RE(plan)
+            except RunEngineInterrupted:      # Ctrl-C paused the run: close it, keep its data
+                RE.abort("interrupted (Ctrl-C)")
+                raise KeyboardInterrupt from None
             if result.exit_status != "success":
                 raise NvmriError(f"{name}: {step} ended {result.exit_status}: {result.reason}")
             uids.update(result.plan_result or {})

@@ -39,10 +39,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.sim.launch import ProcessHandle
 
 __all__ = [
     "PROFILE_DIR", "STARTUP_DIR", "EXISTING_PLANS_AND_DEVICES", "USER_GROUP_PERMISSIONS",
@@ -135,7 +135,7 @@ def postgres_available(uri: str = POSTGRES_URI) -> bool:
         return False
 
 
-class Service:
+class Service(ProcessHandle):
     """A server subprocess started here, in its own process group.
 
     Attributes
@@ -148,32 +148,15 @@ class Service:
     """
 
     def __init__(self, name: str, process: subprocess.Popen, log_path: Path) -> None:
+        super().__init__(process, log_path)
         self.name = name
-        self.process = process
-        self.log_path = log_path
-        self._stopped = False
 
     def __repr__(self) -> str:
-        state = "running" if self.alive else f"exited {self.process.returncode}"
-        return f"<{type(self).__name__} {self.name} pid={self.pid} {state}>"
-
-    @property
-    def pid(self) -> int:
-        """Process id (also its process group id)."""
-        return self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.process.poll() is None
+        return f"<{type(self).__name__} {self.name} pid={self.pid} {self._state()}>"
 
     def log_tail(self, lines: int = 15) -> str:
         """The last ``lines`` non-empty lines of its output."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
+        return "\n".join(self._log_lines(lines))
 
     def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``ready()`` until true; raise ``NvmriError`` on timeout or exit."""
@@ -192,30 +175,18 @@ class Service:
                                  f"{self.log_tail()}")
             time.sleep(0.2)
 
+    def _send(self, sig: int) -> None:
+        os.killpg(self.process.pid, sig)           # the whole group (e.g. its worker)
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """End the process group: SIGINT, then SIGTERM, then SIGKILL; return the exit code."""
         if self._stopped:
             return self.process.returncode
-        self._stopped = True
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(timeout)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        rc = self._terminate(timeout)
         # Children left in the group (e.g. a worker) go too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        return self.process.wait()
-
-    def __enter__(self) -> Service:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+        return rc
 
 
 def _spawn(name: str, cmd: Sequence[str], env: Mapping[str, str], log_dir: Path | None,

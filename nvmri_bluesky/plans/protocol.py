@@ -89,7 +89,7 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     cw_gradient_gauss_per_nm : float
         Field gradient at which the CW slice is measured, G/nm.
     line_half_nm : float
-        Half-length of the lock lines, nm.
+        Half-length of the lock lines (2 nm steps), nm.
     shots : int
     md : dict, optional
 
@@ -103,7 +103,7 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
         measurement name -> run uid.
     """
     uids: dict[str, str] = {}
-    n = int(2 * line_half_nm) + 1
+    n = int(line_half_nm) + 1                                  # 2 nm steps
     line = (-line_half_nm, line_half_nm, n)
     uids["gradient_line"], grad_line = yield from take(rasters.psf_map(
         devices, x=(0.0, 0.0, 1), y=line, z=ramsey_height_nm, mw_frequency_hz=mw_frequency_hz,
@@ -168,8 +168,11 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
        retracted (the dark-spin line gamma |B0| follows from them).
     2. Tip-free DEER evolution on that line: the coupling |nu|, hence tau.
     3. Tip-free DEER spectrum at that tau: the line centre and width.
-    4. DEER raster with the per-point lock, RF offset and window designed
-       from the measured map so any spin in the prior box shows its ring.
+    4. Survey: a coarse DEER raster (per-point lock), RF offset and window
+       designed from the measured map so any spin in the prior box shows
+       its ring; the spins are localised from it.
+    5. Fine DEER raster, two planes, over the rings of the spins found (the
+       reconstruction fits both rasters jointly).
 
     Parameters
     ----------
@@ -189,7 +192,7 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
         measurement -> uid.
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.localize import fit_deer_evolution
+    from nvmri_bluesky.reconstruct.localize import fit_deer_evolution, localize_spins
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
     uids: dict[str, str] = {}
@@ -207,12 +210,26 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
         tau_s=tau, mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
         md={"measurement": "deer_spectrum", **(md or {})}))
     _, line = fit_deer_spectrum(spectrum)
-    raster = design.design_spin_raster(detuning, line.centre_hz, tau)
-    uids["deer_raster"], _ = yield from take(rasters.deer_raster(
-        devices, x=raster.x, y=raster.y, z=raster.z[0], rf_frequency_hz=raster.rf_frequency_hz,
-        tau_s=tau, mw_frequency_hz=f_plus0, shots=raster.shots,
-        md={"measurement": "deer_raster", **(md or {})}))
+    survey = design.design_spin_raster(detuning, line.centre_hz, tau,
+                                       step_nm=design.SPIN_SURVEY_STEP_NM)
+    uids["deer_survey"], survey_data = yield from take(_deer_raster(
+        devices, survey, f_plus0, {"measurement": "deer_survey", **(md or {})}))
+    found = localize_spins(survey_data, detuning, line)
+    fine = design.design_fine_raster(detuning, survey, [s.offset_nm for s in found.spins],
+                                     line.fwhm_hz)
+    if fine is not None:
+        uids["deer_raster"], _ = yield from take(_deer_raster(
+            devices, fine, f_plus0, {"measurement": "deer_raster", **(md or {})}))
     return uids
+
+
+def _deer_raster(devices: Any, raster: Any, mw_frequency_hz: float, md: dict) -> Generator:
+    """The locked DEER raster of a :class:`~nvmri_bluesky.reconstruct.protocol.RasterDesign`."""
+    z = raster.z
+    return rasters.deer_raster(
+        devices, x=raster.x, y=raster.y, z=(z[0], z[-1], len(z)) if len(z) > 1 else z[0],
+        rf_frequency_hz=raster.rf_frequency_hz, tau_s=raster.tau_s,
+        mw_frequency_hz=mw_frequency_hz, shots=raster.shots, md=md)
 
 
 def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
@@ -256,11 +273,8 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
         md={"measurement": "deer_spectrum", **(md or {})}))
     _, line = fit_deer_spectrum(spectrum, model="bath")
     raster = design.design_layer_raster(detuning, line.centre_hz)
-    planes = raster.z
-    uids["deer_raster"], _ = yield from take(rasters.deer_raster(
-        devices, x=raster.x, y=raster.y, z=(planes[0], planes[-1], len(planes)),
-        rf_frequency_hz=raster.rf_frequency_hz, tau_s=raster.tau_s, mw_frequency_hz=f_plus0,
-        shots=raster.shots, md={"measurement": "deer_raster", **(md or {})}))
+    uids["deer_raster"], _ = yield from take(_deer_raster(
+        devices, raster, f_plus0, {"measurement": "deer_raster", **(md or {})}))
     uids["deer_decay"], _ = yield from take(sweeps.deer_evolution(
         devices, design.LAYER_EVOLUTION_TAUS_S, rf_frequency_hz=line.centre_hz,
         mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,

@@ -40,6 +40,7 @@ from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
 
 __all__ = [
     "SPIN_PSF_MAP", "SPIN_PLANE_NM", "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM", "SPIN_SHOTS",
+    "SPIN_SURVEY_STEP_NM", "SPIN_FINE_PLANES_NM", "design_fine_raster",
     "SPECTRUM_SHOTS", "SPECTRUM_SPAN_HZ", "SPECTRUM_POINTS", "EVOLUTION_TAUS_S",
     "LAYER_PSF_MAP", "LAYER_PLANES_NM", "LAYER_STEP_NM", "LAYER_TAU_S", "LAYER_SHOTS",
     "LAYER_EVOLUTION_TAUS_S", "LAYER_EVOLUTION_SHOTS", "RasterDesign", "design_spin_raster",
@@ -49,18 +50,25 @@ __all__ = [
 PRIOR_LATERAL_NM = 8.0
 PRIOR_DZ_NM = (-6.0, 2.0)
 
-SPIN_PSF_MAP = {"x": (-32.0, 72.0, 14), "y": (-48.0, 48.0, 13), "z": (25.0, 40.0, 6)}
-"""PSF map for single spins: (start, stop, num) per axis, nm (8 nm lateral, 3 nm vertical).
+SPIN_PSF_MAP = {"x": (-32.0, 72.0, 14), "y": (-48.0, 48.0, 13), "z": (25.0, 40.0, 4)}
+"""PSF map for single spins: (start, stop, num) per axis, nm (8 nm lateral, 5 nm vertical).
 
 The tip field varies on the scale of the apex-NV distance (> 60 nm from the
 sphere's centre), so the cubic spline through this grid reproduces the exact
-detuning to 18 kHz rms (6 pm in position at worst) over the region the spin
-fit uses (docs/reconstruction.md); a finer map would only add time."""
+detuning to 53 kHz rms (16 pm in position at worst, 5 pm rms) over the region
+the spin fit uses; on 12 synthetic spins the offsets' errors / sigma are the
+same as with 3 nm vertical steps (docs/reconstruction.md)."""
 SPIN_PLANE_NM = 30.0
 """Apex height of the single-spin DEER plane, nm."""
 SPIN_TOP_MARGIN_NM = 7.5
 """The resonant dome's top sits this far above the DEER plane, nm (dz = -6 spins still ring)."""
-SPIN_STEP_NM = 2.0
+SPIN_STEP_NM = 2.5
+"""Lateral step of the fine single-spin DEER raster, nm."""
+SPIN_SURVEY_STEP_NM = 4.0
+"""Lateral step of the survey DEER raster that finds the spins (its ring is
+~1-2 nm thick and 12-50 nm across: a 4 nm lattice crosses it many times), nm."""
+SPIN_FINE_PLANES_NM = (0.0, 2.0)
+"""Planes of the fine raster, nm above :data:`SPIN_PLANE_NM`."""
 """Lateral step of the single-spin DEER raster, nm."""
 SPIN_SHOTS = 200_000
 """Shots per gate and point, single-spin raster."""
@@ -194,6 +202,69 @@ def design_spin_raster(detuning: DetuningInterpolant, f_dark0_hz: float, tau_s: 
                         y=axis_spec(yc - hy, yc + hy, step_nm), z=(float(z_plane_nm),),
                         rf_frequency_hz=f_dark0_hz + offset, rf_offset_hz=offset,
                         tau_s=float(tau_s), shots=int(shots))
+
+
+def design_fine_raster(detuning: DetuningInterpolant, survey: RasterDesign,
+                       offsets_nm: ArrayLike, fwhm_hz: float, step_nm: float = SPIN_STEP_NM,
+                       planes_nm: ArrayLike = SPIN_FINE_PLANES_NM, width_fwhm: float = 2.0,
+                       margin_nm: float = 2.0) -> RasterDesign | None:
+    """Fine DEER raster over the resonant rings of the spins a survey found.
+
+    The ring of a spin at offset r' on a plane is where the RF is within
+    ``width_fwhm`` line widths of resonance, |Delta f_dark(t - r') - offset| <=
+    width_fwhm * fwhm_hz.  The window is the bounding box of every spin's
+    ring on every plane, grown by ``margin_nm`` (room for the survey's
+    position error) and kept inside the survey's window.
+
+    Parameters
+    ----------
+    detuning : DetuningInterpolant
+        Measured Delta f_dark map.
+    survey : RasterDesign
+        The survey raster (RF, tau, shots and window are kept).
+    offsets_nm : array_like, (n, 3)
+        Spin offsets from the NV found in the survey, nm.
+    fwhm_hz : float
+        Width of the tip-free dark-spin line (its flip probability), Hz.
+    step_nm : float
+        Lateral step, nm.
+    planes_nm : array_like
+        Planes above the survey's plane, nm.
+    width_fwhm, margin_nm : float
+
+    Returns
+    -------
+    RasterDesign or None
+        None if no ring falls inside the survey's window.
+    """
+    offsets = np.atleast_2d(np.asarray(offsets_nm, float))
+    z_planes = tuple(float(survey.z[0] + dz) for dz in np.atleast_1d(planes_nm))
+    xs = np.arange(survey.x[0], survey.x[1] + 1e-9, 0.25)
+    ys = np.arange(survey.y[0], survey.y[1] + 1e-9, 0.25)
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    ring = np.zeros(gx.shape, bool)
+    for z in z_planes:
+        tips = np.stack([gx, gy, np.full_like(gx, z)], -1)
+        for r in offsets:
+            values = detuning(tips - r)
+            ring |= np.abs(np.nan_to_num(values, nan=np.inf) - survey.rf_offset_hz) \
+                <= width_fwhm * fwhm_hz
+    if not ring.any():
+        return None
+    inside = np.argwhere(ring)
+
+    def axis(values: NDArray, lo_i: int, hi_i: int, bounds: tuple[float, float, int]
+             ) -> tuple[float, float, int]:
+        lo = max(values[lo_i] - margin_nm, bounds[0])
+        hi = min(values[hi_i] + margin_nm, bounds[1])
+        lo = step_nm * np.floor(lo / step_nm)
+        return axis_spec(lo, max(hi, lo + 3 * step_nm), step_nm)
+
+    return RasterDesign(x=axis(xs, inside[:, 0].min(), inside[:, 0].max(), survey.x),
+                        y=axis(ys, inside[:, 1].min(), inside[:, 1].max(), survey.y),
+                        z=z_planes, rf_frequency_hz=survey.rf_frequency_hz,
+                        rf_offset_hz=survey.rf_offset_hz, tau_s=survey.tau_s,
+                        shots=survey.shots)
 
 
 def design_layer_raster(detuning: DetuningInterpolant, f_dark0_hz: float,

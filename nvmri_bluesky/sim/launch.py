@@ -301,7 +301,71 @@ def search_pv(pvname: str, port: int, timeout: float = 0.25) -> bool:
 
 # ---------------------------------------------------------------- the IOC process
 
-class IocHandle:
+class ProcessHandle:
+    """A subprocess started here with its output in a log file; a context manager
+    that stops it on exit.
+
+    Attributes
+    ----------
+    process : subprocess.Popen
+    log_path : Path
+        Its combined stdout and stderr.
+    """
+
+    def __init__(self, process: subprocess.Popen, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+        self._stopped = False
+
+    @property
+    def pid(self) -> int:
+        """Process id."""
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.process.poll() is None
+
+    def _state(self) -> str:
+        return "running" if self.alive else f"exited {self.process.returncode}"
+
+    def _log_lines(self, lines: int) -> list[str]:
+        """The last ``lines`` non-empty lines of the log (none if unreadable)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return [ln for ln in text.splitlines() if ln.strip()][-lines:]
+
+    def _send(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def _terminate(self, timeout: float) -> int:
+        """SIGINT, then SIGTERM, then SIGKILL (``timeout`` s each) until it exits."""
+        self._stopped = True
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            if self.process.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                self._send(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+        return self.process.wait()
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Stop the process; return its exit code."""
+        return self.process.returncode if self._stopped else self._terminate(timeout)
+
+    def __enter__(self) -> ProcessHandle:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class IocHandle(ProcessHandle):
     """A running simulated IOC subprocess; a context manager that stops it on exit.
 
     Attributes
@@ -325,25 +389,12 @@ class IocHandle:
         self.port = port
         self.scenario = scenario
         self.time_scale = time_scale
-        self.process = process
         self.workdir = workdir
-        self.log_path = workdir / "ioc.log"
-        self._stopped = False
+        super().__init__(process, workdir / "ioc.log")
 
     def __repr__(self) -> str:
-        state = "running" if self.alive else f"exited {self.process.returncode}"
         return (f"IocHandle(prefix={self.prefix!r}, port={self.port}, "
-                f"scenario={getattr(self.scenario, 'name', self.scenario)!r}, {state})")
-
-    @property
-    def pid(self) -> int:
-        """Process id of the IOC."""
-        return self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        """True while the IOC process runs."""
-        return self.process.poll() is None
+                f"scenario={getattr(self.scenario, 'name', self.scenario)!r}, {self._state()})")
 
     def pv(self, suffix: str) -> str:
         """Full PV name for ``suffix`` (e.g. ``"PG:STATUS"``)."""
@@ -351,12 +402,7 @@ class IocHandle:
 
     def log_tail(self, lines: int = 8) -> str:
         """Last ``lines`` non-empty lines of the IOC's output, joined with `` | ``."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        tail = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
-        return " | ".join(tail)[-1500:]
+        return " | ".join(ln.strip() for ln in self._log_lines(lines))[-1500:]
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """Stop the IOC: SIGINT, then SIGTERM, then SIGKILL; return its exit code."""
@@ -365,24 +411,9 @@ class IocHandle:
                 del _live[self.port]
         if self._stopped:
             return self.process.returncode
-        self._stopped = True
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            if self.process.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        rc = self.process.wait()
+        rc = self._terminate(timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
         return rc
-
-    def __enter__(self) -> IocHandle:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def _choose_port(port: int | None) -> int:
