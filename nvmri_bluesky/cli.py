@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=None,
                    help="PV prefix of a running instrument (default: start the simulator)")
     p.add_argument("--quick", action="store_true", help="a reduced (faster) protocol")
-    p.add_argument("--jobs", type=int, default=3,
-                   help="samples measured at once, each with its own IOC (default 3)")
+    p.add_argument("--jobs", type=int, default=4,
+                   help="samples measured at once, each with its own IOC (default 4)")
     p.add_argument("--steps", default=None,
                    help="comma-separated protocol steps: calibration,spins,layers "
                         "(default: each sample's own)")

@@ -56,7 +56,7 @@ def _sample_name(source: str, prefix: str | None) -> str:
 def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
         catalog: str | None = None, prefix: str | None = None, api_key: str | None = None,
         quick: bool = False, steps: tuple[str, ...] | None = None,
-        jobs: int = 3) -> dict[str, Any]:
+        jobs: int = 4) -> dict[str, Any]:
     """Run the protocol on every sample, reconstruct from the catalog, write the report.
 
     Parameters

@@ -50,14 +50,15 @@ __all__ = [
 PRIOR_LATERAL_NM = 8.0
 PRIOR_DZ_NM = (-6.0, 2.0)
 
-SPIN_PSF_MAP = {"x": (-32.0, 72.0, 14), "y": (-48.0, 48.0, 13), "z": (25.0, 40.0, 4)}
-"""PSF map for single spins: (start, stop, num) per axis, nm (8 nm lateral, 5 nm vertical).
+SPIN_PSF_MAP = {"x": (-32.0, 68.0, 11), "y": (-50.0, 50.0, 11), "z": (25.0, 40.0, 4)}
+"""PSF map for single spins: (start, stop, num) per axis, nm (10 nm lateral, 5 nm vertical).
 
 The tip field varies on the scale of the apex-NV distance (> 60 nm from the
 sphere's centre), so the cubic spline through this grid reproduces the exact
-detuning to 53 kHz rms (16 pm in position at worst, 5 pm rms) over the region
-the spin fit uses; on 12 synthetic spins the offsets' errors / sigma are the
-same as with 3 nm vertical steps (docs/reconstruction.md)."""
+detuning to ~5 pm rms in position (tests/test_reconstruct_psf.py) over the
+region the spin fit uses; on 12 synthetic spins the offsets' errors / sigma
+are the same as with an 8 nm / 5 nm or a 4 nm / 3 nm grid
+(docs/reconstruction.md)."""
 SPIN_PLANE_NM = 30.0
 """Apex height of the single-spin DEER plane, nm."""
 SPIN_TOP_MARGIN_NM = 7.5
