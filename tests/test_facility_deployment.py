@@ -270,11 +270,14 @@ def test_pause_resume_stop_and_abort_over_the_api(deployment: SimpleNamespace,
     from bluesky_queueserver_api import BPlan
 
     rm = deployment.manager.api("operator", "olga")
-    long_raster = BPlan("deer_raster", x=[-20, 20, 10], y=[-20, 20, 10], z=30.0,
+    # long enough (900 points, several seconds even at ~10 ms per point) that
+    # every pause lands mid-run
+    long_raster = BPlan("deer_raster", x=[-20, 20, 30], y=[-20, 20, 30], z=30.0,
                         rf_frequency_hz=DEER_RF_HZ)
     try:
         if not rm.status()["worker_environment_exists"]:
-            rm.environment_open()
+            if rm.status()["manager_state"] != "creating_environment":
+                rm.environment_open()
             rm.wait_for_idle(timeout=120)
         n_history = len(rm.history_get()["items"])
 
@@ -320,7 +323,7 @@ def test_pause_resume_stop_and_abort_over_the_api(deployment: SimpleNamespace,
             uid = result["run_uids"][0]
             rows, seq, stop = _stored_events(cat, uid)
             assert stop.get("exit_status") == status, stop
-            assert 0 < rows < 100 and stop["num_events"].get("primary") == rows
+            assert 0 < rows < 900 and stop["num_events"].get("primary") == rows
             assert sorted(seq) == list(range(1, rows + 1))
 
 
