@@ -15,6 +15,7 @@ imports ophyd: libca reads its environment once.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from contextlib import ExitStack
@@ -131,7 +132,10 @@ def _in_parallel(tasks: list[tuple], jobs: int) -> dict[str, dict[str, Any]]:
     context = multiprocessing.get_context("spawn")
     # the longest protocols first, so the workers finish together
     order = sorted(range(len(tasks)), key=lambda i: -sum(STEP_COST[s] for s in tasks[i][5]))
-    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
+    # workers log like this process (the CLI quiets bluesky's tracebacks unless --debug)
+    level = logging.getLogger("bluesky").level
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context,
+                             initializer=_log_level, initargs=(level,)) as pool:
         futures = {i: pool.submit(_sample, *tasks[i]) for i in order}
         try:
             return dict(futures[i].result() for i in range(len(tasks)))
@@ -140,6 +144,10 @@ def _in_parallel(tasks: list[tuple], jobs: int) -> dict[str, dict[str, Any]]:
                 f.cancel()
             _say("interrupted; runs so far are stored in the catalog")
             raise
+
+
+def _log_level(level: int) -> None:
+    logging.getLogger("bluesky").setLevel(level)
 
 
 def _sample(catalog: str, api_key: str | None, out: Path, source: str, prefix: str | None,
