@@ -105,13 +105,13 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
     location = catalog or str(out / "catalog")
     with open_catalog(location, api_key=api_key) as cat:
         # workers write to the same catalog: the embedded server's URI with its key
-        target = cat.server.uri_with_key if cat.server is not None else location
-        tasks = [(target, api_key, out, source, prefix, steps, quick, jobs > 1)
-                 for source, steps in samples]
-        if jobs == 1 or len(tasks) == 1:
-            parts = dict(_sample(*task) for task in tasks)
+        common = dict(catalog=cat.server.uri_with_key if cat.server is not None else location,
+                      api_key=api_key, out=out, prefix=prefix, quick=quick,
+                      shared_terminal=jobs > 1)
+        if jobs == 1 or len(samples) == 1:
+            parts = dict(_sample(source, steps, **common) for source, steps in samples)
         else:
-            parts = _in_parallel(tasks, jobs)
+            parts = _in_parallel(samples, common, jobs)
     from nvmri_bluesky.analysis import merge, table
 
     report = merge(parts, location)
@@ -123,22 +123,24 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
     return report
 
 
-def _in_parallel(tasks: list[tuple], jobs: int) -> dict[str, dict[str, Any]]:
-    """Run :func:`_sample` on every task in ``jobs`` fresh processes; sample -> part."""
+def _in_parallel(samples: list[tuple[str, tuple[str, ...]]], common: dict[str, Any],
+                 jobs: int) -> dict[str, dict[str, Any]]:
+    """:func:`_sample` of every (source, steps) in ``jobs`` fresh processes; sample -> part."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: each worker configures Channel Access before importing ophyd
     context = multiprocessing.get_context("spawn")
     # the longest protocols first, so the workers finish together
-    order = sorted(range(len(tasks)), key=lambda i: -sum(STEP_COST[s] for s in tasks[i][5]))
+    order = sorted(range(len(samples)),
+                   key=lambda i: -sum(STEP_COST[step] for step in samples[i][1]))
     # workers log like this process (the CLI quiets bluesky's tracebacks unless --debug)
     level = logging.getLogger("bluesky").level
-    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context,
+    with ProcessPoolExecutor(min(jobs, len(samples)), mp_context=context,
                              initializer=_log_level, initargs=(level,)) as pool:
-        futures = {i: pool.submit(_sample, *tasks[i]) for i in order}
+        futures = {i: pool.submit(_sample, *samples[i], **common) for i in order}
         try:
-            return dict(futures[i].result() for i in range(len(tasks)))
+            return dict(futures[i].result() for i in range(len(samples)))
         except KeyboardInterrupt:
             for f in futures.values():
                 f.cancel()
@@ -150,8 +152,8 @@ def _log_level(level: int) -> None:
     logging.getLogger("bluesky").setLevel(level)
 
 
-def _sample(catalog: str, api_key: str | None, out: Path, source: str, prefix: str | None,
-            steps: tuple[str, ...], quick: bool, shared_terminal: bool
+def _sample(source: str, steps: tuple[str, ...], *, catalog: str, api_key: str | None,
+            out: Path, prefix: str | None, quick: bool, shared_terminal: bool
             ) -> tuple[str, dict[str, Any]]:
     """Measure one sample (its own simulated IOC unless ``prefix``) and reconstruct it.
 

@@ -105,6 +105,14 @@ def _move_tip(RE: Any, nv: Any, position: tuple[float, float, float]) -> np.ndar
     return here
 
 
+def _tip_over_nv(fig4: Any, RE: Any) -> tuple[Any, physics.Instrument, np.ndarray, float]:
+    """Park the tip at TIP_NM: (devices, instrument, stage position, true f_nv there)."""
+    handle, nv = fig4
+    inst = handle.scenario.instrument()
+    here = _move_tip(RE, nv, TIP_NM)
+    return nv, inst, here, _true_f_nv(inst, here)
+
+
 def _populations(ds: Any, gate: str) -> np.ndarray:
     """Normalised ms=0 population of ``gate`` from its bright/dark references."""
     return np.asarray(physics.normalised_population(ds[gate], ds["bright"], ds["dark"]))
@@ -236,10 +244,7 @@ def run_docs(RE: Any) -> Callable[..., Docs]:
 
 @pytest.mark.timeout(120)
 def test_odmr_sweep_dip_at_f_nv(fig4: Any, RE: Any, run_docs: Any) -> None:
-    handle, nv = fig4
-    inst = handle.scenario.instrument()
-    here = _move_tip(RE, nv, TIP_NM)
-    f_nv = _true_f_nv(inst, here)
+    nv, inst, here, f_nv = _tip_over_nv(fig4, RE)
     fwhm = 1.0 / inst.tau_cw_s
     docs = run_docs(plans.odmr_sweep(nv, f_nv - 14e6, f_nv + 10e6, 17, shots=2_000_000))
     start, descriptors, events, stop = _split(docs)
@@ -265,10 +270,7 @@ def test_odmr_sweep_dip_at_f_nv(fig4: Any, RE: Any, run_docs: Any) -> None:
 
 @pytest.mark.timeout(120)
 def test_rabi_period_matches_mw_rabi_frequency(fig4: Any, RE: Any, run_docs: Any) -> None:
-    handle, nv = fig4
-    inst = handle.scenario.instrument()
-    here = _move_tip(RE, nv, TIP_NM)
-    f_nv = _true_f_nv(inst, here)
+    nv, inst, here, f_nv = _tip_over_nv(fig4, RE)
     power = float(nv.mw.power.get())
     rabi_hz = float(physics.rabi_from_power(power, pulses.MW_RABI_HZ))
     if power == 0.0:
@@ -295,10 +297,7 @@ def test_rabi_period_matches_mw_rabi_frequency(fig4: Any, RE: Any, run_docs: Any
 def test_ramsey_frequency_is_the_detuning(fig4: Any, RE: Any, run_docs: Any,
                                           mw_offset_hz: float) -> None:
     """Fringes at |f_nv - (f_mw + detuning)|: +1 MHz -> 3 MHz, -3 MHz -> 1 MHz (2 MHz sideband)."""
-    handle, nv = fig4
-    inst = handle.scenario.instrument()
-    here = _move_tip(RE, nv, TIP_NM)
-    f_nv = _true_f_nv(inst, here)
+    nv, inst, here, f_nv = _tip_over_nv(fig4, RE)
     detuning = 2e6
     f_mw = f_nv + mw_offset_hz
     expected = abs(f_nv - (f_mw + detuning))
@@ -320,11 +319,8 @@ def test_ramsey_frequency_is_the_detuning(fig4: Any, RE: Any, run_docs: Any,
 
 @pytest.mark.timeout(120)
 def test_echo_decays_with_t2_and_exponent(fig4: Any, RE: Any, run_docs: Any) -> None:
-    handle, nv = fig4
-    inst = handle.scenario.instrument()
+    nv, inst, here, f_nv = _tip_over_nv(fig4, RE)
     assert (inst.nv_t2_s, inst.nv_t2_exponent) == (20e-6, 1.5)
-    here = _move_tip(RE, nv, TIP_NM)
-    f_nv = _true_f_nv(inst, here)
     taus = np.array([1, 3, 6, 9, 12, 16, 20, 25, 30, 36]) * 1e-6
     docs = run_docs(plans.echo(nv, list(taus), f_nv, shots=10_000_000))
     start, descriptors, events, stop = _split(docs)
