@@ -113,6 +113,15 @@ def _tip_over_nv(fig4: Any, RE: Any) -> tuple[Any, physics.Instrument, np.ndarra
     return nv, inst, here, _true_f_nv(inst, here)
 
 
+def _assert_locked(data: dict, f_true: float, tolerance: float, where: str) -> None:
+    """An event's locked frequency and the MW it used are both within ``tolerance`` of f_nv."""
+    f_mw = data["lock_frequency"] - data["lock_error"]
+    assert abs(data["lock_frequency"] - f_true) < tolerance, (
+        f"{where}: locked {(data['lock_frequency'] - f_true) / 1e6:+.3f} MHz from f_nv")
+    assert abs(f_mw - f_true) < tolerance, (
+        f"{where}: MW {(f_mw - f_true) / 1e6:+.3f} MHz from f_nv")
+
+
 def _populations(ds: Any, gate: str) -> np.ndarray:
     """Normalised ms=0 population of ``gate`` from its bright/dark references."""
     return np.asarray(physics.normalised_population(ds[gate], ds["bright"], ds["dark"]))
@@ -450,12 +459,8 @@ def test_deer_raster_lock_follows_drifting_apex(make_ioc: Any, RE: Any, run_docs
         stage = np.array([d["stage_x"], d["stage_y"], d["stage_z"]])
         np.testing.assert_allclose(stage_at_acq, stage, atol=1e-6)   # the clock saw the moves
         f_true = _true_f_nv(inst, physics.apex_with_drift(stage, drift, t_acq))
-        f_mw = d["lock_frequency"] - d["lock_error"]
-        where = f"point {np.round(stage, 2)} at t = {t_acq:.0f} s"
-        assert abs(d["lock_frequency"] - f_true) < tolerance, (
-            f"{where}: locked {(d['lock_frequency'] - f_true) / 1e6:+.3f} MHz from f_nv")
-        assert abs(f_mw - f_true) < tolerance, (
-            f"{where}: MW {(f_mw - f_true) / 1e6:+.3f} MHz from f_nv")
+        _assert_locked(d, f_true, tolerance,
+                       f"point {np.round(stage, 2)} at t = {t_acq:.0f} s")
         drift_effect = max(drift_effect, abs(_true_f_nv(inst, stage) - f_true))
     # The test discriminates: the readback alone would be far outside the tolerance.
     assert drift_effect > 5 * tolerance, drift_effect
@@ -497,12 +502,8 @@ def test_lock_reacquires_after_frequency_jump(make_ioc: Any, RE: Any, run_docs: 
         jumped += bool(shift)
         f_true = _true_f_nv(inst, stage, shift)
         assert abs(_true_f_nv(inst, stage, jump_hz) - _true_f_nv(inst, stage)) > 0.9 * jump_hz
-        f_mw = d["lock_frequency"] - d["lock_error"]
-        where = f"point {np.round(stage, 2)} (acquisition {k}, jumped: {bool(shift)})"
-        assert abs(d["lock_frequency"] - f_true) < tolerance, (
-            f"{where}: locked {(d['lock_frequency'] - f_true) / 1e6:+.3f} MHz from f_nv")
-        assert abs(f_mw - f_true) < tolerance, (
-            f"{where}: MW {(f_mw - f_true) / 1e6:+.3f} MHz from f_nv")
+        _assert_locked(d, f_true, tolerance,
+                       f"point {np.round(stage, 2)} (acquisition {k}, jumped: {bool(shift)})")
         if not shift:           # (a new plane's first point may need one, too)
             before_jump = d["lock_reacquisitions"]
     assert 0 < jumped < len(events)
