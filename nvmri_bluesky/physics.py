@@ -65,7 +65,7 @@ class Instrument:
     contrast_cw: float = 0.15
     cw_count_rate_hz: float = 100e3
     tip_radius_nm: float = 30.0
-    tip_moment_am2: float = 3.63e-17
+    tip_moment_am2: float = 4.3e-17
     dark_t2_star_s: float = 150e-9
     rf_pi_s: float = 100e-9
     z_min_nm: float = Z_MIN_NM
@@ -116,7 +116,7 @@ def _tip_offset_m(points_nm: ArrayLike, apex_nm: ArrayLike, radius_nm: float) ->
 
 
 def tip_field(points_nm: ArrayLike, apex_nm: ArrayLike, radius_nm: float = 30.0,
-              moment_am2: float = 3.63e-17) -> NDArray:
+              moment_am2: float = 4.3e-17) -> NDArray:
     """Field of the magnetised-sphere tip (moment along +z), outside the sphere.
 
     Parameters
@@ -144,7 +144,7 @@ def tip_field(points_nm: ArrayLike, apex_nm: ArrayLike, radius_nm: float = 30.0,
 
 
 def tip_gradient(points_nm: ArrayLike, apex_nm: ArrayLike, axis: ArrayLike,
-                 radius_nm: float = 30.0, moment_am2: float = 3.63e-17) -> NDArray:
+                 radius_nm: float = 30.0, moment_am2: float = 4.3e-17) -> NDArray:
     """Gradient of the tip field's component along ``axis``, d(B_tip . n)/dr.
 
     The gradient with respect to the tip position is the negative of this;

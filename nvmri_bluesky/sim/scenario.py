@@ -10,7 +10,7 @@ line naming the key.  Example (every key shown)::
      "nv": {"depth_nm": 10.0, "axis_deg": [54.74, 0.0], "t2_star_us": 2.0,
             "t2_us": 20.0, "t2_exponent": 1.5, "photons_per_shot": 0.03,
             "contrast": 0.30},
-     "tip": {"radius_nm": 30.0, "moment_am2": 3.63e-17,
+     "tip": {"radius_nm": 30.0, "moment_am2": 4.3e-17,
              "drift_nm_per_s": [0.0, 0.0, 0.0]},
      "dark_spins": {"t2_star_ns": 150.0,
                     "points": [{"x_nm": 4.0, "y_nm": 5.1, "z_nm": -13.65}],
