@@ -103,12 +103,35 @@ def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
     return {"report": layer_report(image, decay), "deer": deer, "image": image}
 
 
+def instrument_time_part(cat: Any, sample: str, uids: dict[str, str]) -> dict[str, Any]:
+    """``instrument_time_s`` of one sample: per run (from its stop document) and the sum, s.
+
+    Runs whose stop document carries no ``instrument_time_s`` (taken without an
+    :class:`~nvmri_bluesky.plans.accounting.InstrumentClock`) are None and left
+    out of the sums.
+    """
+    runs: dict[str, float | None] = {}
+    for measurement, uid in uids.items():
+        stop = cat.run(uid).metadata.get("stop") or {}
+        runs[f"{sample}/{measurement}"] = stop.get("instrument_time_s")
+    total = float(sum(t for t in runs.values() if t is not None))
+    return {"total": total, "samples": {sample: total}, "runs": runs}
+
+
+def _merge_instrument_time(into: dict[str, Any], part: dict[str, Any]) -> None:
+    into["total"] = into.get("total", 0.0) + part["total"]
+    for key in ("samples", "runs"):
+        into.setdefault(key, {}).update(part[key])
+
+
 def _empty_report(location: str) -> dict[str, Any]:
     nan = quantity(float("nan"), float("nan"))
     return {"scenario": "", "catalog": str(location), "runs": {},
             "gradient_gauss_per_nm": nan, "ramsey_fringe_period_nm": nan,
             "esr_slice_fwhm_nm": nan, "layers": [], "spins": [],
-            "resolution_nm": {"lateral": nan, "vertical": nan}}
+            "resolution_nm": {"lateral": nan, "vertical": nan},
+            "instrument_time_s": {"total": 0.0, "samples": {}, "runs": {}},
+            "sample_wall_s": {}}
 
 
 def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> dict[str, Any]:
@@ -133,7 +156,8 @@ def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> di
     """
     from nvmri_bluesky import figures
 
-    part: dict[str, Any] = {"runs": {f"{sample}/{m}": u for m, u in uids.items()}}
+    part: dict[str, Any] = {"runs": {f"{sample}/{m}": u for m, u in uids.items()},
+                            "instrument_time_s": instrument_time_part(cat, sample, uids)}
     if "ramsey_line" in uids:
         part.update(calibration_report(cat, uids))
         figures.calibration(cat, uids, out / "fig2_calibration.png")
@@ -156,8 +180,10 @@ def merge(parts: dict[str, dict[str, Any]], location: str) -> dict[str, Any]:
     report["scenario"] = ", ".join(parts)
     for part in parts.values():
         for key, value in part.items():
-            if key == "runs":
+            if key in ("runs", "sample_wall_s"):
                 report[key].update(value)
+            elif key == "instrument_time_s":
+                _merge_instrument_time(report[key], value)
             elif key in ("layers", "spins"):
                 report[key] += value
             else:
@@ -223,10 +249,29 @@ def table(report: dict[str, Any]) -> str:
     for axis in ("lateral", "vertical"):
         rows.append((f"resolution {axis} (nm)", paper(f"resolution {axis}"),
                      _fmt(report["resolution_nm"][axis])))
+    rows += _time_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _hours(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 3600:.2f} h ({seconds:.0f} s)"
+
+
+def _time_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Instrument time (shots x program + travel) beside this run's wall time, per sample."""
+    times = report.get("instrument_time_s") or {}
+    walls = report.get("sample_wall_s") or {}
+    rows = [(f"instrument time, {sample} (wall {walls[sample]:.0f} s)" if sample in walls
+             else f"instrument time, {sample}", "-", _hours(t))
+            for sample, t in (times.get("samples") or {}).items()]
+    if times.get("samples"):
+        wall = report.get("elapsed_s")
+        rows.append(("instrument time, total" + (f" (wall {wall:.0f} s)" if wall else ""), "-",
+                     _hours(times.get("total"))))
+    return rows
 
 
 def _related_runs(cat: Any, start: dict[str, Any]) -> dict[str, str]:

@@ -177,9 +177,11 @@ def _sample(source: str, steps: tuple[str, ...], *, catalog: str, api_key: str |
             if prefix is None:
                 ioc = stack.enter_context(launch.start_ioc(source, time_scale=0.0))
                 sample_prefix = ioc.prefix
+            t0 = time.monotonic()
             uids = _measure(cat, out, sample_prefix, name, steps, quick, shared_terminal)
+            wall_s = round(time.monotonic() - t0, 1)
         _say(f"== {name}: reconstructing from the catalog")
-        return name, analyse_sample(cat, name, uids, out)
+        return name, {**analyse_sample(cat, name, uids, out), "sample_wall_s": {name: wall_s}}
 
 
 def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...],
@@ -191,9 +193,11 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
     from nvmri_bluesky.callbacks import LiveSlices, Progress
     from nvmri_bluesky.devices import make_devices
     from nvmri_bluesky.plans import protocol
+    from nvmri_bluesky.plans.accounting import InstrumentClock
 
     nv = make_devices(prefix)
     RE = RunEngine({"scenario": name}, call_returns_result=True)
+    InstrumentClock(nv).attach(RE)                     # first: every stop carries the time
     RE.subscribe(Progress(label=name, interval_s=5.0, inline=False) if shared_terminal
                  else Progress())
     RE.subscribe(LiveSlices(out_dir=out / "live" / name))

@@ -3,3 +3,7 @@ from nvmri_bluesky.devices import make_devices
 
 nv = make_devices(os.environ.get("NVMRI_PREFIX", "NVMRI:"))  # noqa: F821
 stage, mw, rf, pulser, counter, health = nv.stage, nv.mw, nv.rf, nv.pulser, nv.counter, nv.health
+# Every run's stop document carries its instrument time (before any other subscription).
+from nvmri_bluesky.plans.accounting import InstrumentClock
+
+InstrumentClock(nv).attach(RE)  # noqa: F821  (RE from 00-base.py)
