@@ -22,6 +22,7 @@ from nvmri_bluesky.reconstruct.counts import deer_contrast_dataset
 from nvmri_bluesky.reconstruct.fig2 import (
     cw_slice_fwhm,
     field_gradient_map,
+    fringe_gradient,
     ramsey_local_periods,
     shortest_fringe_period,
 )
@@ -51,9 +52,10 @@ def calibration(cat: Any, uids: dict[str, str], path: Path) -> Path:
     line = load_run(cat, uids["gradient_line"])
     y = line["y"].values
     grads = field_gradient_map(line, along="y")
-    ax1.plot(y, grads["dbpar"].values.ravel(), "k-", lw=1.2, label="dB_par/dy (both transitions)")
+    ax1.plot(y, grads["dbpar"].values.ravel(), "k-", lw=1.2,
+             label="exact dB_par/dy, both transitions\n(field_gradient_gauss_per_nm)")
     ax1.plot(y, grads["dfplus_equiv"].values.ravel(), "C0--", lw=1,
-             label="(df+/dy)/gamma (what fringes see)")
+             label="(df+/dy)/gamma, linear Zeeman: what the\nfringes give (gradient_gauss_per_nm)")
     ax1.set_xlabel("tip y (nm), x = 0, apex 30 nm")
     ax1.set_ylabel("gradient (G/nm)")
     ax1.legend(fontsize=7)
@@ -63,10 +65,12 @@ def calibration(cat: Any, uids: dict[str, str], path: Path) -> Path:
     p0 = np.ravel(physics.normalised_population(ramsey["ramsey"].values,
                                                 ramsey["bright"].values, ramsey["dark"].values))
     period, sigma, _ = shortest_fringe_period(ramsey_local_periods(ramsey["y"].values, p0))
+    grad, grad_sigma = fringe_gradient(period, sigma, float(ramsey.attrs["tau_s"]))
     ax2.plot(ramsey["y"].values, p0, ".-", ms=3, lw=0.6)
     ax2.set_xlabel("tip y (nm)")
     ax2.set_ylabel("Ramsey P0")
-    ax2.set_title(f"Fig. 2a fringes: period {10 * period:.2f} +/- {10 * sigma:.2f} A")
+    ax2.set_title(f"Fig. 2a fringes: period {10 * period:.2f} +/- {10 * sigma:.2f} A\n"
+                  f"-> {grad:.2f} +/- {grad_sigma:.2f} G/nm (linear Zeeman)", fontsize=10)
 
     cw = load_run(cat, uids["cw_slice"])
     x = cw["x"].values

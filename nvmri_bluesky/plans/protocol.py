@@ -69,7 +69,7 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     """Fig. 2: tip gradient, Ramsey fringe period and CW-ESR slice width.
 
     1. Two-transition lock line along y through the NV's lateral position
-       (x = 0) at ``ramsey_height_nm``: B_par(y) and where its gradient peaks.
+       (x = 0) at ``ramsey_height_nm``: B_par(y), f+(y), and where f+ is steepest.
     2. Ramsey line (tau = ``ramsey_tau_s``) across that point at the NV
        frequency locked there: the fringes.
     3. Two-transition lock line along x at ``cw_height_nm``: where the field
@@ -111,7 +111,8 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     y = grad_line["y"].values
     f_plus = grad_line["lock_frequency"].values.ravel()
     grads = field_gradient_map(grad_line, along="y")
-    i_peak = int(np.nanargmax(np.abs(grads["dbpar"].values.ravel()[1:-1]))) + 1
+    # the fringes follow f+: centre the Ramsey line where f+ is steepest (physics.md Fig. 2a)
+    i_peak = int(np.nanargmax(np.abs(grads["dfplus_equiv"].values.ravel()[1:-1]))) + 1
     y_peak, f_peak = float(y[i_peak]), float(f_plus[i_peak])
     f_slope = abs(float(grads["dfplus_equiv"].values.ravel()[i_peak])) * 1e-4 * GAMMA_E
     period_guess = 1.0 / (ramsey_tau_s * max(f_slope, 1.0))

@@ -5,10 +5,12 @@
   fits a sinusoid with a linear chirp in sliding windows; the shortest local
   period and its sigma come from the window where it is shortest.  The implied
   gradient (physics.gradient_from_spatial_width) is 1/(gamma tau period).
-  Caveat (exact Hamiltonian, B0 just above the level anticrossing): the fringes
-  follow grad f+, which equals gamma grad(B_par) only for tip fields along the
-  NV axis; the number is an "f+-equivalent" gradient.  The true field gradient
-  comes from a two-transition (PSF) map: :func:`field_gradient_map`.
+  That is the paper's Fig. 2a gradient (report.json ``gradient_gauss_per_nm``).
+  With the exact Hamiltonian and B0 just above the level anticrossing the
+  fringes follow grad f+, which equals gamma grad(B_par) only for tip fields
+  along the NV axis: it is an "f+-equivalent" gradient.  The exact field
+  gradient (``field_gradient_gauss_per_nm``) comes from a two-transition
+  (PSF) map: :func:`field_gradient_map`.
 * CW-ESR slice (MW fixed, CW ODMR counts along a linecut): the dip in position
   is a Lorentzian of FWHM 1/(tau_cw gamma |grad|) where the gradient is
   constant across it; :func:`cw_slice_fwhm` fits it to the counts (Poisson

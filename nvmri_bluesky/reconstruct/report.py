@@ -69,7 +69,11 @@ def layer_report(image: LayerFit, decay: LayerFit | None = None) -> dict[str, Qu
 
 
 def ramsey_report(periods: LocalPeriods, tau_s: float) -> dict[str, Any]:
-    """``ramsey_fringe_period_nm`` (shortest local period) and its f+-equivalent gradient."""
+    """``ramsey_fringe_period_nm`` (shortest local period) and ``gradient_gauss_per_nm``.
+
+    The gradient is the paper's Fig. 2a number: what the period implies through
+    the linear Zeeman shift, 1 / (gamma_e tau period) (the f+-equivalent gradient).
+    """
     p, sp, _ = shortest_fringe_period(periods)
     g, sg = fringe_gradient(p, sp, tau_s)
     return {"ramsey_fringe_period_nm": quantity(p, sp),
@@ -77,7 +81,7 @@ def ramsey_report(periods: LocalPeriods, tau_s: float) -> dict[str, Any]:
 
 
 def gradient_report(gradient_g_per_nm: np.ndarray, sigma: float | None = None) -> Quantity:
-    """``gradient_gauss_per_nm`` from a true field-gradient map: the largest |value|.
+    """``field_gradient_gauss_per_nm`` from a true field-gradient map: the largest |value|.
 
     Parameters
     ----------
