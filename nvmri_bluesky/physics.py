@@ -30,7 +30,8 @@ __all__ = [
     "expected_counts", "spatial_width", "dark_spin_psf",
     "rabi_amplitude", "rabi_from_power", "cw_counts", "apex_with_drift",
     "dark_spin_frequency_from_transitions", "couplings_from_weight",
-    "gradient_from_spatial_width",
+    "gradient_from_spatial_width", "classical_deer_factor", "quantum_snr_gain",
+    "rms_coupling",
 ]
 
 GAMMA_E = 28.025e9
@@ -546,3 +547,58 @@ def gradient_from_spatial_width(tau_s: ArrayLike, width_nm: ArrayLike) -> NDArra
     inverse linewidth ``tau_s``) means |grad| = 1/(gamma_e tau w).
     """
     return 1.0 / (GAMMA_E * np.asarray(tau_s, float) * np.asarray(width_nm, float))
+
+
+def classical_deer_factor(nu_hz: ArrayLike, tau_s: ArrayLike) -> NDArray:
+    """DEER factor of a classical moment of random orientation, <cos(pi nu tau cos a)>.
+
+    Averaged over an isotropic direction (cos a uniform on [-1, 1]) it is
+    sin(x)/x with x = pi nu tau (``np.sinc(nu tau)``): it decays instead of
+    oscillating like a quantum spin-1/2's cos(pi nu tau) (physics.md, DEER).
+    """
+    return np.sinc(np.asarray(nu_hz, float) * np.asarray(tau_s, float))
+
+
+def quantum_snr_gain(nu_hz: float, t2_s: float = 20e-6, exponent: float = 1.5,
+                     tau_min_s: float = 0.0, tau_max_s: float = 30e-6,
+                     num: int = 6001) -> float:
+    """SNR gain of a quantum spin-1/2's DEER signal over a classical random moment.
+
+    Signal: the drop of the NV coherence the flipped spin causes,
+    E(tau) (1 - cos(pi nu tau)) for the quantum spin and
+    E(tau) (1 - sin(x)/x) for the classical moment (:func:`classical_deer_factor`),
+    each at its own best free time in [tau_min, tau_max] (the flip probability
+    multiplies both and cancels).  Noise: the photon shot noise of the same
+    shots, the same for both.  The gain is the ratio of the two best signals.
+
+    Parameters
+    ----------
+    nu_hz : float
+        NV-spin coupling, Hz.
+    t2_s, exponent : float
+        Echo decay E(tau) = exp(-(tau/T2)^n).
+    tau_min_s, tau_max_s : float
+        Free times allowed, s.
+    num : int
+        Grid points in tau.
+
+    Returns
+    -------
+    float
+    """
+    taus = np.linspace(max(tau_min_s, 1e-12), tau_max_s, num)
+    e = echo_coherence(taus, t2_s, exponent)
+    quantum = np.max(e * deer_weight(nu_hz, taus))
+    classical = np.max(e * (1.0 - classical_deer_factor(nu_hz, taus)))
+    return float(quantum / classical)
+
+
+def rms_coupling(nu_hz: ArrayLike, weight: ArrayLike = 1.0) -> float:
+    """Root-sum-square coupling of a bath, sqrt(sum_j w_j nu_j^2), Hz.
+
+    For a layer of density n (spins per nm^2) sampled by a quadrature of areas
+    A_j: w_j = n A_j.  It sets the bath's short-time DEER decay:
+    sum_j (1 - cos(pi nu_j tau)) -> (pi tau nu_rms)^2 / 2.
+    """
+    nu = np.asarray(nu_hz, float)
+    return float(np.sqrt(np.sum(np.asarray(weight, float) * nu**2)))

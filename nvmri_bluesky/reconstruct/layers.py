@@ -49,7 +49,7 @@ from nvmri_bluesky.reconstruct.psf import DarkSpinPSF, DetuningInterpolant, Flip
 
 __all__ = [
     "LayerFit", "layer_weights", "layer_integral", "layer_contrast", "layer_decay_integral",
-    "layer_decay", "fit_layer_image", "fit_layer_decay",
+    "layer_decay", "fit_layer_image", "fit_layer_decay", "layer_coupling_rate",
 ]
 
 _GATES = ("signal", "echo", "bright", "dark")
@@ -238,6 +238,18 @@ def layer_decay(tau_s: ArrayLike, height_nm: float, density_per_nm2: float,
     """Expected tip-free DEER contrast of a layer, 1 - exp(-n p0 J(tau; h))."""
     return 1.0 - np.exp(-density_per_nm2 * flip_probability
                         * layer_decay_integral(tau_s, height_nm, axis))
+
+
+def layer_coupling_rate(height_nm: float, density_per_nm2: float,
+                        axis: ArrayLike | None = None) -> float:
+    """NV-layer coupling rate: the rms coupling of the layer's spins, Hz.
+
+    physics.rms_coupling over the layer plane h above the NV with density n,
+    sqrt(n integral nu(rho)^2 d^2 rho); the layer's tip-free DEER decay starts
+    as 1 - exp(-p0 (pi tau nu_rms)^2 / 2).
+    """
+    nu, area = _decay_quadrature(height_nm, axis, None)
+    return physics.rms_coupling(nu, density_per_nm2 * area)
 
 
 @dataclass(frozen=True)
