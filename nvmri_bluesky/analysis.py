@@ -92,8 +92,8 @@ def spins_result(cat: Any, uids: dict[str, str]) -> Any:
     detuning, line = _psf_and_line(cat, uids)
     coupling = fit_deer_evolution(load_run(cat, uids["deer_evolution"], ["deer_evolution"]))
     # the fine raster first: the fit's starts come from the first raster's deconvolution
-    deer = [load_run(cat, uids[m], ["deer_raster"]) for m in ("deer_raster", "deer_survey")
-            if m in uids]
+    deer = [load_run(cat, uids[m], ["deer_raster"])
+            for m in ("deer_raster", "deer_survey", "deer_zoom") if m in uids]
     return localize_spins(deer, detuning, line, coupling_hint=coupling), deer[0]
 
 

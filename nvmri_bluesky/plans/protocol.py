@@ -173,7 +173,10 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
        designed from the measured map so any spin in the prior box shows
        its ring; the spins are localised from it.
     5. Fine DEER raster, two planes, over the rings of the spins found (the
-       reconstruction fits both rasters jointly).
+       reconstruction fits the rasters jointly).
+    6. Zoom: a small, finely stepped DEER raster across the strongest spin's
+       ring on the highest plane where the map predicts the paper's
+       resolution (``design_zoom_raster``).
 
     Parameters
     ----------
@@ -221,6 +224,12 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
     if fine is not None:
         uids["deer_raster"], _ = yield from take(_deer_raster(
             devices, fine, f_plus0, {"measurement": "deer_raster", **(md or {})}))
+    if found.spins:
+        zoom = design.design_zoom_raster(detuning, survey, line.centre_hz,
+                                         found.spins[0].offset_nm, line.fwhm_hz)
+        if zoom is not None:
+            uids["deer_zoom"], _ = yield from take(_deer_raster(
+                devices, zoom, f_plus0, {"measurement": "deer_zoom", **(md or {})}))
     return uids
 
 

@@ -44,7 +44,9 @@ Resolution: the width of the resonant slice where the spin is imaged.  At
 every raster point where the spin's PSF is above half its maximum the
 measured map's gradient gives FWHM_f / |grad_xy Delta f_dark| (lateral) and
 FWHM_f / |d Delta f_dark/dz| (vertical), FWHM_f the measured line width;
-reported as the PSF-weighted mean and standard deviation over the slice.
+reported as the PSF-weighted mean and standard deviation over the slice, in
+the raster that images the spin with the finest lateral slice (with several
+rasters, e.g. the protocol's zoom raster at a lower apex).
 """
 
 from __future__ import annotations
@@ -670,7 +672,8 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         w, sw = float(spins[j, 3]), float(sig[base + 3])
         nu, snu, geo, branches = _coupling(off, w, sw, tau, ax,
                                            coupling_hint if n_spins == 1 else None)
-        lat, ver = _resolution(rasters[0].psf, rasters[0].tips, off)
+        lat, ver = min((_resolution(r.psf, r.tips, off) for r in rasters),
+                       key=lambda res: np.nan_to_num(res[0][0], nan=np.inf))
         fits.append(SpinFit(offset_nm=off, offset_sigma_nm=soff, weight=w, weight_sigma=sw,
                             coupling_hz=nu, coupling_sigma_hz=snu, coupling_geometric_hz=geo,
                             coupling_branches_hz=branches, resolution_lateral_nm=lat,

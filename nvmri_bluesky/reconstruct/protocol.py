@@ -41,6 +41,8 @@ from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
 __all__ = [
     "SPIN_PSF_MAP", "SPIN_PLANE_NM", "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM", "SPIN_SHOTS",
     "SPIN_SURVEY_STEP_NM", "SPIN_FINE_PLANES_NM", "design_fine_raster",
+    "SPIN_ZOOM_LATERAL_NM", "SPIN_ZOOM_VERTICAL_NM", "SPIN_ZOOM_STEP_NM", "SPIN_ZOOM_POINTS",
+    "SPIN_ZOOM_RING_FRACTION", "design_zoom_raster",
     "SPECTRUM_SHOTS", "SPECTRUM_SPAN_HZ", "SPECTRUM_POINTS", "EVOLUTION_TAUS_S",
     "LAYER_PSF_MAP", "LAYER_PLANES_NM", "LAYER_STEP_NM", "LAYER_TAU_S", "LAYER_SHOTS",
     "LAYER_EVOLUTION_TAUS_S", "LAYER_EVOLUTION_SHOTS", "RasterDesign", "design_spin_raster",
@@ -50,8 +52,12 @@ __all__ = [
 PRIOR_LATERAL_NM = 8.0
 PRIOR_DZ_NM = (-6.0, 2.0)
 
-SPIN_PSF_MAP = {"x": (-32.0, 68.0, 11), "y": (-50.0, 50.0, 11), "z": (25.0, 40.0, 4)}
+SPIN_PSF_MAP = {"x": (-32.0, 68.0, 11), "y": (-50.0, 50.0, 11), "z": (15.0, 40.0, 6)}
 """PSF map for single spins: (start, stop, num) per axis, nm (10 nm lateral, 5 nm vertical).
+
+Its two lowest planes (15, 20 nm) are there for the zoom raster
+(:func:`design_zoom_raster`), which images the spin where the gradient is
+steep enough for the paper's resolution.
 
 The tip field varies on the scale of the apex-NV distance (> 60 nm from the
 sphere's centre), so the cubic spline through this grid reproduces the exact
@@ -71,6 +77,19 @@ SPIN_SURVEY_STEP_NM = 4.0
 SPIN_FINE_PLANES_NM = (0.0, 2.0)
 """Planes of the fine raster, nm above :data:`SPIN_PLANE_NM`."""
 """Lateral step of the single-spin DEER raster, nm."""
+SPIN_ZOOM_LATERAL_NM = 0.6
+"""The zoom raster's plane is the highest one whose predicted lateral slice width at the
+spin's ring is at most this (the paper: 0.8 +/- 0.4 nm), nm."""
+SPIN_ZOOM_VERTICAL_NM = 1.0
+"""... and whose predicted vertical slice width is at most this (the paper: 1.5 nm), nm."""
+SPIN_ZOOM_STEP_NM = 0.3
+"""Step of the zoom raster (about half the slice width it resolves), nm."""
+SPIN_ZOOM_POINTS = 13
+"""Points per lateral axis of the zoom raster (a 3.6 nm square across the ring)."""
+SPIN_ZOOM_RING_FRACTION = 0.6
+"""The zoom raster's RF offset, as a fraction of the largest Delta f_dark the spin sees
+on its plane: the ring then lies on the dome's steep flank (lateral and vertical
+gradients both large; near the dome's top the lateral one vanishes)."""
 SPIN_SHOTS = 200_000
 """Shots per gate and point, single-spin raster."""
 SPECTRUM_SHOTS = 200_000
@@ -266,6 +285,98 @@ def design_fine_raster(detuning: DetuningInterpolant, survey: RasterDesign,
                         z=z_planes, rf_frequency_hz=survey.rf_frequency_hz,
                         rf_offset_hz=survey.rf_offset_hz, tau_s=survey.tau_s,
                         shots=survey.shots)
+
+
+def _zoom_plane(detuning: DetuningInterpolant, spin_nm: NDArray, z: float, fwhm_hz: float,
+                fraction: float, window_nm: float = 40.0,
+                grid_nm: float = 0.5
+                ) -> tuple[float, NDArray, float, float] | None:
+    """On plane z: (RF offset, the ring point of finest lateral slice, its lateral and
+    vertical slice widths in nm), or None if the map shows no ring there."""
+    b = detuning.bounds
+    xs = np.arange(max(b[0, 0] + spin_nm[0], spin_nm[0] - window_nm),
+                   min(b[0, 1] + spin_nm[0], spin_nm[0] + window_nm) + 1e-9, grid_nm)
+    ys = np.arange(max(b[1, 0] + spin_nm[1], spin_nm[1] - window_nm),
+                   min(b[1, 1] + spin_nm[1], spin_nm[1] + window_nm) + 1e-9, grid_nm)
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    tips = np.stack([gx, gy, np.full_like(gx, z)], -1)
+    values, grad = detuning.value_and_gradient(tips - spin_nm)
+    if not np.isfinite(values).any():
+        return None
+    offset = fraction * float(np.nanmax(values))
+    ring = np.abs(np.nan_to_num(values, nan=np.inf) - offset) <= 0.5 * fwhm_hz
+    if not ring.any():
+        return None
+    with np.errstate(divide="ignore"):
+        lateral = fwhm_hz / np.hypot(grad[..., 0], grad[..., 1])
+        vertical = fwhm_hz / np.abs(grad[..., 2])
+    lateral = np.where(ring, lateral, np.inf)
+    i = np.unravel_index(np.argmin(lateral), lateral.shape)
+    return offset, tips[i], float(lateral[i]), float(vertical[i])
+
+
+def design_zoom_raster(detuning: DetuningInterpolant, survey: RasterDesign, f_dark0_hz: float,
+                       offset_nm: ArrayLike, fwhm_hz: float,
+                       lateral_nm: float = SPIN_ZOOM_LATERAL_NM,
+                       vertical_nm: float = SPIN_ZOOM_VERTICAL_NM,
+                       step_nm: float = SPIN_ZOOM_STEP_NM, points: int = SPIN_ZOOM_POINTS,
+                       fraction: float = SPIN_ZOOM_RING_FRACTION,
+                       dz_prior_nm: tuple[float, float] = PRIOR_DZ_NM,
+                       plane_step_nm: float = 1.0) -> RasterDesign | None:
+    """A small, finely stepped DEER raster across the spin's ring, low enough to resolve it.
+
+    From the survey's plane down to the lowest apex the measured map allows
+    (every tip - r' of a spin in the prior box inside the map), the highest
+    plane on which the map predicts a lateral slice width <= ``lateral_nm``
+    and a vertical one <= ``vertical_nm`` at some point of the spin's ring
+    (RF offset ``fraction`` of the largest Delta f_dark there); the raster
+    is a ``points`` x ``points`` square of ``step_nm`` centred on that point.
+    If no plane reaches the targets, the lowest plane is used.
+
+    Parameters
+    ----------
+    detuning : DetuningInterpolant
+        Measured Delta f_dark map.
+    survey : RasterDesign
+        Tau and shots are kept.
+    f_dark0_hz : float
+        Tip-free dark-spin line, Hz.
+    offset_nm : array_like (3,)
+        The spin's offset from the NV (survey fit), nm.
+    fwhm_hz : float
+        Width of the measured flip line, Hz.
+    lateral_nm, vertical_nm, step_nm : float
+    points : int
+    fraction : float
+    dz_prior_nm : (lo, hi)
+        dz bounds of the offsets the fit searches, nm.
+    plane_step_nm : float
+        Spacing of the candidate planes, nm.
+
+    Returns
+    -------
+    RasterDesign or None
+        None if the map shows no ring on any candidate plane.
+    """
+    spin = np.asarray(offset_nm, float)
+    z_lowest = float(detuning.bounds[2, 0]) + dz_prior_nm[1]
+    best = None
+    for z in np.arange(survey.z[0], z_lowest - 1e-9, -plane_step_nm):
+        found = _zoom_plane(detuning, spin, float(z), fwhm_hz, fraction)
+        if found is None:
+            continue
+        best = (float(z), *found)
+        if found[2] <= lateral_nm and found[3] <= vertical_nm:
+            break
+    if best is None:
+        return None
+    z, offset, centre, _, _ = best
+    half = 0.5 * (points - 1) * step_nm
+    cx, cy = (float(np.round(c / 0.05) * 0.05) for c in centre[:2])
+    return RasterDesign(x=(round(cx - half, 3), round(cx + half, 3), points),
+                        y=(round(cy - half, 3), round(cy + half, 3), points), z=(z,),
+                        rf_frequency_hz=f_dark0_hz + offset, rf_offset_hz=offset,
+                        tau_s=survey.tau_s, shots=survey.shots)
 
 
 def design_layer_raster(detuning: DetuningInterpolant, f_dark0_hz: float,
