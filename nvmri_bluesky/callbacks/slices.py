@@ -3,7 +3,9 @@
 Rows are quantities (DEER contrast and NV detuning for a DEER raster; the two
 transitions for a PSF map; the normalised signal for Ramsey and CW-ESR
 rasters), columns are the z-planes of the grid, finished planes kept side by
-side.  Works in an interactive matplotlib session (redraws as events arrive)
+side.  A grid with one lateral row (a line along x or y: the Fig. 2 Ramsey
+and CW lines, the lock lines) is drawn as line plots, one curve per plane.
+Works in an interactive matplotlib session (redraws as events arrive)
 and headless (writes a PNG when the run stops, or on :meth:`save`).
 """
 
@@ -106,7 +108,11 @@ class LiveSlices(CallbackBase):
         self._planes = np.unique(np.linspace(0, nz - 1, min(nz, self.max_planes)).round()
                                  .astype(int))
         self._t_draw = 0.0
-        self._make_figure()
+        self._line = self._line_axis()
+        if self._line is None:
+            self._make_figure()
+        else:
+            self._make_line_figure()
 
     def event(self, doc: dict) -> None:
         if not self._active:
@@ -149,15 +155,61 @@ class LiveSlices(CallbackBase):
             out.append(min(max(i, 0), n - 1))
         return tuple(out)
 
-    def _make_figure(self) -> None:
-        nrow, ncol = len(self._q), len(self._planes)
-        size = (2.6 * ncol + 1.2, 2.5 * nrow + 0.6)
+    def _line_axis(self) -> int | None:
+        """1 (y) or 2 (x) if the grid is a line along that lateral axis, else None."""
+        ny, nx = self._shape[1], self._shape[2]
+        if ny > 1 and nx == 1:
+            return 1
+        if nx > 1 and ny == 1:
+            return 2
+        return None
+
+    def _new_figure(self, size: tuple[float, float]) -> Figure:
         if self._interactive:
             import matplotlib.pyplot as plt
 
-            self.figure = plt.figure(figsize=size, layout="constrained")
-        else:
-            self.figure = Figure(figsize=size, layout="constrained")
+            return plt.figure(figsize=size, layout="constrained")
+        return Figure(figsize=size, layout="constrained")
+
+    def _title(self) -> None:
+        plan = self._start.get("plan_name", "")
+        self.figure.suptitle(f"{plan}  {self._start.get('uid', '')[:8]}  "
+                             f"({self._start.get('scenario', 'instrument')})", fontsize=10)
+
+    def _line_values(self, r: int, plane: int) -> np.ndarray:
+        plane_data = self._data[r, plane]
+        return plane_data[:, 0] if self._line == 1 else plane_data[0, :]
+
+    def _make_line_figure(self) -> None:
+        """One axes per quantity, one curve per plane, along the line's axis."""
+        self.figure = self._new_figure((6.4, 2.4 * len(self._q) + 0.6))
+        axes = self.figure.subplots(len(self._q), 1, squeeze=False)[:, 0]
+        lo, hi = self._extents[self._line]
+        coord = np.linspace(lo, hi, self._shape[self._line])
+        heights = np.linspace(*self._extents[0], self._shape[0])
+        fixed = self._extents[3 - self._line][0]
+        name, other = ("y", "x") if self._line == 1 else ("x", "y")
+        self._curves = []
+        for ax, (title, _, _), r in zip(axes, self._q, range(len(self._q)), strict=True):
+            row = [ax.plot(coord, self._line_values(r, p), ".-", ms=3, lw=0.8,
+                           label=f"z = {heights[p]:.1f} nm")[0] for p in self._planes]
+            ax.set_ylabel(title, fontsize=8)
+            ax.set_xlabel(f"tip {name} (nm), {other} = {fixed:g} nm", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7)
+            self._curves.append((ax, row))
+        self._title()
+
+    def _draw_lines(self) -> None:
+        for r, (ax, row) in enumerate(self._curves):
+            for line, plane in zip(row, self._planes, strict=True):
+                line.set_ydata(self._line_values(r, plane))
+            ax.relim()
+            ax.autoscale_view()
+
+    def _make_figure(self) -> None:
+        nrow, ncol = len(self._q), len(self._planes)
+        self.figure = self._new_figure((2.6 * ncol + 1.2, 2.5 * nrow + 0.6))
         axes = self.figure.subplots(nrow, ncol, squeeze=False)
         (ylo, yhi), (xlo, xhi) = self._extents[1], self._extents[2]
         zlo, zhi = self._extents[0]
@@ -177,12 +229,12 @@ class LiveSlices(CallbackBase):
                 row.append(im)
             self.figure.colorbar(row[-1], ax=axes[r, :].tolist(), shrink=0.85, label=title)
             self._images.append(row)
-        plan = self._start.get("plan_name", "")
-        self.figure.suptitle(f"{plan}  {self._start.get('uid', '')[:8]}  "
-                             f"({self._start.get('scenario', 'instrument')})", fontsize=10)
+        self._title()
 
     def _draw(self) -> None:
-        for r, row in enumerate(self._images):
+        if self._line is not None:
+            self._draw_lines()
+        for r, row in enumerate(self._images if self._line is None else []):
             finite = self._data[r][np.isfinite(self._data[r])]
             lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
             for im, plane in zip(row, self._planes, strict=True):
