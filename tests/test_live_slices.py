@@ -52,3 +52,20 @@ def test_a_plane_is_an_image(tmp_path: Path):
     images = [im for ax in cb.figure.axes for im in ax.get_images()]
     assert len(images) == 1
     assert np.isfinite(np.asarray(images[0].get_array())).all()
+
+
+def test_odmr_sweep_draws_its_spectrum(tmp_path: Path):
+    f = np.linspace(6.20e9, 6.30e9, 51)
+    dip = 1.0 - 0.15 / (1.0 + ((f - 6.25e9) / 4.2e6) ** 2)
+    cb = LiveSlices(out_dir=tmp_path)
+    cw = [{"name": n, "pulses": []} for n in ("cw_0", "cw_1")]
+    cb("start", {"uid": "0dd0123456", "plan_name": "odmr_sweep",
+                 "programs": {"cw_odmr": {"name": "cw_odmr", "gates": cw}}})
+    for fi, d in zip(f, dip, strict=True):
+        cb("event", {"data": {"mw_frequency": fi, "counter_counts": [3000.0 * d, 3000.0]}})
+    cb("stop", {"exit_status": "success"})
+    (ax,) = cb.figure.axes
+    (line,) = ax.get_lines()
+    np.testing.assert_allclose(line.get_xdata(), f * 1e-9)
+    np.testing.assert_allclose(line.get_ydata(), dip, rtol=1e-12)
+    assert [p.name for p in cb.saved] == ["odmr_sweep_0dd01234.png"]

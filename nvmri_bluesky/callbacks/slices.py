@@ -69,6 +69,26 @@ def quantities(start: dict) -> list[Quantity]:
     return []
 
 
+SWEEPS = {"odmr_sweep": ("mw_frequency", "MW frequency (GHz)", 1e-9)}
+"""Plans without a grid drawn as a spectrum: plan -> (data key, axis label, scale)."""
+
+
+def _sweep_axis(start: dict) -> tuple[str, str, float] | None:
+    return None if start.get("grid") else SWEEPS.get(start.get("plan_name", ""))
+
+
+def sweep_quantities(start: dict) -> list[Quantity]:
+    """What to plot against the swept value of a plan in :data:`SWEEPS`."""
+    gate = _gate_index(start)
+    if start.get("plan_name") == "odmr_sweep" and {"cw_0", "cw_1"} <= set(gate):
+        def ratio(d: dict) -> float:
+            c = np.asarray(d["counter_counts"], float)
+            return float(c[gate["cw_0"]] / c[gate["cw_1"]])
+
+        return [("CW fluorescence I/I0", "", ratio)]
+    return []
+
+
 class LiveSlices(CallbackBase):
     """Images of a raster's quantities per z-plane, filled in as events arrive.
 
@@ -95,6 +115,10 @@ class LiveSlices(CallbackBase):
     # -- documents -------------------------------------------------------
     def start(self, doc: dict) -> None:
         grid = doc.get("grid")
+        self._sweep = _sweep_axis(doc)
+        if self._sweep is not None:
+            self._start_sweep(doc)
+            return
         self._q = quantities(doc)
         self._active = bool(grid) and bool(self._q)
         if not self._active:
@@ -114,8 +138,47 @@ class LiveSlices(CallbackBase):
         else:
             self._make_line_figure()
 
+    def _start_sweep(self, doc: dict) -> None:
+        """A 1D sweep (:data:`SWEEPS`): one curve per quantity, points appended."""
+        self._q = sweep_quantities(doc)
+        self._active = bool(self._q)
+        if not self._active:
+            return
+        self._start, self._line, self._t_draw = doc, None, 0.0
+        self._xs: list[float] = []
+        self._ys: list[list[float]] = [[] for _ in self._q]
+        key, label, _ = self._sweep
+        self.figure = self._new_figure((6.4, 2.4 * len(self._q) + 0.6))
+        axes = self.figure.subplots(len(self._q), 1, squeeze=False)[:, 0]
+        self._curves = []
+        for ax, (title, _, _) in zip(axes, self._q, strict=True):
+            (curve,) = ax.plot([], [], ".-", ms=3, lw=0.8)
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel(title, fontsize=8)
+            ax.tick_params(labelsize=7)
+            self._curves.append((ax, [curve]))
+        self._title()
+
+    def _sweep_event(self, data: dict) -> None:
+        key, _, scale = self._sweep
+        if key not in data:
+            return
+        self._xs.append(float(data[key]) * scale)
+        for ys, (_, _, value) in zip(self._ys, self._q, strict=True):
+            try:
+                ys.append(value(data))
+            except (KeyError, IndexError, TypeError):
+                ys.append(np.nan)
+
     def event(self, doc: dict) -> None:
         if not self._active:
+            return
+        if self._sweep is not None:
+            self._sweep_event(doc["data"])
+            now = time.monotonic()
+            if self._interactive and now - self._t_draw > self.redraw_interval_s:
+                self._t_draw = now
+                self._draw()
             return
         data = doc["data"]
         idx = self._index(data)
@@ -202,8 +265,11 @@ class LiveSlices(CallbackBase):
 
     def _draw_lines(self) -> None:
         for r, (ax, row) in enumerate(self._curves):
-            for line, plane in zip(row, self._planes, strict=True):
-                line.set_ydata(self._line_values(r, plane))
+            if self._sweep is not None:
+                row[0].set_data(self._xs, self._ys[r])
+            else:
+                for line, plane in zip(row, self._planes, strict=True):
+                    line.set_ydata(self._line_values(r, plane))
             ax.relim()
             ax.autoscale_view()
 
@@ -232,9 +298,10 @@ class LiveSlices(CallbackBase):
         self._title()
 
     def _draw(self) -> None:
-        if self._line is not None:
+        lines = self._line is not None or self._sweep is not None
+        if lines:
             self._draw_lines()
-        for r, row in enumerate(self._images if self._line is None else []):
+        for r, row in enumerate([] if lines else self._images):
             finite = self._data[r][np.isfinite(self._data[r])]
             lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
             for im, plane in zip(row, self._planes, strict=True):
