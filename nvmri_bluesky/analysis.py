@@ -187,7 +187,8 @@ def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> di
         if result.spins:
             part["resolution_nm"] = resolution_report(result)
             part.update(snr_gain_part(cat, uids))
-        figures.spins(deer, result, out / f"fig4_spins_{sample}.png")
+        zoom = load_run(cat, uids["deer_zoom"], ["deer_raster"]) if "deer_zoom" in uids else None
+        figures.spins(deer, result, out / f"fig4_spins_{sample}.png", zoom=zoom)
     return part
 
 

@@ -107,36 +107,62 @@ def layer(deer: xr.Dataset, path: Path, fit: Any | None = None) -> Path:
     return _save(fig, path)
 
 
-def spins(deer: xr.Dataset, result: Any, path: Path) -> Path:
-    """Fig. 4: contrast map and orthogonal cuts of the deconvolved map at the spin."""
-    c = _contrast(deer)
-    fig = Figure(figsize=(14, 3.9), layout="constrained")
-    axes = fig.subplots(1, 4)
+def _image(fig: Figure, ax: Axes, values: np.ndarray, h: np.ndarray, v: np.ndarray,
+           cmap: str, label: str, bar_nm: float) -> None:
+    """One image panel (extent in nm) with its colour bar and a scale bar."""
+    im = ax.imshow(values, origin="lower", cmap=cmap, aspect="equal",
+                   extent=(h[0], h[-1], v[0], v[-1]))
+    fig.colorbar(im, ax=ax, shrink=0.8, label=label)
+    scale_bar(ax, bar_nm)
+
+
+def _zoom_panel(fig: Figure, ax: Axes, zoom: xr.Dataset) -> None:
+    c = _contrast(zoom)
     x, y = c["x"].values, c["y"].values
-    im = axes[0].imshow(c.isel(z=0).transpose("y", "x").values, origin="lower", cmap="magma",
-                        extent=(x[0], x[-1], y[0], y[-1]))
-    axes[0].set_title(f"DEER contrast, apex {float(c['z'][0]):.0f} nm")
+    _image(fig, ax, c.isel(z=0).transpose("y", "x").values, x, y, "magma", "DEER contrast",
+           1.0)
+    ax.set_title(f"zoom across the ring, apex {float(c['z'][0]):.1f} nm "
+                 f"({x[1] - x[0]:.2g} nm steps)", fontsize=9)
+    ax.set_xlabel("tip x (nm)")
+    ax.set_ylabel("tip y (nm)")
+
+
+def spins(deer: xr.Dataset, result: Any, path: Path, zoom: xr.Dataset | None = None) -> Path:
+    """Fig. 4: contrast map, cuts of the deconvolved map at the spin, the zoom raster.
+
+    Every image has a colour bar and a scale bar.  The deconvolved object
+    grid has the raster's lateral step (``reconstruct.localize.deconvolve_deer``).
+    """
+    c = _contrast(deer)
+    panels = 4 if zoom is None else 5
+    fig = Figure(figsize=(3.6 * panels, 3.9), layout="constrained")
+    axes = fig.subplots(1, panels)
+    x, y = c["x"].values, c["y"].values
+    _image(fig, axes[0], c.isel(z=0).transpose("y", "x").values, x, y, "magma",
+           "DEER contrast", 10.0)
+    axes[0].set_title(f"DEER contrast, apex {float(c['z'][0]):.0f} nm", fontsize=9)
     axes[0].set_xlabel("tip x (nm)")
     axes[0].set_ylabel("tip y (nm)")
-    scale_bar(axes[0], 10.0)
-    fig.colorbar(im, ax=axes[0], shrink=0.8)
     density = result.density
     spin = result.spins[0].offset_nm if result.spins else np.zeros(3)
     cuts = (("x", "y", "z"), ("x", "z", "y"), ("y", "z", "x"))
-    for ax, (h, v, fixed) in zip(axes[1:], cuts, strict=True):
+    for ax, (h, v, fixed) in zip(axes[1:4], cuts, strict=True):
         k = "xyz".index(fixed)
         plane = density.sel({f"d{fixed}": spin[k]}, method="nearest").transpose(f"d{v}", f"d{h}")
         hx, vx = plane[f"d{h}"].values, plane[f"d{v}"].values
-        ax.imshow(plane.values, origin="lower", cmap="viridis", aspect="auto",
-                  extent=(hx[0], hx[-1], vx[0], vx[-1]))
+        _image(fig, ax, plane.values, hx, vx, "viridis", "w per voxel", 2.0)
+        ax.set_aspect("auto")
         ax.plot(spin["xyz".index(h)], spin["xyz".index(v)], "r+", ms=14, mew=2)
         ax.plot(0, 0, "wx", ms=8, mew=2) if (h, v) == ("x", "y") else None
         ax.set_xlabel(f"d{h} (nm)")
         ax.set_ylabel(f"d{v} (nm)")
-        ax.set_title(f"deconvolved, d{fixed} = {spin[k]:.2f} nm")
+        ax.set_title(f"deconvolved, d{fixed} = {spin[k]:.2f} nm", fontsize=9)
+    if zoom is not None:
+        _zoom_panel(fig, axes[4], zoom)
     if result.spins:
         s = result.spins[0]
         fig.suptitle("spin - NV = (" + ", ".join(
             f"{v:.2f} +/- {e:.2f}" for v, e in zip(s.offset_nm, s.offset_sigma_nm, strict=True))
-            + ") nm")
+            + f") nm;  resolution lateral {s.resolution_lateral_nm[0]:.2f}, "
+              f"vertical {s.resolution_vertical_nm[0]:.2f} nm")
     return _save(fig, path)
