@@ -139,7 +139,10 @@ def test_profile_startup_runs_plans_into_catalog_and_live_slices(tmp_path: Path)
     png = tmp_path / "figures" / f"deer_raster_{raster_uid[:8]}.png"
     assert png.is_file(), sorted(p.name for p in (tmp_path / "figures").glob("*"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
-    assert result["saved"] == [str(png)]
+    # the ODMR sweep draws its spectrum too (LiveSlices' 1D sweep mode)
+    odmr_png = tmp_path / "figures" / f"odmr_sweep_{odmr_uid[:8]}.png"
+    assert odmr_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["saved"] == [str(odmr_png), str(png)]
 
     # the catalog, opened afterwards from this process
     with open_catalog(tmp_path / "catalog", create=False) as catalog:
