@@ -83,3 +83,38 @@ def test_ramsey_line_counts_its_stage_travel(devices: Any, RE: Any, collect: Any
     # the tip starts at y = -20 and steps 1 nm ten times (x, z do not move)
     assert detail["travel_s"] == pytest.approx((y[-1] - y[0]) / velocity, rel=1e-9)
     assert stop["instrument_time_s"] == pytest.approx(detail["shots_s"] + detail["travel_s"])
+
+
+class _Run:
+    def __init__(self, stop: dict) -> None:
+        self.metadata = {"stop": stop}
+
+
+class _Catalog:
+    """Stand-in for the catalog's ``run(uid).metadata`` (this unit test only)."""
+
+    def __init__(self, stops: dict[str, dict]) -> None:
+        self.stops = stops
+
+    def run(self, uid: str) -> _Run:
+        return _Run(self.stops[uid])
+
+
+def test_report_sums_instrument_time_per_sample_and_in_total():
+    from nvmri_bluesky.analysis import instrument_time_part, merge, table
+
+    cat = _Catalog({"a": {"instrument_time_s": 10.0}, "b": {"instrument_time_s": 5.5},
+                    "c": {}, "d": {"instrument_time_s": 100.0}})
+    one = instrument_time_part(cat, "s1", {"psf_map": "a", "deer_raster": "b", "old": "c"})
+    assert one == {"total": 15.5, "samples": {"s1": 15.5},
+                   "runs": {"s1/psf_map": 10.0, "s1/deer_raster": 5.5, "s1/old": None}}
+    two = instrument_time_part(cat, "s2", {"psf_map": "d"})
+    report = merge({"s1": {"instrument_time_s": one, "sample_wall_s": {"s1": 3.0}},
+                    "s2": {"instrument_time_s": two, "sample_wall_s": {"s2": 4.0}}}, "here")
+    assert report["instrument_time_s"]["total"] == pytest.approx(115.5)
+    assert report["instrument_time_s"]["samples"] == {"s1": 15.5, "s2": 100.0}
+    assert report["sample_wall_s"] == {"s1": 3.0, "s2": 4.0}
+    report["elapsed_s"] = 9.0
+    text = table(report)
+    assert "instrument time, s1 (wall 3 s)" in text and "0.03 h (100 s)" in text
+    assert "instrument time, total (wall 9 s)" in text

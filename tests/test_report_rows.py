@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reconstruct_synth as syn
+
 from nvmri_bluesky import physics
 from nvmri_bluesky.reconstruct import protocol
 from nvmri_bluesky.reconstruct.layers import layer_coupling_rate, layer_decay_integral

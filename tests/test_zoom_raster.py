@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reconstruct_synth as syn
 import xarray as xr
 
-import reconstruct_synth as syn
 from nvmri_bluesky import physics
 from nvmri_bluesky.reconstruct import protocol
 from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
