@@ -72,3 +72,22 @@ def test_snr_gain_from_a_synthetic_evolution_matches_the_truth(seed):
     assert 0 < gain["sigma"] < 0.1
     assert abs(gain["value"] - truth) < 3 * gain["sigma"]
     assert "classical moment of random orientation" in row["snr_gain_definition"]
+
+
+def test_fig2b_point_is_where_the_slice_sees_12_gauss_per_nm():
+    # a 2 nm lock line along x at apex 10 nm, as the calibration measures it
+    from nvmri_bluesky.reconstruct.fig2 import gradient_crossing
+
+    x = np.arange(-60.0, 60.01, 2.0)
+    apex = np.stack([x, np.zeros_like(x), np.full_like(x, 10.0)], -1)
+    fp, fm = physics.nv_transition_frequencies(INST.field_at(INST.nv_position_nm, apex),
+                                               INST.nv_axis)
+    b_par, _ = physics.field_from_transitions(fp, fm)
+    equiv, exact = np.gradient(fp / physics.GAMMA_E, x) * 1e4, np.gradient(b_par, x) * 1e4
+    x_c = gradient_crossing(x, equiv, exact, 12.0)
+    p = np.array([x_c, 0.0, 10.0])
+    h = 1e-3
+    slope = abs(float(INST.f_nv(p + [h, 0, 0]) - INST.f_nv(p - [h, 0, 0]))) / (2 * h)
+    width_nm = float(physics.spatial_width(120e-9, slope / physics.GAMMA_E))
+    assert 10 * width_nm == pytest.approx(2.5, rel=0.05)      # the paper's 2.5 A slice
+    assert x_c < -15.0                                         # the outer flank

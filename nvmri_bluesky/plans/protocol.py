@@ -23,7 +23,7 @@ import xarray as xr
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.physics import GAMMA_E
 from nvmri_bluesky.plans import rasters, sweeps
-from nvmri_bluesky.reconstruct.fig2 import field_gradient_map
+from nvmri_bluesky.reconstruct.fig2 import field_gradient_map, gradient_crossing
 from nvmri_bluesky.reconstruct.runs import run_dataset
 
 
@@ -72,8 +72,9 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
        (x = 0) at ``ramsey_height_nm``: B_par(y), f+(y), and where f+ is steepest.
     2. Ramsey line (tau = ``ramsey_tau_s``) across that point at the NV
        frequency locked there: the fringes.
-    3. Two-transition lock line along x at ``cw_height_nm``: where the field
-       gradient is ``cw_gradient_gauss_per_nm``.
+    3. Two-transition lock line along x at ``cw_height_nm``: where the
+       f+-equivalent gradient (what a CW slice measures) is
+       ``cw_gradient_gauss_per_nm`` (``fig2.gradient_crossing``).
     4. CW line across that point at the frequency locked there: the slice.
 
     Parameters
@@ -87,7 +88,8 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     ramsey_tau_s : float
         Ramsey free time, s.
     cw_gradient_gauss_per_nm : float
-        Field gradient at which the CW slice is measured, G/nm.
+        f+-equivalent gradient at which the CW slice is measured (the paper's
+        linear-Zeeman 12 G/nm), G/nm.
     line_half_nm : float
         Half-length of the lock lines (2 nm steps), nm.
     shots : int
@@ -132,11 +134,12 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     f_plus = cw_line["lock_frequency"].values.ravel()
     grads = field_gradient_map(cw_line, along="x")
     grad = np.abs(grads["dbpar"].values.ravel())
-    target = cw_gradient_gauss_per_nm
-    i = int(np.nanargmin(np.abs(grad - target) + 1e3 * (grad < 0.8 * target)))
-    x_c, f_c = float(x[i]), float(f_plus[i])
-    f_slope = abs(float(grads["dfplus_equiv"].values.ravel()[i])) * 1e-4 * GAMMA_E
-    width = 1.0 / (120e-9 * max(f_slope, 1.0))
+    # the slice measures the f+-equivalent gradient: find where that is the target
+    x_c = gradient_crossing(x, grads["dfplus_equiv"].values.ravel(), grad,
+                            cw_gradient_gauss_per_nm)
+    f_c = float(np.interp(x_c, x, f_plus))
+    i = int(np.argmin(np.abs(x - x_c)))
+    width = 1.0 / (120e-9 * cw_gradient_gauss_per_nm * 1e-4 * GAMMA_E)
     x_lo = round(x_c - 8 * width, 4)
     uids["cw_slice"], _ = yield from take(rasters.esr_raster(
         devices, x=(x_lo, round(x_c + 8 * width, 4), 161), y=(0.0, 0.0, 1), z=cw_height_nm,

@@ -31,7 +31,7 @@ from nvmri_bluesky.errors import NvmriError
 
 __all__ = [
     "LocalPeriods", "ramsey_local_periods", "shortest_fringe_period", "fringe_gradient",
-    "SliceFit", "cw_slice_fwhm", "field_gradient_map", "TESLA_TO_GAUSS",
+    "SliceFit", "cw_slice_fwhm", "field_gradient_map", "TESLA_TO_GAUSS", "gradient_crossing",
 ]
 
 TESLA_TO_GAUSS = 1e4
@@ -290,3 +290,41 @@ def field_gradient_map(psf_map: xr.Dataset, along: str = "y",
     for k in out.data_vars:
         out[k].attrs["units"] = "G/nm"
     return out
+
+
+def gradient_crossing(coord_nm: ArrayLike, fplus_equiv: ArrayLike, exact: ArrayLike,
+                      target_g_per_nm: float) -> float:
+    """Where along a lock line the f+-equivalent gradient crosses a target, nm.
+
+    A CW slice's width measures the f+-equivalent gradient (the paper's
+    linear-Zeeman convention), so Fig. 2b's "12 G/nm" point is where
+    |d f+/dx| / gamma_e = target.  Of all crossings (linear interpolation
+    between samples) the one where the exact gradient of B_par agrees best
+    with it is returned: there the slice means the same under both
+    conventions.
+
+    Parameters
+    ----------
+    coord_nm : array_like (n,)
+        Positions along the line, sorted, nm.
+    fplus_equiv, exact : array_like (n,)
+        ``field_gradient_map(...)["dfplus_equiv"]`` and ``["dbpar"]`` there, G/nm.
+    target_g_per_nm : float
+
+    Returns
+    -------
+    float
+        The crossing's position, nm.
+    """
+    x = np.asarray(coord_nm, float)
+    g = np.abs(np.asarray(fplus_equiv, float)) - target_g_per_nm
+    e = np.abs(np.asarray(exact, float))
+    idx = np.flatnonzero(np.isfinite(g[:-1]) & np.isfinite(g[1:]) & (g[:-1] * g[1:] <= 0)
+                         & (g[:-1] != g[1:]))
+    if idx.size == 0:
+        raise NvmriError(f"the f+-equivalent gradient never reaches {target_g_per_nm:g} G/nm "
+                         "on the line")
+    frac = g[idx] / (g[idx] - g[idx + 1])
+    where = x[idx] + frac * (x[idx + 1] - x[idx])
+    mismatch = np.abs(e[idx] + frac * (e[idx + 1] - e[idx]) - target_g_per_nm)
+    return float(where[np.argmin(mismatch)])
