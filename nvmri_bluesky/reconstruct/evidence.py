@@ -200,9 +200,11 @@ class EvolutionContent:
         taus = np.asarray(tau_s, float)
         if self.layer_height_nm is None:
             return np.ones_like(taus)
-        jt = layer_decay_integral(taus, self.layer_height_nm)
+        # J on a coarse grid, interpolated (J is smooth; callers pass thousands of taus)
+        grid = np.linspace(0.0, max(float(np.max(taus)), self.tau_max_s), 121)
+        shape = np.interp(taus, grid, layer_decay_integral(grid, self.layer_height_nm))
         j_max = float(layer_decay_integral(np.array([self.tau_max_s]), self.layer_height_nm)[0])
-        return np.exp(-self.layer_rate * jt / max(j_max, 1e-300))
+        return np.exp(-self.layer_rate * shape / max(j_max, 1e-300))
 
     @property
     def empty(self) -> bool:
