@@ -86,6 +86,13 @@ def _psf_and_line(cat: Any, uids: dict[str, str], psf_name: str = "psf_map",
     return detuning, line
 
 
+def _spin_psf_and_line(cat: Any, uids: dict[str, str]) -> tuple[Any, Any]:
+    """The spin rasters' PSF map and dark-spin line (a layer's spectrum when no own one)."""
+    if "deer_spectrum" not in uids and "layer_spectrum" in uids:
+        return _psf_and_line(cat, uids, spectrum_name="layer_spectrum", model="bath")
+    return _psf_and_line(cat, uids)
+
+
 def _class_rasters(uids: dict[str, str]) -> list[list[str]]:
     """Spin raster names per coupling class (fine raster first: it seeds the fit)."""
     classes = []
@@ -148,7 +155,7 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
         localize_spins,
     )
 
-    detuning, line = _psf_and_line(cat, uids)
+    detuning, line = _spin_psf_and_line(cat, uids)
     if content is not None and len(content.couplings_hz) == 1:
         coupling = CouplingFit(content.couplings_hz[0], content.coupling_sigmas_hz[0],
                                content.amplitudes[0], 0.0, float("nan"))
@@ -240,7 +247,7 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
             part["rejected"] = [{"kind": "layer", **found["report"]}]
     line = layer_line
     if _class_rasters(uids):
-        _, line = _psf_and_line(cat, uids)
+        _, line = _spin_psf_and_line(cat, uids)
     content, evolution = (evolution_report(cat, uids, line) if "deer_evolution" in uids
                           else (None, {}))
     part.update(evolution)

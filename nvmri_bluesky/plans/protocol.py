@@ -220,7 +220,8 @@ def _raster_name(base: str, k: int) -> str:
 
 def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ...],
                  quick: bool = False, md: dict | None = None,
-                 coherence: Any = None) -> Generator[Any, Any, dict[str, str]]:
+                 coherence: Any = None, line: Any = None
+                 ) -> Generator[Any, Any, dict[str, str]]:
     """DEER spectrum, then a survey and a fine raster per coupling class.
 
     The spectrum is taken at the tau of the strongest coupling; each class of
@@ -243,6 +244,8 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     md : dict, optional
     coherence : callable, optional
         Coherence a layer leaves at tau (weighs the choice of tau).
+    line : FlipLine, optional
+        A dark-spin line measured already (a layer's spectrum): no spectrum run.
 
     Yields
     ------
@@ -261,12 +264,13 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     detuning, f_plus0, f_line = ingredients
     taus = [design.choose_tau(nu, coherence=coherence) for nu in coupling_classes(couplings_hz)]
     uids: dict[str, str] = {}
-    span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
-    uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
-        devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
-        tau_s=taus[0], mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
-        md={"measurement": "deer_spectrum", **(md or {})}))
-    _, line = fit_deer_spectrum(spectrum)
+    if line is None:
+        span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
+        uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
+            devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
+            tau_s=taus[0], mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
+            md={"measurement": "deer_spectrum", **(md or {})}))
+        _, line = fit_deer_spectrum(spectrum)
     for k, tau in enumerate(taus):
         survey = design.design_spin_raster(detuning, line.centre_hz, tau,
                                            step_nm=design.SPIN_SURVEY_STEP_NM)
@@ -324,13 +328,17 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
 
     uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
     content = classify_evolution(evolution)
+    line = None
     if content.layer:
-        uids.update((yield from surface_layers(devices, quick, md)))
-    couplings = content.couplings_hz or ((design.HIDDEN_SPIN_COUPLING_HZ,) if content.layer
-                                         else ())
-    if couplings:
-        uids.update((yield from spin_rasters(devices, ingredients, couplings, quick, md,
-                                             coherence=content.layer_coherence)))
+        layer_uids, line = yield from _layer_runs(devices, quick, md)
+        uids.update(layer_uids)
+    if content.couplings_hz:            # seen in the evolution: their own spectrum
+        uids.update((yield from spin_rasters(devices, ingredients, content.couplings_hz,
+                                             quick, md, coherence=content.layer_coherence)))
+    elif content.layer:                 # hidden by the layer's decay? the layer's line
+        uids.update((yield from spin_rasters(
+            devices, ingredients, (design.HIDDEN_SPIN_COUPLING_HZ,), quick, md,
+            coherence=content.layer_coherence, line=line)))
     return uids
 
 
@@ -371,6 +379,13 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
     dict
         measurement -> uid.
     """
+    uids, _ = yield from _layer_runs(devices, quick, md)
+    return uids
+
+
+def _layer_runs(devices: Any, quick: bool, md: dict | None
+                ) -> Generator[Any, Any, tuple[dict[str, str], Any]]:
+    """:func:`surface_layers`' runs; (measurement -> uid, the fitted dark-spin line)."""
     from nvmri_bluesky.reconstruct import protocol as design
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
@@ -390,7 +405,7 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
         devices, design.LAYER_EVOLUTION_TAUS_S, rf_frequency_hz=line.centre_hz,
         mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
         md={"measurement": "layer_decay", **(md or {})}))
-    return uids
+    return uids, line
 
 
 STEPS = {"calibration": calibration, "sample": any_sample, "spins": single_spins,
