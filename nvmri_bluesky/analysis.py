@@ -156,11 +156,12 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
     )
 
     detuning, line = _spin_psf_and_line(cat, uids)
-    if content is not None and len(content.couplings_hz) == 1:
+    coupling = None               # several or no couplings seen: from w and the geometry
+    if content is None:
+        coupling = fit_deer_evolution(load_run(cat, uids["deer_evolution"], ["deer_evolution"]))
+    elif len(content.couplings_hz) == 1:
         coupling = CouplingFit(content.couplings_hz[0], content.coupling_sigmas_hz[0],
                                content.amplitudes[0], 0.0, float("nan"))
-    else:
-        coupling = fit_deer_evolution(load_run(cat, uids["deer_evolution"], ["deer_evolution"]))
     results, first = [], None
     for k, names in enumerate(_class_rasters(uids)):
         deer = [load_run(cat, uids[m], ["deer_raster"]) for m in names]
