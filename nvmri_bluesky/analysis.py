@@ -303,8 +303,7 @@ def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> di
         extra = {k: objects.pop(k) for k in ("evolution", "rejected") if k in objects}
         part.update(objects)
         part["samples"] = {sample: {"detection_limit_hz": limit, **extra}}
-        if limit is not None or "detection_limit_hz" not in part:
-            part["detection_limit_hz"] = limit
+        part["detection_limit_hz"] = limit      # per sample in "samples"
     return part
 
 
