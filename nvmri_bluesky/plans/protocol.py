@@ -1,8 +1,9 @@
 """The paper's protocol as plans: each step decided from the data just taken.
 
-``calibration`` (Fig. 2), ``dark_spin_line`` (tip-free ESR and coupling),
-``single_spins`` (Fig. 4) and ``surface_layers`` (Fig. 3) run the measurement
-plans in order and choose the next one's parameters from the previous runs'
+``calibration`` (Fig. 2), ``any_sample`` (the default for every sample: the
+tip-free DEER evolution decides between point spins, a layer, both or
+nothing), ``single_spins`` (Fig. 4) and ``surface_layers`` (Fig. 3) run the
+measurement plans in order and choose the next one's parameters from the previous runs'
 data (read from the documents as they are emitted: what the instrument gives,
 nothing else).  Each returns ``{measurement: uid}``; the reconstruction then
 reads those runs back from the catalog.
