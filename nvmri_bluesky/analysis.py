@@ -7,6 +7,7 @@ is which.  Figures are written beside the report.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,30 +72,112 @@ def calibration_report(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
             "esr_slice_fwhm_nm": slice_report(fit)}
 
 
-def _psf_and_line(cat: Any, uids: dict[str, str], model: str = "single") -> tuple[Any, Any]:
+SPIN_RASTERS = ("deer_raster", "deer_survey", "deer_zoom")
+"""Measurement names of the spin rasters of coupling class 1 (class k > 1: ``name_k``)."""
+
+
+def _psf_and_line(cat: Any, uids: dict[str, str], psf_name: str = "psf_map",
+                  spectrum_name: str = "deer_spectrum", model: str = "single"
+                  ) -> tuple[Any, Any]:
     from nvmri_bluesky.reconstruct.psf import (
         DetuningInterpolant,
         dark_detuning_map,
         fit_deer_spectrum,
     )
 
-    psf = load_run(cat, uids["psf_map"], ["psf_map"])
+    psf = load_run(cat, uids[psf_name], ["psf_map"])
     detuning = DetuningInterpolant.from_map(dark_detuning_map(psf))
-    _, line = fit_deer_spectrum(load_run(cat, uids["deer_spectrum"], ["deer_spectrum"]),
+    _, line = fit_deer_spectrum(load_run(cat, uids[spectrum_name], ["deer_spectrum"]),
                                 model=model)
     return detuning, line
 
 
-def spins_result(cat: Any, uids: dict[str, str]) -> Any:
-    """Localisation of point spins from a ``single_spins`` protocol's runs."""
-    from nvmri_bluesky.reconstruct.localize import fit_deer_evolution, localize_spins
+def _spin_psf_and_line(cat: Any, uids: dict[str, str]) -> tuple[Any, Any]:
+    """The spin rasters' PSF map and dark-spin line (a layer's spectrum when no own one)."""
+    if "deer_spectrum" not in uids and "layer_spectrum" in uids:
+        return _psf_and_line(cat, uids, spectrum_name="layer_spectrum", model="bath")
+    return _psf_and_line(cat, uids)
 
-    detuning, line = _psf_and_line(cat, uids)
-    coupling = fit_deer_evolution(load_run(cat, uids["deer_evolution"], ["deer_evolution"]))
-    # the fine raster first: the fit's starts come from the first raster's deconvolution
-    deer = [load_run(cat, uids[m], ["deer_raster"])
-            for m in ("deer_raster", "deer_survey", "deer_zoom") if m in uids]
-    return localize_spins(deer, detuning, line, coupling_hint=coupling), deer[0]
+
+def _class_rasters(uids: dict[str, str]) -> list[list[str]]:
+    """Spin raster names per coupling class (fine raster first: it seeds the fit)."""
+    classes = []
+    for k in range(1, 10):
+        names = [m if k == 1 else f"{m}_{k}" for m in SPIN_RASTERS]
+        present = [m for m in names if m in uids]
+        if present:
+            classes.append(present)
+    return classes
+
+
+def _with_background(deer: Any, detuning: Any, line: Any, layer: Any) -> Any:
+    """A spin raster with the fitted layer's expected contrast as a known background."""
+    from nvmri_bluesky.reconstruct.layers import layer_contrast
+    from nvmri_bluesky.reconstruct.localize import BACKGROUND
+    from nvmri_bluesky.reconstruct.psf import DarkSpinPSF
+
+    d = deer.transpose("x", "y", "z", ...)
+    psf = DarkSpinPSF(detuning, line, float(d.attrs["rf_frequency_hz"]))
+    c = layer_contrast(psf, d["x"].values, d["y"].values, np.atleast_1d(d["z"].values),
+                       layer.height_nm, layer.density_per_nm2, float(d.attrs["tau_s"]))
+    return d.assign({BACKGROUND: (("x", "y", "z"), c)})
+
+
+def _merge_spins(results: list[Any], min_sep_nm: float = 1.0) -> list[Any]:
+    """Spins of every class's fit; one found in several classes kept where it is best known."""
+    spins = sorted((s for r in results for s in r.spins),
+                   key=lambda s: float(np.linalg.norm(s.offset_sigma_nm)))
+    kept: list[Any] = []
+    for s in spins:
+        if all(np.linalg.norm(s.offset_nm - k.offset_nm) >= min_sep_nm for k in kept):
+            kept.append(s)
+    return sorted(kept, key=lambda s: -abs(s.coupling_hz))
+
+
+def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
+                 content: Any = None) -> tuple[Any, Any, list[Any]]:
+    """Localisation of point spins: one joint fit per coupling class, merged.
+
+    Parameters
+    ----------
+    cat
+        The open catalog.
+    uids : dict
+        measurement -> uid.
+    layer : LayerFit, optional
+        A layer found on the same NV: its expected image is a known background
+        of the spin fit (the joint model: the layer's contrast does not bias
+        the spins).
+    content : EvolutionContent, optional
+        The tip-free evolution's model choice (its coupling, for one spin).
+
+    Returns
+    -------
+    (LocalizationResult of class 1, its first raster, merged list of SpinFit)
+    """
+    from nvmri_bluesky.reconstruct.localize import (
+        CouplingFit,
+        fit_deer_evolution,
+        localize_spins,
+    )
+
+    detuning, line = _spin_psf_and_line(cat, uids)
+    coupling = None               # several or no couplings seen: from w and the geometry
+    if content is None:
+        coupling = fit_deer_evolution(load_run(cat, uids["deer_evolution"], ["deer_evolution"]))
+    elif len(content.couplings_hz) == 1:
+        coupling = CouplingFit(content.couplings_hz[0], content.coupling_sigmas_hz[0],
+                               content.amplitudes[0], 0.0, float("nan"))
+    results, first = [], None
+    for k, names in enumerate(_class_rasters(uids)):
+        deer = [load_run(cat, uids[m], ["deer_raster"]) for m in names]
+        if layer is not None:
+            deer = [_with_background(d, detuning, line, layer) for d in deer]
+        single = len(_class_rasters(uids)) == 1
+        results.append(localize_spins(deer, detuning, line,
+                                      coupling_hint=coupling if single else None))
+        first = deer[0] if k == 0 else first
+    return results[0], first, _merge_spins(results)
 
 
 def snr_gain_part(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
@@ -110,12 +193,13 @@ def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
     """Height (image) and density (tip-free decay) of a layer from its runs."""
     from nvmri_bluesky.reconstruct.layers import fit_layer_decay, fit_layer_image
 
-    detuning, line = _psf_and_line(cat, uids, model="bath")
-    deer = load_run(cat, uids["deer_raster"], ["deer_raster"])
+    detuning, line = _psf_and_line(cat, uids, "layer_psf_map", "layer_spectrum", model="bath")
+    deer = load_run(cat, uids["layer_raster"], ["deer_raster"])
     image = fit_layer_image(deer, detuning, line)
-    decay = fit_layer_decay(load_run(cat, uids["deer_decay"], ["deer_evolution"]),
+    decay = fit_layer_decay(load_run(cat, uids["layer_decay"], ["deer_evolution"]),
                             image.height_nm, image.height_sigma_nm, line=line)
-    return {"report": layer_report(image, decay), "deer": deer, "image": image}
+    return {"report": layer_report(image, decay), "deer": deer, "image": image,
+            "decay": decay, "line": line}
 
 
 def instrument_time_part(cat: Any, sample: str, uids: dict[str, str]) -> dict[str, Any]:
@@ -150,8 +234,86 @@ def _empty_report(location: str) -> dict[str, Any]:
             "sample_wall_s": {}}
 
 
+def evolution_report(cat: Any, uids: dict[str, str], line: Any = None
+                     ) -> tuple[Any, dict[str, Any]]:
+    """The tip-free evolution's model choice and the sample's detection limit.
+
+    Returns
+    -------
+    (EvolutionContent, dict)
+        The content, and ``{"detection_limit_hz", "evolution"}`` for the report.
+    """
+    from nvmri_bluesky.reconstruct.evidence import (
+        DELTA_DEVIANCE_MIN,
+        NOMINAL_FLIP_PROBABILITY,
+        classify_evolution,
+        detection_limit_hz,
+    )
+
+    ds = load_run(cat, uids["deer_evolution"], ["deer_evolution"])
+    content = classify_evolution(ds)
+    p = float(line.peak) if line is not None else NOMINAL_FLIP_PROBABILITY
+    limit = detection_limit_hz(ds, flip_probability=p)
+    return content, {
+        "detection_limit_hz": limit if np.isfinite(limit) else None,
+        "evolution": {"couplings_hz": list(content.couplings_hz),
+                      "spin_evidence": list(content.spin_evidence),
+                      "layer": content.layer, "layer_evidence": content.layer_evidence,
+                      "threshold": DELTA_DEVIANCE_MIN,
+                      "models": [list(m) for m in content.deviance_trail]}}
+
+
+def _located(spin: dict[str, Any]) -> bool:
+    """Every offset of a ``spins`` entry determined."""
+    return all(spin[a]["value"] is not None for a in ("dx_nm", "dy_nm", "dz_nm"))
+
+
+def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
+                    ) -> dict[str, Any]:
+    """Spins and layers of one sample, each kept only with its evidence above threshold."""
+    from nvmri_bluesky import figures
+    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN
+
+    part: dict[str, Any] = {"spins": [], "layers": []}
+    layer = layer_line = None
+    if "layer_raster" in uids:
+        found = layers_result(cat, uids)
+        layer_line = found["line"]
+        figures.layer(found["deer"], out / f"fig3_layer_{sample}.png", found["image"])
+        if found["image"].delta_deviance >= DELTA_DEVIANCE_MIN:
+            layer = found["image"]
+            part["layers"] = [{"sample": sample, **found["report"]}]
+        else:
+            part["rejected"] = [{"kind": "layer", **found["report"]}]
+    line = layer_line
+    if _class_rasters(uids):
+        _, line = _spin_psf_and_line(cat, uids)
+    content, evolution = (evolution_report(cat, uids, line) if "deer_evolution" in uids
+                          else (None, {}))
+    part.update(evolution)
+    if _class_rasters(uids):
+        result, deer, spins = spins_result(cat, uids, layer=layer, content=content)
+        entries = spins_report(replace(result, spins=tuple(spins)))
+        part["spins"] = [{"sample": sample, **e} for e in entries if _located(e)]
+        part.setdefault("rejected", []).extend(
+            {"kind": "spin", "why": "an offset ended on the search box's bound: an object "
+             "outside the searched volume (e.g. a layer spin), not a located spin", **e}
+            for e in entries if not _located(e))
+        if result.spins:
+            part["resolution_nm"] = resolution_report(result)
+            part.update(snr_gain_part(cat, uids))
+        zoom = load_run(cat, uids["deer_zoom"], ["deer_raster"]) if "deer_zoom" in uids else None
+        figures.spins(deer, result, out / f"fig4_spins_{sample}.png", zoom=zoom)
+    return part
+
+
 def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> dict[str, Any]:
     """Reconstruct one sample's runs: the report.json entries it gives (and its figures).
+
+    Every kind of run is reconstructed independently of the others (calibration
+    lines, layer runs, spin rasters of each coupling class); a spin or a layer
+    is reported only with its evidence (:mod:`~nvmri_bluesky.reconstruct.evidence`),
+    and the sample's ``detection_limit_hz`` comes from its tip-free evolution.
 
     Parameters
     ----------
@@ -177,18 +339,13 @@ def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> di
     if "ramsey_line" in uids:
         part.update(calibration_report(cat, uids))
         figures.calibration(cat, uids, out / "fig2_calibration.png")
-    if "deer_decay" in uids:
-        layer = layers_result(cat, uids)
-        part["layers"] = [{"sample": sample, **layer["report"]}]
-        figures.layer(layer["deer"], out / f"fig3_layer_{sample}.png", layer["image"])
-    elif "deer_raster" in uids or "deer_survey" in uids:
-        result, deer = spins_result(cat, uids)
-        part["spins"] = [{"sample": sample, **s} for s in spins_report(result)]
-        if result.spins:
-            part["resolution_nm"] = resolution_report(result)
-            part.update(snr_gain_part(cat, uids))
-        zoom = load_run(cat, uids["deer_zoom"], ["deer_raster"]) if "deer_zoom" in uids else None
-        figures.spins(deer, result, out / f"fig4_spins_{sample}.png", zoom=zoom)
+    if "deer_evolution" in uids or "layer_raster" in uids:
+        objects = _sample_objects(cat, sample, uids, out)
+        limit = objects.pop("detection_limit_hz", None)
+        extra = {k: objects.pop(k) for k in ("evolution", "rejected") if k in objects}
+        part.update(objects)
+        part["samples"] = {sample: {"detection_limit_hz": limit, **extra}}
+        part["detection_limit_hz"] = limit      # per sample in "samples"
     return part
 
 
@@ -204,6 +361,8 @@ def merge(parts: dict[str, dict[str, Any]], location: str) -> dict[str, Any]:
                 _merge_instrument_time(report[key], value)
             elif key in ("layers", "spins"):
                 report[key] += value
+            elif key == "samples":
+                report.setdefault(key, {}).update(value)
             else:
                 report[key] = value
     return report
@@ -320,16 +479,19 @@ def reconstruct_run(cat: Any, uid: str) -> dict[str, Any]:
     out: dict[str, Any] = {"uid": start["uid"], "plan_name": plan,
                            "scenario": start.get("scenario", "")}
     if plan == "deer_raster":
-        uids["deer_raster"] = start["uid"]
-        needed = ("psf_map", "deer_spectrum")
+        layer = start.get("measurement") == "layer_raster"
+        if not start.get("measurement"):
+            uids["deer_raster"] = start["uid"]
+        needed = (("layer_psf_map", "layer_spectrum", "layer_decay") if layer
+                  else ("psf_map", "deer_spectrum", "deer_evolution"))
         missing = [m for m in needed if m not in uids]
         if missing:
             raise NvmriError(f"run {uid[:8]}: the catalog has no {' or '.join(missing)} run "
                              "of the same instrument before it (needed for the PSF)")
-        if "deer_decay" in uids:
+        if layer:
             out["layers"] = [layers_result(cat, uids)["report"]]
         else:
-            result, deer = spins_result(cat, uids)
+            result, deer, _ = spins_result(cat, uids)
             out["spins"] = spins_report(result)
             out["resolution_nm"] = resolution_report(result)
             if not deer.attrs.get("complete", True):

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=4,
                    help="samples measured at once, each with its own IOC (default 4)")
     p.add_argument("--steps", default=None,
-                   help="comma-separated protocol steps: calibration,spins,layers "
+                   help="comma-separated protocol steps: calibration,sample,spins,layers "
                         "(default: each sample's own)")
 
     p = command("runs", _runs, "list the runs in a catalog")

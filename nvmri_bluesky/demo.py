@@ -25,12 +25,15 @@ from typing import Any
 from nvmri_bluesky.errors import NvmriError
 
 PAPER_SAMPLES = (("paper-fig2", ("calibration",)),
-                 ("paper-fig3-nv1", ("layers",)),
-                 ("paper-fig3-nv2", ("layers",)),
-                 ("paper-fig4", ("spins",)))
+                 ("paper-fig3-nv1", ("sample",)),
+                 ("paper-fig3-nv2", ("sample",)),
+                 ("paper-fig4", ("sample",)))
 """The built-in paper scenarios and the protocol steps each one gets."""
-ALL_STEPS = ("calibration", "spins", "layers")
-STEP_COST = {"calibration": 1, "layers": 3, "spins": 4}
+ALL_STEPS = ("calibration", "sample", "spins", "layers")
+DEFAULT_STEPS = ("calibration", "sample")
+"""What a scenario file gets: the Fig. 2 calibration, then the protocol that decides
+from the data what the sample holds (``plans.protocol.any_sample``)."""
+STEP_COST = {"calibration": 1, "layers": 3, "spins": 4, "sample": 5}
 """Relative wall time of the protocol steps (to start the longest samples first)."""
 
 
@@ -42,7 +45,7 @@ def _samples(scenario: str | None, prefix: str | None, steps: tuple[str, ...] | 
              ) -> list[tuple[str, tuple[str, ...]]]:
     if scenario is None and prefix is None:
         return [(name, steps or default) for name, default in PAPER_SAMPLES]
-    return [(scenario or "instrument", steps or ALL_STEPS)]
+    return [(scenario or "instrument", steps or DEFAULT_STEPS)]
 
 
 def _sample_name(source: str, prefix: str | None) -> str:
@@ -75,8 +78,8 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
     quick : bool
         A reduced protocol (fewer points) for tests.
     steps : tuple of str, optional
-        Protocol steps (``calibration``, ``spins``, ``layers``) instead of
-        each sample's default.
+        Protocol steps (``calibration``, ``sample``, ``spins``, ``layers``)
+        instead of each sample's default (:data:`DEFAULT_STEPS`).
     jobs : int
         Samples measured and reconstructed at once, each in a process of its
         own with its own simulated IOC (the paper's samples are independent

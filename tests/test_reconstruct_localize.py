@@ -83,7 +83,8 @@ def test_coupling_resolution_and_report(seed):
     lat, ver = fit.resolution_lateral_nm, fit.resolution_vertical_nm
     assert 0.2 < lat[0] < 5.0 and 0.2 < ver[0] < 5.0
     rep = spins_report(result)
-    assert set(rep[0]) == {"dx_nm", "dy_nm", "dz_nm", "coupling_hz"}
+    assert set(rep[0]) == {"dx_nm", "dy_nm", "dz_nm", "coupling_hz", "evidence"}
+    assert rep[0]["evidence"]["value"] >= rep[0]["evidence"]["threshold"] > 0
     assert rep[0]["dz_nm"]["value"] == pytest.approx(fit.offset_nm[2])
     assert set(resolution_report(result)) == {"lateral", "vertical"}
 

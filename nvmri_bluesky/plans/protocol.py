@@ -1,8 +1,9 @@
 """The paper's protocol as plans: each step decided from the data just taken.
 
-``calibration`` (Fig. 2), ``dark_spin_line`` (tip-free ESR and coupling),
-``single_spins`` (Fig. 4) and ``surface_layers`` (Fig. 3) run the measurement
-plans in order and choose the next one's parameters from the previous runs'
+``calibration`` (Fig. 2), ``any_sample`` (the default for every sample: the
+tip-free DEER evolution decides between point spins, a layer, both or
+nothing), ``single_spins`` (Fig. 4) and ``surface_layers`` (Fig. 3) run the
+measurement plans in order and choose the next one's parameters from the previous runs'
 data (read from the documents as they are emitted: what the instrument gives,
 nothing else).  Each returns ``{measurement: uid}``; the reconstruction then
 reads those runs back from the catalog.
@@ -149,15 +150,15 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     return uids
 
 
-def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None
-                     ) -> Generator[Any, Any, tuple[str, Any, float, float]]:
+def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None,
+                     name: str = "psf_map") -> Generator[Any, Any, tuple[str, Any, float, float]]:
     """PSF map run -> (uid, detuning interpolant, f+ retracted, predicted dark line)."""
     from nvmri_bluesky import physics
     from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
 
     uid, psf = yield from take(rasters.psf_map(
         devices, x=grid["x"], y=grid["y"], z=grid["z"], shots=shots,
-        md={"measurement": "psf_map", **(md or {})}))
+        md={"measurement": name, **(md or {})}))
     detuning = DetuningInterpolant.from_map(dark_detuning_map(psf))
     f_plus0 = float(psf.attrs["f_nv0_hz"])
     line = float(physics.dark_spin_frequency_from_transitions(f_plus0, psf.attrs["f_minus0_hz"]))
@@ -198,41 +199,160 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
     dict
         measurement -> uid.
     """
+    from nvmri_bluesky.reconstruct.localize import fit_deer_evolution
+
+    uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
+    uids.update((yield from spin_rasters(devices, ingredients,
+                                         (fit_deer_evolution(evolution).nu_hz,), quick, md)))
+    return uids
+
+
+def _spin_ingredients(devices: Any, md: dict | None
+                      ) -> Generator[Any, Any, tuple[dict[str, str], tuple, xr.Dataset]]:
+    """PSF map and tip-free DEER evolution: (uids, (detuning, f+ retracted, line), evolution)."""
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.localize import fit_deer_evolution, localize_spins
-    from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
     uids: dict[str, str] = {}
-    shots = design.SPIN_SHOTS
     uids["psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
-        devices, design.SPIN_PSF_MAP, shots, md)
-    taus = design.EVOLUTION_TAUS_S
+        devices, design.SPIN_PSF_MAP, design.SPIN_SHOTS, md)
     uids["deer_evolution"], evolution = yield from take(sweeps.deer_evolution(
-        devices, taus, rf_frequency_hz=f_line, mw_frequency_hz=f_plus0, shots=shots,
-        md={"measurement": "deer_evolution", **(md or {})}))
-    tau = design.choose_tau(fit_deer_evolution(evolution).nu_hz)
-    span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
-    uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
-        devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
-        tau_s=tau, mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
-        md={"measurement": "deer_spectrum", **(md or {})}))
-    _, line = fit_deer_spectrum(spectrum)
-    survey = design.design_spin_raster(detuning, line.centre_hz, tau,
-                                       step_nm=design.SPIN_SURVEY_STEP_NM)
-    uids["deer_survey"], survey_data = yield from take(_deer_raster(
-        devices, survey, f_plus0, {"measurement": "deer_survey", **(md or {})}))
-    found = localize_spins(survey_data, detuning, line)
-    fine = design.design_fine_raster(detuning, survey, [s.offset_nm for s in found.spins],
-                                     line.fwhm_hz)
-    if fine is not None:
-        uids["deer_raster"], _ = yield from take(_deer_raster(
-            devices, fine, f_plus0, {"measurement": "deer_raster", **(md or {})}))
-    if found.spins:
-        zoom = design.design_zoom_raster(detuning, survey, line.centre_hz,
-                                         found.spins[0].offset_nm, line.fwhm_hz)
-        if zoom is not None:
-            uids["deer_zoom"], _ = yield from take(_deer_raster(
-                devices, zoom, f_plus0, {"measurement": "deer_zoom", **(md or {})}))
+        devices, design.EVOLUTION_TAUS_S, rf_frequency_hz=f_line, mw_frequency_hz=f_plus0,
+        shots=design.SPIN_SHOTS, md={"measurement": "deer_evolution", **(md or {})}))
+    return uids, (detuning, f_plus0, f_line), evolution
+
+
+def _raster_name(base: str, k: int) -> str:
+    """Measurement name of coupling class k's raster (``deer_survey``, ``deer_survey_2``, ...)."""
+    return base if k == 0 else f"{base}_{k + 1}"
+
+
+def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ...],
+                 quick: bool = False, md: dict | None = None,
+                 coherence: Any = None, line: Any = None
+                 ) -> Generator[Any, Any, dict[str, str]]:
+    """DEER spectrum, then a survey and a fine raster per coupling class.
+
+    The spectrum is taken at the tau of the strongest coupling; each class of
+    couplings (:func:`~nvmri_bluesky.reconstruct.evidence.coupling_classes`)
+    gets a survey at its own tau (a weak spin beside a strong one needs a
+    longer free time) and a fine raster over the rings of the spins that
+    survey found.
+
+    Parameters
+    ----------
+    devices
+        The instrument.
+    ingredients : (DetuningInterpolant, float, float)
+        Measured Delta f_dark map, f+ with the tip retracted (Hz), predicted
+        dark-spin line (Hz).
+    couplings_hz : tuple of float
+        Couplings seen in the tip-free evolution, Hz.
+    quick : bool
+        Half the tip-free spectrum points (tests).
+    md : dict, optional
+    coherence : callable, optional
+        Coherence a layer leaves at tau (weighs the choice of tau).
+    line : FlipLine, optional
+        A dark-spin line measured already (a layer's spectrum): no spectrum run.
+
+    Yields
+    ------
+    Msg
+
+    Returns
+    -------
+    dict
+        measurement -> uid.
+    """
+    from nvmri_bluesky.reconstruct import protocol as design
+    from nvmri_bluesky.reconstruct.evidence import coupling_classes
+    from nvmri_bluesky.reconstruct.localize import localize_spins
+    from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
+
+    detuning, f_plus0, f_line = ingredients
+    taus = [design.choose_tau(nu, coherence=coherence) for nu in coupling_classes(couplings_hz)]
+    uids: dict[str, str] = {}
+    if line is None:
+        span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
+        uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
+            devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
+            tau_s=taus[0], mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
+            md={"measurement": "deer_spectrum", **(md or {})}))
+        _, line = fit_deer_spectrum(spectrum)
+    for k, tau in enumerate(taus):
+        survey = design.design_spin_raster(detuning, line.centre_hz, tau,
+                                           step_nm=design.SPIN_SURVEY_STEP_NM)
+        name = _raster_name("deer_survey", k)
+        uids[name], survey_data = yield from take(_deer_raster(
+            devices, survey, f_plus0, {"measurement": name, **(md or {})}))
+        found = localize_spins(survey_data, detuning, line)
+        if not found.spins:
+            continue
+        fine = design.design_fine_raster(detuning, survey, [s.offset_nm for s in found.spins],
+                                         line.fwhm_hz)
+        if fine is not None:
+            name = _raster_name("deer_raster", k)
+            uids[name], _ = yield from take(_deer_raster(
+                devices, fine, f_plus0, {"measurement": name, **(md or {})}))
+        if k == 0:                 # the strongest class's first spin, at the finest slice
+            zoom = design.design_zoom_raster(detuning, survey, line.centre_hz,
+                                             found.spins[0].offset_nm, line.fwhm_hz)
+            if zoom is not None:
+                uids["deer_zoom"], _ = yield from take(_deer_raster(
+                    devices, zoom, f_plus0, {"measurement": "deer_zoom", **(md or {})}))
+    return uids
+
+
+def any_sample(devices: Any, quick: bool = False, md: dict | None = None
+               ) -> Generator[Any, Any, dict[str, str]]:
+    """One protocol for any sample: the data decide between spins, a layer, both or nothing.
+
+    1. PSF map and tip-free DEER evolution (as :func:`single_spins`).
+    2. The evolution's content by likelihood-ratio model choice
+       (:func:`~nvmri_bluesky.reconstruct.evidence.classify_evolution`):
+       oscillations (point spins with couplings nu_k), a decay (a layer),
+       both, or nothing.
+    3. A layer: :func:`surface_layers`' runs (its own PSF map reaching lower).
+    4. Point spins: :func:`spin_rasters` (a survey per coupling class).  A
+       layer's decay can hide point spins from the evolution, so with a layer
+       the spin survey runs anyway, designed for
+       :data:`~nvmri_bluesky.reconstruct.protocol.HIDDEN_SPIN_COUPLING_HZ` and
+       the coherence the layer leaves; the reconstruction's evidence decides.
+    5. Nothing: no more runs (the report gives the detection limit).
+
+    Parameters
+    ----------
+    devices
+        The instrument.
+    quick : bool
+        Half the tip-free spectrum points (tests).
+    md : dict, optional
+
+    Yields
+    ------
+    Msg
+
+    Returns
+    -------
+    dict
+        measurement -> uid (every name unique).
+    """
+    from nvmri_bluesky.reconstruct import protocol as design
+    from nvmri_bluesky.reconstruct.evidence import classify_evolution
+
+    uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
+    content = classify_evolution(evolution)
+    line = None
+    if content.layer:
+        layer_uids, line = yield from _layer_runs(devices, quick, md)
+        uids.update(layer_uids)
+    if content.couplings_hz:            # seen in the evolution: their own spectrum
+        uids.update((yield from spin_rasters(devices, ingredients, content.couplings_hz,
+                                             quick, md, coherence=content.layer_coherence)))
+    elif content.layer:                 # hidden by the layer's decay? the layer's line
+        uids.update((yield from spin_rasters(
+            devices, ingredients, (design.HIDDEN_SPIN_COUPLING_HZ,), quick, md,
+            coherence=content.layer_coherence, line=line)))
     return uids
 
 
@@ -273,34 +393,42 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
     dict
         measurement -> uid.
     """
+    uids, _ = yield from _layer_runs(devices, quick, md)
+    return uids
+
+
+def _layer_runs(devices: Any, quick: bool, md: dict | None
+                ) -> Generator[Any, Any, tuple[dict[str, str], Any]]:
+    """:func:`surface_layers`' runs; (measurement -> uid, the fitted dark-spin line)."""
     from nvmri_bluesky.reconstruct import protocol as design
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
     uids: dict[str, str] = {}
-    uids["psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
-        devices, design.LAYER_PSF_MAP, design.LAYER_SHOTS, md)
+    uids["layer_psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
+        devices, design.LAYER_PSF_MAP, design.LAYER_SHOTS, md, name="layer_psf_map")
     span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
-    uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
+    uids["layer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
         devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
         tau_s=design.LAYER_TAU_S, mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
-        md={"measurement": "deer_spectrum", **(md or {})}))
+        md={"measurement": "layer_spectrum", **(md or {})}))
     _, line = fit_deer_spectrum(spectrum, model="bath")
     raster = design.design_layer_raster(detuning, line.centre_hz)
-    uids["deer_raster"], _ = yield from take(_deer_raster(
-        devices, raster, f_plus0, {"measurement": "deer_raster", **(md or {})}))
-    uids["deer_decay"], _ = yield from take(sweeps.deer_evolution(
+    uids["layer_raster"], _ = yield from take(_deer_raster(
+        devices, raster, f_plus0, {"measurement": "layer_raster", **(md or {})}))
+    uids["layer_decay"], _ = yield from take(sweeps.deer_evolution(
         devices, design.LAYER_EVOLUTION_TAUS_S, rf_frequency_hz=line.centre_hz,
         mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
-        md={"measurement": "deer_decay", **(md or {})}))
-    return uids
+        md={"measurement": "layer_decay", **(md or {})}))
+    return uids, line
 
 
-STEPS = {"calibration": calibration, "spins": single_spins, "layers": surface_layers}
+STEPS = {"calibration": calibration, "sample": any_sample, "spins": single_spins,
+         "layers": surface_layers}
 """The protocol's steps by name (``nvmri demo`` runs them per sample)."""
 
 
 def step_plan(step: str, devices: Any, quick: bool = False) -> Generator:
-    """The plan of one protocol step (``calibration``, ``spins`` or ``layers``)."""
+    """The plan of one protocol step (``calibration``, ``sample``, ``spins`` or ``layers``)."""
     if step == "calibration":
         return calibration(devices, line_half_nm=40.0 if quick else 60.0)
     return STEPS[step](devices, quick=quick)

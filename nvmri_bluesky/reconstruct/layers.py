@@ -266,6 +266,10 @@ class LayerFit:
         ``"image"`` or ``"decay"``.
     profile : ndarray (k, 2), optional
         (height, deviance) scan of the image fit.
+    delta_deviance : float
+        Image fit: deviance without the layer (n = 0) minus with it (its evidence).
+    at_bound : bool
+        The height ended on (within half a coarse step of) its search range's end.
     """
 
     height_nm: float
@@ -275,6 +279,8 @@ class LayerFit:
     chi2_reduced: float
     method: str
     profile: NDArray | None = None
+    delta_deviance: float = float("nan")
+    at_bound: bool = False
 
 
 def _raster_arrays(ds: xr.Dataset) -> tuple[NDArray, NDArray, NDArray, NDArray, NDArray, NDArray]:
@@ -393,6 +399,9 @@ def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningI
     ints = integrals(h_best)
     fit = poisson_ml(fun_for(ints, None), obs, state["theta"], lo, hi, prior_sigma=fix_h,
                      prior_mean=np.zeros(lo.size))
+    # evidence: the same gates without the layer (n = 0, nuisances refitted)
+    no_layer = poisson_ml(fun_for(ints, None), obs, np.r_[0.0, fit.theta[1:]], lo,
+                          np.r_[0.0, hi[1:]], prior_sigma=fix_h, prior_mean=np.zeros(lo.size))
     theta = fit.theta
     mu, jac = fun_for(ints, dints)(theta, True)
     mu = np.maximum(mu, 1e-12)
@@ -430,7 +439,10 @@ def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningI
     return LayerFit(height_nm=h_best, height_sigma_nm=float(np.sqrt(max(cov[1, 1], 0.0))),
                     density_per_nm2=float(theta[0]),
                     density_sigma_per_nm2=float(np.sqrt(max(cov[0, 0], 0.0))),
-                    chi2_reduced=chi2r, method="image", profile=prof)
+                    chi2_reduced=chi2r, method="image", profile=prof,
+                    delta_deviance=float(no_layer.deviance - fit.deviance),
+                    at_bound=bool(min(h_best - heights_nm[0], heights_nm[1] - h_best)
+                                  < 0.5 * coarse_step_nm))
 
 
 def fit_layer_decay(ds: xr.Dataset, height_nm: float, height_sigma_nm: float = 0.0,

@@ -70,6 +70,7 @@ from nvmri_bluesky.reconstruct._poisson import (
 )
 from nvmri_bluesky.reconstruct.counts import check_gates, deer_contrast_dataset, valid_points
 from nvmri_bluesky.reconstruct.deconvolve import ShiftOperator, richardson_lucy_operator
+from nvmri_bluesky.reconstruct.evidence import periodogram_peak
 from nvmri_bluesky.reconstruct.psf import (
     DarkSpinPSF,
     DetuningInterpolant,
@@ -103,6 +104,14 @@ class _Raster:
     shots: NDArray         # (P,)
     psf: DarkSpinPSF
     tau_s: float
+    background: NDArray    # (P,) known contrast of other sources (a layer), 0 if none
+
+
+MIN_DELTA_DEVIANCE = 40.0
+"""Deviance drop (2 delta log L) a spin must bring to be kept (module doc)."""
+BACKGROUND = "background_contrast"
+"""Optional data variable of a DEER raster: the contrast of a source already fitted
+(e.g. a layer's expected image); the spins' coherence multiplies its 1 - c."""
 
 
 def _prepare(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine) -> _Raster:
@@ -126,7 +135,10 @@ def _prepare(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine) -> _
     if tips.shape[0] < 10:
         raise NvmriError("DEER raster has fewer than 10 valid points")
     psf = DarkSpinPSF(detuning, line, float(d.attrs["rf_frequency_hz"]))
-    return _Raster(tips, counts, np.asarray(shots, float), psf, float(d.attrs["tau_s"]))
+    background = (np.asarray(d[BACKGROUND].values, float).ravel()[ok] if BACKGROUND in d
+                  else np.zeros(tips.shape[0]))
+    return _Raster(tips, counts, np.asarray(shots, float), psf, float(d.attrs["tau_s"]),
+                   np.nan_to_num(background))
 
 
 # --------------------------------------------------------------------------- #
@@ -216,7 +228,9 @@ def _model_fn(rasters: Sequence[_Raster], lay: _Layout):
         for i, r in enumerate(rasters):
             a, copt, e = nuis[i]
             c, dc, dshift = _contrast_and_grad(r.psf, r.tips, spins, shift, want)
-            mu, da, dco, de, dmu_dc = gate_means(r.shots, a, copt, e, c)
+            keep = 1.0 - r.background                        # coherence the background leaves
+            mu, da, dco, de, dmu_dc = gate_means(r.shots, a, copt, e, 1.0 - keep * (1.0 - c))
+            dmu_dc = dmu_dc * keep
             mus.append(mu.ravel())
             if want:
                 jac = np.zeros((4, sizes[i], theta.size))
@@ -487,6 +501,10 @@ class SpinFit:
         All |nu| consistent with w (first branches), Hz.
     resolution_lateral_nm, resolution_vertical_nm : (value, spread) tuples
         Slice widths where the spin is imaged (module doc), nm.
+    delta_deviance : float
+        Drop of the Poisson deviance when this spin was added (its evidence).
+    at_bound : ndarray of bool (3,)
+        Which offset ended on the search box's bound (not determined there).
     """
 
     offset_nm: NDArray
@@ -499,6 +517,8 @@ class SpinFit:
     coupling_branches_hz: NDArray = field(repr=False)
     resolution_lateral_nm: tuple[float, float] = (float("nan"), float("nan"))
     resolution_vertical_nm: tuple[float, float] = (float("nan"), float("nan"))
+    delta_deviance: float = float("nan")
+    at_bound: NDArray = field(default_factory=lambda: np.zeros(3, bool))
 
 
 @dataclass(frozen=True)
@@ -579,7 +599,8 @@ def _resolution(psf: DarkSpinPSF, tips: NDArray, offset: NDArray
 
 def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningInterpolant,
                    line: FlipLine, *, prior: ArrayLike = PRIOR_BOX, max_spins: int = 3,
-                   axis: ArrayLike | None = None, min_delta_deviance: float = 40.0,
+                   axis: ArrayLike | None = None,
+                   min_delta_deviance: float = MIN_DELTA_DEVIANCE,
                    min_weight_snr: float = 5.0, n_starts: int = 3, dz_step: float = 0.5,
                    coupling_hint: CouplingFit | None = None) -> LocalizationResult:
     """Localise point dark spins relative to the NV from DEER rasters.
@@ -638,6 +659,7 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
     density = deconvolve_deer(sets[0], rasters[0].psf, box, dz_step, operator=op)
     source = density
     n_spins = 0
+    gains: list[float] = []
     for _ in range(max_spins):
         best = None
         for pos, wsum in _peaks(source, box, n_starts if n_spins == 0 else 2):
@@ -655,6 +677,7 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         dup = any(np.linalg.norm(new[-1, :3] - s[:3]) < 0.5 for s in new[:-1])
         if fit.deviance - best.deviance < min_delta_deviance or w_snr < min_weight_snr or dup:
             break
+        gains.append(fit.deviance - best.deviance)
         fit, n_spins = best, n_spins + 1
         devs.append(fit.deviance)
         if n_spins < max_spins:
@@ -674,10 +697,13 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
                                            coupling_hint if n_spins == 1 else None)
         lat, ver = min((_resolution(r.psf, r.tips, off) for r in rasters),
                        key=lambda res: np.nan_to_num(res[0][0], nan=np.inf))
+        edge = 1e-6 * np.maximum(1.0, np.abs(box).max(axis=1))
+        at_bound = (np.abs(off - box[:, 0]) <= edge) | (np.abs(off - box[:, 1]) <= edge)
         fits.append(SpinFit(offset_nm=off, offset_sigma_nm=soff, weight=w, weight_sigma=sw,
                             coupling_hz=nu, coupling_sigma_hz=snu, coupling_geometric_hz=geo,
                             coupling_branches_hz=branches, resolution_lateral_nm=lat,
-                            resolution_vertical_nm=ver))
+                            resolution_vertical_nm=ver, delta_deviance=float(gains[j]),
+                            at_bound=at_bound))
     fits.sort(key=lambda f: -f.weight)
     return LocalizationResult(spins=tuple(fits), nuisance=lay.nuisance(fit.theta),
                               covariance=cov, deviance=fit.deviance,
@@ -736,25 +762,7 @@ def fit_deer_evolution(ds: xr.Dataset, coord: str = "tau", nu_max_hz: float = 20
     ok = np.isfinite(c) & np.isfinite(s) & (s > 0)
     if ok.sum() < 6:
         raise NvmriError("DEER evolution has fewer than 6 valid points")
-    t, cc, ss = t_all[ok], c[ok], s[ok]
-    dt = float(np.min(np.diff(np.sort(t))))
-    nu_hi = min(nu_max_hz, 1.0 / max(dt, 1e-12))
-    wts = 1.0 / ss**2
-    # weighted least squares of c = b + A (1 - cos(pi nu tau)) on a grid of nu whose
-    # step keeps the phase error at the longest tau below 0.2 rad
-    step = 0.2 / (np.pi * float(np.max(t)))
-    nus = np.arange(step, nu_hi + step, step)
-    g = 1.0 - np.cos(np.pi * nus[:, None] * t[None, :])           # (n_nu, n_tau)
-    s0, s1, s2 = wts.sum(), g @ wts, (g**2) @ wts
-    y0, y1 = float(wts @ cc), g @ (wts * cc)
-    det = s0 * s2 - s1**2
-    det = np.where(np.abs(det) > 0, det, np.inf)
-    amp = (s0 * y1 - s1 * y0) / det
-    base = (s2 * y0 - s1 * y1) / det
-    chi = float(wts @ cc**2) - 2 * (base * y0 + amp * y1) + base**2 * s0 \
-        + 2 * base * amp * s1 + amp**2 * s2
-    i = int(np.argmin(chi))
-    best = (float(chi[i]), float(nus[i]), float(amp[i]), float(base[i]))
+    best = periodogram_peak(t_all[ok], c[ok], s[ok], nu_max_hz)
     valid = valid_points(ds).values
     counts = np.stack([np.asarray(ds[g].values, float)[valid] for g in GATE_ORDER])
     shots = np.broadcast_to(np.asarray(ds.attrs.get("shots", 1.0), float), valid.shape)[valid]

@@ -29,6 +29,7 @@ tip-free ``deer_evolution`` at :data:`LAYER_EVOLUTION_TAUS_S`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,9 @@ LAYER_TAU_S = 6e-6
 LAYER_SHOTS = 100_000
 LAYER_EVOLUTION_SHOTS = 1_000_000
 LAYER_EVOLUTION_TAUS_S = tuple(np.round(np.geomspace(0.1e-6, 10e-6, 40), 10))
+HIDDEN_SPIN_COUPLING_HZ = 150e3
+"""Coupling the spin survey is designed for when a layer's decay hides any point spin
+from the tip-free evolution (its tau also weighs the layer's coherence), Hz."""
 
 
 def axis_spec(start: float, stop: float, step: float) -> tuple[float, float, int]:
@@ -407,7 +411,8 @@ def design_layer_raster(detuning: DetuningInterpolant, f_dark0_hz: float,
 
 
 def choose_tau(nu_hz: float, t2_s: float = 20e-6, exponent: float = 1.5,
-               tau_min_s: float = 1e-6, tau_max_s: float = 30e-6) -> float:
+               tau_min_s: float = 1e-6, tau_max_s: float = 30e-6,
+               coherence: Callable[[NDArray], NDArray] | None = None) -> float:
     """DEER free time maximising the signal E(tau) w(nu, tau) of a spin coupled by nu.
 
     Parameters
@@ -418,6 +423,9 @@ def choose_tau(nu_hz: float, t2_s: float = 20e-6, exponent: float = 1.5,
         Echo decay exp(-(tau/T2)^n) (measured with ``echo``), s.
     tau_min_s, tau_max_s : float
         Allowed range (tau_min leaves room for the RF pulse inside the echo), s.
+    coherence : callable, optional
+        Further measured coherence loss at tau (a layer's decay,
+        ``EvolutionContent.layer_coherence``), multiplying the signal.
 
     Returns
     -------
@@ -426,4 +434,6 @@ def choose_tau(nu_hz: float, t2_s: float = 20e-6, exponent: float = 1.5,
     """
     taus = np.linspace(tau_min_s, tau_max_s, 6000)
     gain = physics.echo_coherence(taus, t2_s, exponent) * physics.deer_weight(nu_hz, taus)
+    if coherence is not None:
+        gain = gain * coherence(taus)
     return float(taus[int(np.argmax(gain))])

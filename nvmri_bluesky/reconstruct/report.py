@@ -1,8 +1,9 @@
 """report.json pieces from reconstruction results (shape of design.md).
 
 Every quantity is ``{"value": float, "sigma": float}`` in the unit its key
-names; a quantity that could not be determined has ``null`` value and sigma
-(JSON has no NaN).
+names; a quantity that could not be determined (non-finite value, a sigma
+that is zero or not finite, or a fit that ended on a parameter bound) is
+``{"value": null, "sigma": null, "why": "..."}``: never value +/- 0.
 """
 
 from __future__ import annotations
@@ -31,23 +32,44 @@ __all__ = ["quantity", "spins_report", "resolution_report", "layer_report",
 Quantity = dict[str, float | None]
 
 
-def quantity(value: float, sigma: float) -> Quantity:
-    """``{"value", "sigma"}`` with non-finite numbers as None."""
-    def clean(v: float) -> float | None:
-        v = float(v)
-        return v if math.isfinite(v) else None
-
-    return {"value": clean(value), "sigma": clean(sigma)}
+def not_determined(why: str) -> dict[str, Any]:
+    """A quantity that could not be determined, and why."""
+    return {"value": None, "sigma": None, "why": why}
 
 
-def spins_report(result: LocalizationResult) -> list[dict[str, Quantity]]:
-    """``spins`` entries: offsets (spin - NV, nm) and couplings (Hz), strongest first."""
+def quantity(value: float, sigma: float, at_bound: str | None = None) -> dict[str, Any]:
+    """``{"value", "sigma"}``, or :func:`not_determined` when there is no honest sigma.
+
+    Parameters
+    ----------
+    value, sigma : float
+    at_bound : str, optional
+        Set when the fit ended on a parameter bound: which bound.
+    """
+    value, sigma = float(value), float(sigma)
+    if at_bound:
+        return not_determined(f"the fit ended on a bound ({at_bound})")
+    if not math.isfinite(value):
+        return not_determined("no finite value")
+    if not (math.isfinite(sigma) and sigma > 0):
+        return not_determined(f"sigma is {sigma:g}: the fit did not constrain it")
+    return {"value": value, "sigma": sigma}
+
+
+def spins_report(result: LocalizationResult) -> list[dict[str, Any]]:
+    """``spins`` entries: offsets (spin - NV, nm), couplings (Hz), evidence; strongest first."""
+    from nvmri_bluesky.reconstruct.evidence import evidence
+    from nvmri_bluesky.reconstruct.localize import MIN_DELTA_DEVIANCE
+
     out = []
     for s in result.spins:
-        out.append({"dx_nm": quantity(s.offset_nm[0], s.offset_sigma_nm[0]),
-                    "dy_nm": quantity(s.offset_nm[1], s.offset_sigma_nm[1]),
-                    "dz_nm": quantity(s.offset_nm[2], s.offset_sigma_nm[2]),
-                    "coupling_hz": quantity(s.coupling_hz, s.coupling_sigma_hz)})
+        entry: dict[str, Any] = {}
+        for k, axis in enumerate(("dx_nm", "dy_nm", "dz_nm")):
+            bound = "the offset search box" if s.at_bound[k] else None
+            entry[axis] = quantity(s.offset_nm[k], s.offset_sigma_nm[k], bound)
+        entry["coupling_hz"] = quantity(s.coupling_hz, s.coupling_sigma_hz)
+        entry["evidence"] = evidence(s.delta_deviance, MIN_DELTA_DEVIANCE)
+        out.append(entry)
     return out
 
 
@@ -65,7 +87,7 @@ def resolution_report(result: LocalizationResult) -> dict[str, Quantity]:
             "vertical": quantity(*s.resolution_vertical_nm)}
 
 
-def layer_report(image: LayerFit, decay: LayerFit | None = None) -> dict[str, Quantity]:
+def layer_report(image: LayerFit, decay: LayerFit | None = None) -> dict[str, Any]:
     """A ``layers`` entry: height from the image, density from the decay if measured.
 
     ``coupling_rate_hz`` (Fig. 3d's "dark-spin/NV coupling rate") is the rms
@@ -74,12 +96,17 @@ def layer_report(image: LayerFit, decay: LayerFit | None = None) -> dict[str, Qu
     relative sigma (nu_rms ~ sqrt(n)); the density's sigma already contains the
     height's part, so this errs on the large side.
     """
+    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN, evidence
+
     dens = decay if decay is not None else image
     n, sn = dens.density_per_nm2, dens.density_sigma_per_nm2
     rate = layer_coupling_rate(image.height_nm, n) if n > 0 else float("nan")
-    return {"height_above_nv_nm": quantity(image.height_nm, image.height_sigma_nm),
-            "density_per_nm2": quantity(n, sn),
-            "coupling_rate_hz": quantity(rate, 0.5 * rate * sn / n if n > 0 else float("nan"))}
+    bound = "the end of the height search range" if image.at_bound else None
+    return {"height_above_nv_nm": quantity(image.height_nm, image.height_sigma_nm, bound),
+            "density_per_nm2": quantity(n, sn, bound and "the height it depends on"),
+            "coupling_rate_hz": quantity(rate, 0.5 * rate * sn / n if n > 0 else float("nan"),
+                                         bound and "the height it depends on"),
+            "evidence": evidence(image.delta_deviance, DELTA_DEVIANCE_MIN)}
 
 
 def ramsey_report(periods: LocalPeriods, tau_s: float) -> dict[str, Any]:

@@ -1,0 +1,357 @@
+"""What a sample holds, decided from its tip-free DEER evolution by the Poisson likelihood.
+
+The tip-free DEER evolution (RF on the dark-spin line, tip retracted) is
+explained by nested models of its contrast (``physics.deer_coherence`` and
+the layer's expected decay, :mod:`.layers`):
+
+    c(tau) = b + 1 - prod_j [1 - A_j (1 - cos(pi nu_j tau))] exp(-q J(tau; h)),
+
+flat (no spin: only b), point spins (amplitude A_j = flip probability,
+coupling nu_j) and a layer (q = n p0, its density times the flip
+probability; the height h is profiled on :data:`LAYER_HEIGHTS_NM`).  The
+four gates' counts are fitted by Poisson maximum likelihood with one echo
+coherence per tau (:func:`~._poisson.fit_sweep`).  Components are added one
+at a time (forward selection): the candidate (a spin started at the
+periodogram peak of the remaining contrast, or the layer) that lowers the
+deviance most is kept when it lowers it by at least
+:data:`DELTA_DEVIANCE_MIN`, a likelihood-ratio statistic 2 Delta log L.
+
+:data:`DELTA_DEVIANCE_MIN` = 25: a component adds two parameters, one of
+them searched over a frequency grid; 25 is 5 sigma for one parameter and,
+with ~100 independent frequencies searched, leaves a false-alarm
+probability below 1e-3 per evolution.  The same threshold is the evidence
+for spins and layers in the rasters (``localize_spins``' deviance trail and
+:func:`layer_evidence`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+from numpy.typing import NDArray
+
+from nvmri_bluesky import physics
+from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.reconstruct._poisson import SweepFit, fit_sweep
+from nvmri_bluesky.reconstruct.counts import GATES, check_gates, contrast_with_sigma, valid_points
+from nvmri_bluesky.reconstruct.layers import layer_decay_integral
+
+__all__ = ["DELTA_DEVIANCE_MIN", "LAYER_HEIGHTS_NM", "NOMINAL_FLIP_PROBABILITY",
+           "EvolutionContent", "classify_evolution", "detection_limit_hz", "evidence",
+           "periodogram_peak", "coupling_classes"]
+
+DELTA_DEVIANCE_MIN = 25.0
+"""Likelihood-ratio threshold 2 Delta log L for adding a spin or a layer."""
+LAYER_HEIGHTS_NM = (4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 17.0, 20.0)
+"""Layer heights above the NV the evolution's layer model is profiled over, nm."""
+NOMINAL_FLIP_PROBABILITY = 0.5
+"""Flip probability assumed for the detection limit when no spectrum was measured."""
+_NU_MAX_HZ = 20e6
+
+
+def evidence(delta_deviance: float, threshold: float = DELTA_DEVIANCE_MIN) -> dict:
+    """report.json ``evidence`` of one object: its likelihood-ratio statistic and threshold."""
+    return {"statistic": "delta_deviance (2 delta log L, Poisson)",
+            "value": float(delta_deviance), "threshold": float(threshold)}
+
+
+@dataclass(frozen=True)
+class _Evolution:
+    taus: NDArray          # valid points, s
+    counts: NDArray        # (4, P)
+    shots: NDArray         # (P,)
+    contrast: NDArray      # (P,)
+    contrast_sigma: NDArray
+
+
+def _evolution(ds: xr.Dataset, coord: str = "tau") -> _Evolution:
+    check_gates(ds)
+    ok = np.asarray(valid_points(ds).values)
+    counts = np.stack([np.asarray(ds[g].values, float)[ok] for g in GATES])
+    c, s = contrast_with_sigma(*counts)
+    good = np.isfinite(c) & np.isfinite(s) & (s > 0)
+    if good.sum() < 6:
+        raise NvmriError("DEER evolution has fewer than 6 valid points")
+    shots = np.broadcast_to(np.asarray(ds.attrs.get("shots", 1.0), float), ok.shape)[ok]
+    return _Evolution(np.asarray(ds[coord].values, float)[ok][good], counts[:, good],
+                      shots[good], c[good], s[good])
+
+
+def periodogram_peak(taus_s: NDArray, contrast: NDArray, sigma: NDArray,
+                     nu_max_hz: float = _NU_MAX_HZ) -> tuple[float, float, float, float]:
+    """Best single-spin curve b + A (1 - cos(pi nu tau)) by weighted least squares on a nu grid.
+
+    Parameters
+    ----------
+    taus_s, contrast, sigma : ndarray
+        Free times (s), contrast and its sigma.
+    nu_max_hz : float
+        Highest coupling searched (limited by the sampling too), Hz.
+
+    Returns
+    -------
+    (chi2, nu_hz, amplitude, baseline)
+    """
+    t, cc, wts = np.asarray(taus_s, float), np.asarray(contrast, float), 1.0 / sigma**2
+    dt = float(np.min(np.diff(np.sort(t))))
+    nu_hi = min(nu_max_hz, 1.0 / max(dt, 1e-12))
+    # the step keeps the phase error at the longest tau below 0.2 rad
+    step = 0.2 / (np.pi * float(np.max(t)))
+    nus = np.arange(step, nu_hi + step, step)
+    g = 1.0 - np.cos(np.pi * nus[:, None] * t[None, :])           # (n_nu, n_tau)
+    s0, s1, s2 = wts.sum(), g @ wts, (g**2) @ wts
+    y0, y1 = float(wts @ cc), g @ (wts * cc)
+    det = s0 * s2 - s1**2
+    det = np.where(np.abs(det) > 0, det, np.inf)
+    amp = (s0 * y1 - s1 * y0) / det
+    base = (s2 * y0 - s1 * y1) / det
+    chi = float(wts @ cc**2) - 2 * (base * y0 + amp * y1) + base**2 * s0 \
+        + 2 * base * amp * s1 + amp**2 * s2
+    chi = np.where(amp > 0, chi, np.inf)                   # a spin only lowers the coherence
+    i = int(np.argmin(chi))
+    return float(chi[i]), float(nus[i]), float(amp[i]), float(base[i])
+
+
+@dataclass(frozen=True)
+class _Model:
+    """Components of the evolution model: spins (nu MHz, A) and an optional layer height."""
+
+    n_spins: int
+    layer_height_nm: float | None
+
+    def contrast(self, th: NDArray, taus: NDArray, jt: NDArray | None) -> NDArray:
+        """c(tau) for theta = [b, (nu_MHz, A) per spin, q if a layer]."""
+        coh = np.ones_like(taus)
+        for j in range(self.n_spins):
+            nu, amp = th[1 + 2 * j], th[2 + 2 * j]
+            coh = coh * (1.0 - amp * physics.deer_weight(nu * 1e6, taus))
+        if self.layer_height_nm is not None:
+            coh = coh * np.exp(-th[-1] * jt)
+        return th[0] + 1.0 - coh
+
+    def bounds(self) -> tuple[NDArray, NDArray, NDArray]:
+        """Lower, upper bounds and finite-difference steps."""
+        lo, hi, fd = [-1.0], [1.0], [1e-4]
+        for _ in range(self.n_spins):
+            lo += [0.0, 0.0]
+            hi += [_NU_MAX_HZ / 1e6, 1.0]
+            fd += [1e-5, 1e-4]
+        if self.layer_height_nm is not None:
+            lo.append(0.0)
+            hi.append(50.0)
+            fd.append(1e-4)
+        return np.array(lo), np.array(hi), np.array(fd)
+
+
+def _decay_shape(taus: NDArray, height_nm: float) -> NDArray:
+    """J(tau; h) / J(tau_max; h): the layer's decay shape, so q is of order 1 (q = n p0 J_max)."""
+    jt = layer_decay_integral(taus, height_nm)
+    return jt / max(float(np.max(jt)), 1e-300)
+
+
+def _fit(ev: _Evolution, model: _Model, theta0: NDArray) -> SweepFit:
+    jt = (_decay_shape(ev.taus, model.layer_height_nm)
+          if model.layer_height_nm is not None else None)
+    lo, hi, fd = model.bounds()
+    return fit_sweep(ev.counts, ev.shots, lambda th: model.contrast(th, ev.taus, jt),
+                     np.clip(theta0, lo, hi), lo, hi, fd, echo_per_point=True)
+
+
+@dataclass(frozen=True)
+class EvolutionContent:
+    """What a tip-free DEER evolution says the sample holds.
+
+    Attributes
+    ----------
+    couplings_hz, coupling_sigmas_hz, amplitudes : tuple of float
+        Accepted point-spin components, strongest coupling first, Hz.
+    spin_evidence : tuple of float
+        Deviance drop when each spin was added (same order).
+    layer : bool
+        A decay (many weakly coupled spins) is accepted.
+    layer_evidence : float
+        Deviance drop when the layer was added (0 if not).
+    layer_height_nm : float or None
+        Best profiled height of the evolution's layer model (a rough guide
+        only; the image measures it), nm.
+    layer_rate : float
+        q of the layer model, exp(-q J(tau)/J(tau_max)) is the coherence it leaves.
+    tau_max_s : float
+        Longest free time of the evolution, s.
+    deviance_trail : tuple of (str, float)
+        Accepted models and their deviances, simplest first.
+    """
+
+    couplings_hz: tuple[float, ...]
+    coupling_sigmas_hz: tuple[float, ...]
+    amplitudes: tuple[float, ...]
+    spin_evidence: tuple[float, ...]
+    layer: bool
+    layer_evidence: float
+    layer_height_nm: float | None
+    layer_rate: float = 0.0
+    tau_max_s: float = 1.0
+    deviance_trail: tuple[tuple[str, float], ...] = field(default=())
+
+    def layer_coherence(self, tau_s: NDArray) -> NDArray:
+        """Coherence the layer leaves at free times ``tau_s`` (1 without a layer)."""
+        taus = np.asarray(tau_s, float)
+        if self.layer_height_nm is None:
+            return np.ones_like(taus)
+        # J on a coarse grid, interpolated (J is smooth; callers pass thousands of taus)
+        grid = np.linspace(0.0, max(float(np.max(taus)), self.tau_max_s), 121)
+        shape = np.interp(taus, grid, layer_decay_integral(grid, self.layer_height_nm))
+        j_max = float(layer_decay_integral(np.array([self.tau_max_s]), self.layer_height_nm)[0])
+        return np.exp(-self.layer_rate * shape / max(j_max, 1e-300))
+
+    @property
+    def empty(self) -> bool:
+        """Neither a spin nor a layer."""
+        return not self.couplings_hz and not self.layer
+
+
+def _model_contrast(ev: _Evolution, model: _Model, theta: NDArray) -> NDArray:
+    jt = (_decay_shape(ev.taus, model.layer_height_nm)
+          if model.layer_height_nm is not None else None)
+    return model.contrast(theta, ev.taus, jt)
+
+
+def _spin_candidate(ev: _Evolution, model: _Model, fit: SweepFit) -> tuple[_Model, SweepFit]:
+    resid = ev.contrast - _model_contrast(ev, model, fit.theta)
+    _, nu, amp, _ = periodogram_peak(ev.taus, resid, ev.contrast_sigma)
+    spins = list(fit.theta[1:1 + 2 * model.n_spins])
+    new = _Model(model.n_spins + 1, model.layer_height_nm)
+    tail = list(fit.theta[1 + 2 * model.n_spins:])
+    th0 = np.array([fit.theta[0], *spins, nu / 1e6, float(np.clip(amp, 0.02, 0.98)), *tail])
+    return new, _fit(ev, new, th0)
+
+
+def _layer_candidate(ev: _Evolution, model: _Model, fit: SweepFit
+                     ) -> tuple[_Model, SweepFit]:
+    """The layer added at the height whose decay best explains the remaining coherence.
+
+    The height is screened by weighted least squares of the contrast on
+    :data:`LAYER_HEIGHTS_NM` (q on a grid), then one Poisson fit is made there.
+    """
+    base = 1.0 - _model_contrast(ev, model, fit.theta) + fit.theta[0]   # coherence kept
+    wts = 1.0 / ev.contrast_sigma**2
+    qs = np.geomspace(0.01, 50.0, 120)
+    best = (np.inf, LAYER_HEIGHTS_NM[0], 1.0)
+    for h in LAYER_HEIGHTS_NM:
+        shape = _decay_shape(ev.taus, h)
+        curves = fit.theta[0] + 1.0 - base[None, :] * np.exp(-qs[:, None] * shape[None, :])
+        chi = ((curves - ev.contrast[None, :]) ** 2) @ wts
+        i = int(np.argmin(chi))
+        if chi[i] < best[0]:
+            best = (float(chi[i]), h, float(qs[i]))
+    new = _Model(model.n_spins, best[1])
+    return new, _fit(ev, new, np.r_[fit.theta, best[2]])
+
+
+def classify_evolution(ds: xr.Dataset, max_spins: int = 3,
+                       threshold: float = DELTA_DEVIANCE_MIN, coord: str = "tau"
+                       ) -> EvolutionContent:
+    """Point spins, a layer, both or nothing, from a tip-free DEER evolution.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Counts ``signal``, ``echo``, ``bright``, ``dark`` along ``coord`` (free
+        time, s); attrs ``shots``.
+    max_spins : int
+        Most point-spin components tried.
+    threshold : float
+        Deviance drop a component must bring (module doc).
+    coord : str
+
+    Returns
+    -------
+    EvolutionContent
+    """
+    ev = _evolution(ds, coord)
+    model = _Model(0, None)
+    fit = _fit(ev, model, np.array([0.0]))
+    trail = [("flat", fit.fit.deviance)]
+    spin_ev: list[float] = []
+    layer_ev = 0.0
+    while True:
+        candidates = []
+        if model.n_spins < max_spins:
+            candidates.append(("spin", *_spin_candidate(ev, model, fit)))
+        if model.layer_height_nm is None:
+            candidates.append(("layer", *_layer_candidate(ev, model, fit)))
+        if not candidates:
+            break
+        kind, new, trial = min(candidates, key=lambda c: c[2].fit.deviance)
+        gain = fit.fit.deviance - trial.fit.deviance
+        if gain < threshold:
+            break
+        if kind == "spin":
+            spin_ev.append(gain)
+        else:
+            layer_ev = gain
+        model, fit = new, trial
+        trail.append((f"{model.n_spins} spin(s)" + (" + layer" if model.layer_height_nm
+                                                     is not None else ""), fit.fit.deviance))
+    nus = fit.theta[1:1 + 2 * model.n_spins:2] * 1e6
+    sig = fit.theta_sigma[1:1 + 2 * model.n_spins:2] * 1e6
+    amps = fit.theta[2:2 + 2 * model.n_spins:2]
+    order = np.argsort(-nus)
+    return EvolutionContent(
+        couplings_hz=tuple(float(nus[i]) for i in order),
+        coupling_sigmas_hz=tuple(float(sig[i]) for i in order),
+        amplitudes=tuple(float(amps[i]) for i in order),
+        spin_evidence=tuple(spin_ev[i] if i < len(spin_ev) else 0.0 for i in order),
+        layer=model.layer_height_nm is not None, layer_evidence=float(layer_ev),
+        layer_height_nm=model.layer_height_nm,
+        layer_rate=float(fit.theta[-1]) if model.layer_height_nm is not None else 0.0,
+        tau_max_s=float(np.max(ev.taus)), deviance_trail=tuple(trail))
+
+
+def coupling_classes(couplings_hz: tuple[float, ...], ratio: float = 2.5) -> list[float]:
+    """Couplings that need a survey of their own: each at least ``ratio`` below the previous.
+
+    One DEER free time serves couplings within ``ratio`` of each other (their
+    weights 1 - cos(pi nu tau) are both large); a weaker spin needs a longer
+    tau.  Returns the representative (strongest) coupling of each class, Hz.
+    """
+    classes: list[float] = []
+    for nu in sorted((abs(v) for v in couplings_hz), reverse=True):
+        if not classes or nu * ratio <= classes[-1]:
+            classes.append(nu)
+    return classes
+
+
+def detection_limit_hz(ds: xr.Dataset, flip_probability: float = NOMINAL_FLIP_PROBABILITY,
+                       threshold: float = DELTA_DEVIANCE_MIN, coord: str = "tau") -> float:
+    """Weakest coupling a lone spin could have and still pass the evolution's threshold.
+
+    The expected deviance drop of a spin coupled by nu is, to leading order,
+    sum_tau [p (1 - cos(pi nu tau)) / sigma_c(tau)]^2 with the measured
+    contrast sigmas; the limit is the smallest nu (on a 1 kHz grid up to
+    20 MHz) where it reaches ``threshold``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The tip-free evolution.
+    flip_probability : float
+        On-resonance flip probability (the spectrum's peak), default nominal.
+    threshold : float
+    coord : str
+
+    Returns
+    -------
+    float
+        Hz (inf if no coupling up to 20 MHz would pass).
+    """
+    ev = _evolution(ds, coord)
+    nus = np.arange(1e3, _NU_MAX_HZ, 1e3)
+    expected = np.empty(nus.size)
+    for i in range(0, nus.size, 2000):
+        w = physics.deer_weight(nus[i:i + 2000, None], ev.taus[None, :])
+        expected[i:i + 2000] = np.sum((flip_probability * w / ev.contrast_sigma) ** 2, axis=1)
+    passing = np.nonzero(expected >= threshold)[0]
+    return float(nus[passing[0]]) if passing.size else float("inf")

@@ -1,0 +1,99 @@
+"""Model choice on the tip-free DEER evolution, and quantities that were not determined.
+
+Synthetic evolutions (tests/reconstruct_synth.py, exact physics, Poisson
+counts) of: nothing, one spin, a layer, and a strong and a 10x weaker spin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reconstruct_synth import deer_evolution, instrument, layer_offsets, random_spin
+
+from nvmri_bluesky import physics
+from nvmri_bluesky.reconstruct import protocol as design
+from nvmri_bluesky.reconstruct.evidence import (
+    DELTA_DEVIANCE_MIN,
+    classify_evolution,
+    coupling_classes,
+    detection_limit_hz,
+)
+from nvmri_bluesky.reconstruct.report import quantity
+
+INST = instrument(10.0)
+TAUS = np.array(design.EVOLUTION_TAUS_S)
+
+
+def _evolution(offsets: np.ndarray, seed: int):
+    return deer_evolution(INST, offsets, TAUS, design.SPIN_SHOTS, np.random.default_rng(seed))
+
+
+def test_no_spin_is_nothing_with_a_detection_limit() -> None:
+    ds = _evolution(np.array([[0.0, 0.0, 1e4]]), 1)          # a spin too far to couple
+    content = classify_evolution(ds)
+    assert content.empty, content
+    limit = detection_limit_hz(ds)
+    assert 1e3 < limit < 50e3                                 # the envelope's spins are seen
+    # a noisier evolution (fewer shots) has a higher limit
+    noisy = deer_evolution(INST, np.array([[0.0, 0.0, 1e4]]), TAUS, design.SPIN_SHOTS // 16,
+                           np.random.default_rng(1))
+    assert detection_limit_hz(noisy) > 1.5 * limit
+
+
+def test_one_spin_is_one_oscillation() -> None:
+    offset = random_spin(np.random.default_rng(7), INST)
+    nu = abs(float(physics.dipolar_coupling(offset, INST.nv_axis)))
+    content = classify_evolution(_evolution(offset, 2))
+    assert not content.layer, content
+    assert len(content.couplings_hz) == 1, content
+    assert abs(content.couplings_hz[0] - nu) <= 3 * content.coupling_sigmas_hz[0], (content, nu)
+    assert content.spin_evidence[0] >= DELTA_DEVIANCE_MIN
+
+
+def test_a_layer_is_a_decay_not_spins() -> None:
+    offsets = layer_offsets(np.random.default_rng(3), 10.0, 0.5)
+    content = classify_evolution(_evolution(offsets, 3))
+    assert content.layer and content.layer_evidence >= DELTA_DEVIANCE_MIN, content
+    assert not content.couplings_hz, content
+    # the coherence the layer leaves falls with tau, and a survey tau accounts for it
+    kept = content.layer_coherence(np.array([1e-6, 10e-6]))
+    assert 1.0 >= kept[0] > kept[1] >= 0.0
+    assert design.choose_tau(150e3, coherence=content.layer_coherence) < design.choose_tau(150e3)
+
+
+def test_weak_beside_strong_two_couplings_two_classes() -> None:
+    """A spin coupled 1/10 as strongly as another (both >= 50 kHz): both couplings found."""
+    rng = np.random.default_rng(11)
+    strong = weak = None
+    while strong is None or weak is None:
+        off = random_spin(rng, INST)
+        nu = abs(float(physics.dipolar_coupling(off, INST.nv_axis)))
+        if strong is None and 500e3 <= nu <= 1.5e6:
+            strong = (off, nu)
+        elif strong is not None and abs(nu - strong[1] / 10) < 0.1 * strong[1] / 10 \
+                and nu >= 50e3 and np.linalg.norm(off - strong[0]) >= 3.0:
+            weak = (off, nu)
+    content = classify_evolution(_evolution(np.stack([strong[0], weak[0]]), 4))
+    assert len(content.couplings_hz) == 2, content
+    for found, sig, true in zip(content.couplings_hz, content.coupling_sigmas_hz,
+                                (strong[1], weak[1]), strict=True):
+        assert abs(found - true) <= max(3 * sig, 0.05 * true), (content, true)
+    assert len(coupling_classes(content.couplings_hz)) == 2
+    taus = [design.choose_tau(nu) for nu in coupling_classes(content.couplings_hz)]
+    assert taus[1] > 2 * taus[0]
+
+
+def test_coupling_classes_group_comparable_couplings() -> None:
+    assert coupling_classes((117e3, 176e3)) == [176e3]
+    assert coupling_classes((900e3, 90e3, 100e3)) == [900e3, 100e3]
+
+
+@pytest.mark.parametrize("value, sigma, bound", [(1.0, 0.0, None), (1.0, float("nan"), None),
+                                                 (float("nan"), 0.1, None), (17.5, 0.2, "h")])
+def test_no_false_precision(value: float, sigma: float, bound: str | None) -> None:
+    q = quantity(value, sigma, bound)
+    assert q["value"] is None and q["sigma"] is None and q["why"], q
+
+
+def test_a_determined_quantity_keeps_value_and_sigma() -> None:
+    assert quantity(2.5, 0.1) == {"value": 2.5, "sigma": 0.1}
