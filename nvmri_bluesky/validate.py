@@ -41,8 +41,9 @@ from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = [
-    "KINDS", "AXES", "Truth", "draw_sample", "grade_report", "grade_sample", "summarise",
-    "table", "run_sample", "run",
+    "KINDS", "AXES", "CRITERIA", "Truth", "draw_sample", "match_spins", "grade_report",
+    "grade_sample", "instrument_time_s", "summarise", "table", "nvmri_command", "run_sample",
+    "run",
 ]
 
 # ---------------------------------------------------------------- the envelope
@@ -355,10 +356,20 @@ def _grade_spins(truth: Truth, report: Mapping[str, Any]) -> dict[str, Any]:
     for j in sorted(set(range(len(found))) - matched_found):
         where = (f"({_xyz(found[j])}) nm" if np.all(np.isfinite(found[j]))
                  else "(" + "; ".join(reported[j]["problems"]) + ")")
-        causes.append(f"spurious spin at {where}")
+        causes.append(f"spurious spin at {where}{_nearest(true, found[j], sigma[j])}")
     return {"spins_true": len(true), "spins_found": len(pairs),
             "spins_missed": len(true) - len(pairs),
             "spins_spurious": len(found) - len(pairs), "errors": errors, "causes": causes}
+
+
+def _nearest(true: np.ndarray, found: np.ndarray, sigma: np.ndarray) -> str:
+    """'; nearest true spin off by ... on <axis>' (the worst axis), or '' if none applies."""
+    if len(true) == 0 or not np.all(np.isfinite(found)):
+        return ""
+    err = found - true[np.argmin(np.linalg.norm(true - found, axis=1))]
+    k = int(np.argmax(np.abs(err)))
+    z = f", {abs(err[k]) / sigma[k]:.1f} sigma" if np.isfinite(sigma[k]) else ""
+    return f"; nearest true spin off by {err[k]:+.2f} nm{z} on {AXES[k]}"
 
 
 def _none(x: float) -> float | None:

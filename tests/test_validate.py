@@ -130,7 +130,8 @@ def test_missed_and_spurious_spins_are_named():
     g = grade_report(TWO, report)
     assert (g["spins_found"], g["spins_missed"], g["spins_spurious"]) == (1, 1, 1)
     assert "missed spin at (-4.00, -2.00, +1.00) nm, 200 kHz" in g["causes"]
-    assert "spurious spin at (-4.00, +6.00, +1.00) nm" in g["causes"]
+    assert ("spurious spin at (-4.00, +6.00, +1.00) nm; nearest true spin off by +8.00 nm, "
+            "160.0 sigma on dy") in g["causes"]
     assert not g["passed"]
 
 
