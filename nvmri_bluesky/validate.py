@@ -670,7 +670,7 @@ def run_sample(truth: Truth, workdir: Path, timeout_s: float | None = None,
     truth : Truth
     workdir : Path
         ``workdir/seed-NNNN/`` gets ``scenario.json``, ``demo/`` (the demo's
-        ``--out``), ``stdout.txt`` and ``stderr.txt``.
+        ``--out``), ``stdout.txt``, ``stderr.txt`` and ``grade.json`` (the result).
     timeout_s : float, optional
         Stop the demo (Ctrl-C, then kill) after this many seconds.
     command : str, optional
@@ -679,7 +679,7 @@ def run_sample(truth: Truth, workdir: Path, timeout_s: float | None = None,
     Returns
     -------
     dict
-        :func:`grade_sample`'s result, plus ``dir``.
+        :func:`grade_sample`'s result, plus ``returncode`` and ``dir``.
     """
     from nvmri_bluesky.sim.scenario import load_scenario
 
@@ -708,7 +708,9 @@ def run_sample(truth: Truth, workdir: Path, timeout_s: float | None = None,
     graded = grade_sample(truth, returncode, report, stderr, wall_s=round(wall, 1))
     if returncode is None:
         graded["causes"] = [f"timed out after {timeout_s:.0f} s (stopped)"]
-    return {**graded, "dir": str(here)}
+    graded = {**graded, "returncode": returncode, "dir": str(here)}
+    (here / "grade.json").write_text(json.dumps(graded, indent=2))
+    return graded
 
 
 def _progress(done: int, total: int, result: Mapping[str, Any]) -> None:

@@ -272,3 +272,59 @@ def test_validate_subcommand_arguments():
     args = build_parser().parse_args(["validate", "--seeds", "3", "--jobs", "2", "--json"])
     assert (args.seeds, args.jobs, args.json, args.start) == (3, 2, True, 0)
     assert args.func.__name__ == "_validate"
+
+
+# ---------------------------------------------------------------- runner (a stand-in command)
+
+FAKE_DEMO = """#!{python}
+import json, sys, time
+args = dict(zip(sys.argv[2::2], sys.argv[3::2]))
+assert sys.argv[1] == "demo" and sorted(args) == ["--out", "--scenario"], sys.argv
+mode = {mode!r}
+if mode == "fail":
+    print("== sample x: calibration", file=sys.stderr)
+    sys.exit("nvmri demo: error: frequency lock lost near 5.5 GHz")
+if mode == "hang":
+    time.sleep(60)
+scenario = json.load(open(args["--scenario"]))
+depth = scenario["nv"]["depth_nm"]
+q = lambda v: {{"value": v, "sigma": 0.05}}
+spins = [{{"dx_nm": q(p["x_nm"]), "dy_nm": q(p["y_nm"]), "dz_nm": q(p["z_nm"] + depth)}}
+         for p in scenario["dark_spins"]["points"]]
+import pathlib
+out = pathlib.Path(args["--out"]); out.mkdir()
+(out / "report.json").write_text(json.dumps({{"spins": spins, "layers": [],
+                                               "instrument_time_s": 12.5}}))
+"""
+
+
+def _fake_demo(tmp_path, mode):
+    import sys
+
+    path = tmp_path / f"nvmri-{mode}"
+    path.write_text(FAKE_DEMO.format(python=sys.executable, mode=mode))
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_run_sample_writes_the_scenario_runs_the_command_and_grades(tmp_path):
+    truth = draw_sample(4)                                # a pair, no layer
+    g = validate.run_sample(truth, tmp_path, command=_fake_demo(tmp_path, "ok"))
+    assert g["status"] == "pass" and g["returncode"] == 0 and g["spins_found"] == 2
+    assert g["instrument_time_s"] == 12.5 and g["wall_s"] >= 0
+    here = tmp_path / "seed-0004"
+    assert json.loads((here / "scenario.json").read_text()) == truth.scenario()
+    assert json.loads((here / "grade.json").read_text())["status"] == "pass"
+
+
+def test_run_sample_reports_a_failed_demo_by_its_last_stderr_line(tmp_path):
+    g = validate.run_sample(draw_sample(0), tmp_path, command=_fake_demo(tmp_path, "fail"))
+    assert g["status"] == "error" and g["returncode"] == 1
+    assert g["causes"] == ["nvmri demo: error: frequency lock lost near 5.5 GHz"]
+
+
+def test_run_sample_stops_a_demo_that_runs_out_of_time(tmp_path):
+    g = validate.run_sample(draw_sample(0), tmp_path, timeout_s=1.0,
+                            command=_fake_demo(tmp_path, "hang"))
+    assert g["status"] == "error" and g["returncode"] is None
+    assert g["causes"] == ["timed out after 1 s (stopped)"]
