@@ -651,6 +651,10 @@ def _read_report(path: Path) -> dict[str, Any] | None:
     return report if isinstance(report, dict) else None
 
 
+_RUNNING: set[subprocess.Popen] = set()
+"""The demos running now (stopped if ``nvmri validate`` is interrupted)."""
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a demo that ran out of time: Ctrl-C (it closes its IOC), then kill."""
     proc.send_signal(signal.SIGINT)
@@ -694,14 +698,14 @@ def run_sample(truth: Truth, workdir: Path, timeout_s: float | None = None,
     t0 = time.monotonic()
     with open(here / "stdout.txt", "w") as so, open(here / "stderr.txt", "w") as se:
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=_ca_env(), cwd=here)
+        _RUNNING.add(proc)
         try:
             returncode: int | None = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             _stop(proc)
             returncode = None
-        except BaseException:
-            _stop(proc)
-            raise
+        finally:
+            _RUNNING.discard(proc)
     wall = time.monotonic() - t0
     report = _read_report(out / "report.json") if returncode == 0 else None
     stderr = (here / "stderr.txt").read_text(errors="replace")
@@ -719,6 +723,16 @@ def _progress(done: int, total: int, result: Mapping[str, Any]) -> None:
     print(f"[{done}/{total}] seed {result['seed']} ({result['kind']}): "
           f"{result['status'].upper()} in {_n(result.get('wall_s'))} s"
           + (f": {first}{more}" if first else ""), file=sys.stderr, flush=True)
+
+
+def _interrupt(futures: Sequence[Any]) -> None:
+    """Ctrl-C: drop the samples not started, stop the running demos (each closes its IOC)."""
+    for f in futures:
+        f.cancel()
+    print("validate: interrupted; stopping the running demos", file=sys.stderr, flush=True)
+    for proc in list(_RUNNING):
+        if proc.poll() is None:
+            _stop(proc)
 
 
 def run(seeds: int, jobs: int = 1, as_json: bool = False, out: str | Path = "nvmri-validate",
@@ -755,9 +769,13 @@ def run(seeds: int, jobs: int = 1, as_json: bool = False, out: str | Path = "nvm
     results: list[dict[str, Any]] = []
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(run_sample, t, out, timeout_s, command) for t in truths]
-        for future in as_completed(futures):
-            results.append(future.result())
-            _progress(len(results), seeds, results[-1])
+        try:
+            for future in as_completed(futures):
+                results.append(future.result())
+                _progress(len(results), seeds, results[-1])
+        except KeyboardInterrupt:
+            _interrupt(futures)
+            raise
     results.sort(key=lambda r: r["seed"])
     result = {"samples": results, "summary": summarise(results)}
     (out / "validate.json").write_text(json.dumps(result, indent=2))
