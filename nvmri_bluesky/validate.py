@@ -577,6 +577,10 @@ def _n(x: float | None, fmt: str = ".0f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _s(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f} s"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f} %"
 
@@ -607,10 +611,10 @@ def table(samples: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> s
               f"spurious {t['spins_spurious']}",
               f"layers true {t['layers_true']}: found {t['layers_found']}, missed "
               f"{t['layers_missed']}, spurious {t['layers_spurious']}",
-              f"wall time total {_n(t['wall_s']['total'])} s, median "
-              f"{_n(t['wall_s']['median'])} s/sample; instrument time total "
-              f"{_n(t['instrument_time_s']['total'])} s, median "
-              f"{_n(t['instrument_time_s']['median'])} s/sample", ""]
+              f"wall time total {_s(t['wall_s']['total'])}, median "
+              f"{_s(t['wall_s']['median'])} per sample; instrument time total "
+              f"{_s(t['instrument_time_s']['total'])}, median "
+              f"{_s(t['instrument_time_s']['median'])} per sample", ""]
     axis_rows = [("axis", "matched", "median |err| nm", "max |err| nm", "cov 1s", "cov 2s",
                   "cov 3s")]
     for axis, a in t["axes"].items():
