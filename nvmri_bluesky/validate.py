@@ -222,7 +222,7 @@ def draw_sample(seed: int) -> Truth:
     Truth
     """
     if seed < 0:
-        raise NvmriError(f"validate: seeds must be >= 0, not {seed}")
+        raise NvmriError(f"seeds must be >= 0, not {seed}")
     kind = KINDS[seed % len(KINDS)]
     rng = np.random.default_rng([_GENERATOR_TAG, seed])
     depth = rng.uniform(*(SHALLOW_DEPTH_NM if kind == "shallow" else DEPTH_NM))
@@ -764,7 +764,7 @@ def run(seeds: int, jobs: int = 1, as_json: bool = False, out: str | Path = "nvm
         ``{"samples": [...], "summary": {...}}`` (also written to ``OUT/validate.json``).
     """
     if seeds < 1 or jobs < 1:
-        raise NvmriError(f"validate: --seeds and --jobs must be >= 1 (got {seeds}, {jobs})")
+        raise NvmriError(f"--seeds and --jobs must be >= 1 (got {seeds}, {jobs})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     truths = [draw_sample(s) for s in range(start, start + seeds)]
