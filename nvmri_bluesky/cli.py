@@ -65,6 +65,14 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.run(args.names or None, as_json=args.json)
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from nvmri_bluesky import validate
+
+    validate.run(args.seeds, jobs=args.jobs, as_json=args.json, out=args.out, start=args.start,
+                 timeout_s=args.timeout)
+    return 0
+
+
 def _serve_catalog(args: argparse.Namespace) -> int:
     from nvmri_bluesky import catalog
 
@@ -143,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", _bench, "run benchmarks from benchmarks/")
     p.add_argument("names", nargs="*", help="benchmark names (default: all)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command("validate", _validate,
+                "run the default protocol on random samples and grade it against their truth")
+    p.add_argument("--seeds", type=int, default=30, help="number of samples (default 30)")
+    p.add_argument("--jobs", type=int, default=1, help="samples run at once (default 1)")
+    p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--out", default="nvmri-validate",
+                   help="working directory: scenario files, demo outputs, validate.json")
+    p.add_argument("--start", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="per-sample time limit, s (default: none)")
 
     p = command("serve-catalog", _serve_catalog, "serve a facility tiled catalog")
     p.add_argument("--config", required=True, help="tiled server config (YAML)")
