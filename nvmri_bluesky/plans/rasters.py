@@ -63,23 +63,39 @@ class Descent:
     Keeps the worst prediction miss of every plane (apex height) measured;
     a new plane is measured only if the misses extrapolated to it
     (:func:`~nvmri_bluesky.plans.lock.next_plane_miss_hz`) are within the
-    lock's reach.  A lock lost on a plane ends the descent there too.
-    Once stopped, :attr:`reason` says where and why.
+    lock's reach.  A lock lost on a plane ends the descent there (the plane
+    is incomplete).  A single-plane map (a line) cannot descend: a point
+    where the lock cannot follow is left out and the next one is tried.
+    :attr:`reason` says where and why.
 
     Parameters
     ----------
+    planes : int
+        Planes of the map.
     reach_hz : float
         Largest prediction miss the lock recovers from, Hz.
     """
 
-    def __init__(self, reach_hz: float = LOCK_REACH_HZ) -> None:
+    def __init__(self, planes: int, reach_hz: float = LOCK_REACH_HZ) -> None:
+        self.planes = planes
         self.reach_hz = reach_hz
         self.misses: dict[float, float] = {}
-        self.reason: str | None = None
+        self.gaps: list[str] = []
+        self.stopped: str | None = None
+
+    @property
+    def reason(self) -> str | None:
+        """Why the map is not complete (None if it is)."""
+        if self.stopped is not None:
+            return self.stopped
+        if self.gaps:
+            return (f"{len(self.gaps)} point(s) left out where the lock could not follow, "
+                    f"the first: {self.gaps[0]}")
+        return None
 
     def allows(self, z_nm: float) -> bool:
         """Whether the point at apex ``z_nm`` is to be measured (opens a new plane)."""
-        if self.reason is not None:
+        if self.stopped is not None:
             return False
         if z_nm not in self.misses:
             expected = next_plane_miss_hz(list(self.misses.values()))
@@ -96,15 +112,18 @@ class Descent:
         self.misses[z_nm] = max(self.misses[z_nm], abs(float(miss_hz)))
 
     def lost(self, z_nm: float, error: LockLost) -> None:
-        """The lock could not follow on plane ``z_nm``: stop there (the plane is incomplete)."""
+        """The lock could not follow at a point of plane ``z_nm``."""
+        if self.planes == 1:
+            self.gaps.append(str(error))
+            return
         self.misses.pop(z_nm, None)
         self._stop(z_nm, str(error))
 
     def _stop(self, z_nm: float, why: str) -> None:
         done = sorted(self.misses)
         covers = (f"the map covers apex {done[0]:g}..{done[-1]:g} nm" if done
-                  else "no plane was measured")
-        self.reason = f"stopped descending at apex {z_nm:g} nm: {why}; {covers}"
+                  else "no plane is complete")
+        self.stopped = f"map stopped at apex {z_nm:g} nm: {why}; {covers}"
 
     def closing(self, msg: Msg) -> Msg:
         """A ``msg_mutator`` function: the run's close_run carries :attr:`reason`."""
@@ -269,7 +288,7 @@ def psf_map(devices: Any, x: Axis, y: Axis, z: Axis | float,
         except LockLost as error:
             raise LockLost(f"{lock.name} with the tip retracted: {error}") from error
         references[key] = lock.frequency.get()
-    descent = Descent()
+    descent = Descent(planes=axes["z"][2])
     per_step = _locked_step(devices, [(plus, Predictor(references["f_nv0_hz"])),
                                       (minus, Predictor(references["f_minus0_hz"]))],
                             program, None, [*motors, devices.counter, plus, minus], descent)
