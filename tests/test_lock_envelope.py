@@ -38,7 +38,7 @@ from nvmri_bluesky.plans.lock import (
     Predictor,
     next_plane_miss_hz,
 )
-from nvmri_bluesky.plans.rasters import Descent
+from nvmri_bluesky.plans.rasters import Descent, approach_heights
 from nvmri_bluesky.reconstruct import protocol as design
 from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
 from nvmri_bluesky.reconstruct.runs import run_dataset
@@ -182,6 +182,13 @@ def _follow(depth_nm: float, grid: dict) -> tuple[Descent, int]:
         inst.field_at(inst.nv_position_nm, points), inst.nv_axis)
     f0 = physics.nv_transition_frequencies(inst.b0_vector, inst.nv_axis)
     lines = [(Predictor(float(f0[0])), f_plus), (Predictor(abs(float(f0[1]))), np.abs(f_minus))]
+    for z in approach_heights(points[0][2]):                  # psf_map's approach
+        p = np.array([points[0][0], points[0][1], z])
+        exact = physics.nv_transition_frequencies(inst.field_at(inst.nv_position_nm, p),
+                                                  inst.nv_axis)
+        for (predict, _), f in zip(lines, (exact[0], abs(exact[1])), strict=True):
+            assert abs(predict(p) - f) < LOCK_REACH_HZ
+            predict.add(p, f)
     descent, losses = Descent(planes=grid["z"][2]), 0
     for i, p in enumerate(points):
         if not descent.allows(p[2]):
@@ -209,6 +216,7 @@ def test_the_protocol_maps_follow_the_line_over_the_envelope(depth_nm: float) ->
     assert len(spin.misses) == design.SPIN_PSF_MAP["z"][2]
     layer, layer_losses = _follow(depth_nm, design.LAYER_PSF_MAP)
     assert min(layer.misses) <= design.LAYER_PLANES_NM[0] - depth_nm, layer.reason
+    assert len(layer.misses) >= 4                        # a cubic spline in z
     assert all(m <= LOCK_REACH_HZ for m in layer.misses.values())
     if depth_nm >= 6.8:
         assert layer_losses == 0 and layer.reason is None, layer.reason
@@ -386,3 +394,10 @@ def test_demo_default_protocol_on_a_shallow_nv(tmp_path: Path) -> None:
         error = abs(value - truth[k])
         assert error <= 0.3 and error <= 3 * sigma, (axis, value, truth[k], sigma)
         assert 0 < sigma <= 0.5, (axis, sigma)
+
+
+def test_the_approach_reaches_a_low_first_point_in_uniform_steps() -> None:
+    assert approach_heights(10.0) == [58.0, 50.0, 42.0, 34.0, 26.0, 18.0]
+    assert approach_heights(40.0) == [56.0, 48.0]
+    assert approach_heights(55.0) == [] and approach_heights(80.0) == []
+    assert approach_heights(10.0, top_nm=30.0, step_nm=10.0) == [30.0, 20.0]

@@ -17,6 +17,7 @@ from typing import Any
 
 import bluesky.plans as bp
 import bluesky.preprocessors as bpp
+import numpy as np
 from bluesky.utils import Msg
 
 from nvmri_bluesky import physics
@@ -38,6 +39,9 @@ from nvmri_bluesky.plans.stubs import move_and_tune, prepare, record, retract, s
 
 F_NV_START_HZ = 6.233e9
 """Where locks look for the ms=0->+1 line first unless told (0.12 T), Hz."""
+APPROACH_TOP_NM = 60.0
+APPROACH_STEP_NM = 8.0
+"""A PSF map's first point is approached from this apex height down in these steps, nm."""
 
 
 def _axes(x: Axis, y: Axis, z: Axis | float) -> dict[str, Axis]:
@@ -237,7 +241,8 @@ def psf_map(devices: Any, x: Axis, y: Axis, z: Axis | float,
     along and across the NV axis exactly (:func:`physics.field_from_transitions`),
     hence the dark spins' detuning map: the PSF without a tip model.
 
-    The planes are measured from the highest apex down, each predicted from
+    The lock follows the line down to the first point (:func:`_approach`);
+    the planes are measured from the highest apex down, each predicted from
     the ones above.  The map stops descending before a plane where the
     misses of the planes above, extrapolated, exceed the lock's reach, or on
     the plane where the lock could not follow (:class:`Descent`): the run
@@ -288,10 +293,13 @@ def psf_map(devices: Any, x: Axis, y: Axis, z: Axis | float,
         except LockLost as error:
             raise LockLost(f"{lock.name} with the tip retracted: {error}") from error
         references[key] = lock.frequency.get()
+    locks = [(plus, Predictor(references["f_nv0_hz"])),
+             (minus, Predictor(references["f_minus0_hz"]))]
+    yield from _approach(devices, locks, program,
+                         (axes["x"][0], axes["y"][0], axes["z"][0]))
     descent = Descent(planes=axes["z"][2])
-    per_step = _locked_step(devices, [(plus, Predictor(references["f_nv0_hz"])),
-                                      (minus, Predictor(references["f_minus0_hz"]))],
-                            program, None, [*motors, devices.counter, plus, minus], descent)
+    per_step = _locked_step(devices, locks, program, None,
+                            [*motors, devices.counter, plus, minus], descent)
     references["f_minus0_hz"] *= -1 if references["f_nv0_hz"] > 2 * physics.D_ZFS else 1
     _md = run_metadata(devices, "psf_map", dict(x=x, y=y, z=z, mw_frequency_hz=mw_frequency_hz,
                                                 shots=shots, snake=snake),
@@ -299,6 +307,42 @@ def psf_map(devices: Any, x: Axis, y: Axis, z: Axis | float,
     return (yield from bpp.msg_mutator(
         bp.grid_scan([devices.counter, plus, minus], *args, snake_axes=snake,
                      per_step=per_step, md=_md), descent.closing))
+
+
+def approach_heights(z_first_nm: float, top_nm: float = APPROACH_TOP_NM,
+                     step_nm: float = APPROACH_STEP_NM) -> list[float]:
+    """Apex heights of the approach to a map's first point, highest first, nm.
+
+    Uniform steps of ``step_nm`` above ``z_first_nm`` up to ``top_nm`` (none if
+    the first point is within a step of it), so that the predictor reaches the
+    first point by linear extrapolation along z.
+    """
+    n = int(np.floor((top_nm - z_first_nm) / step_nm + 1e-9))
+    return [float(z_first_nm + k * step_nm) for k in range(n, 0, -1)]
+
+
+def _approach(devices: Any, locks: Sequence[tuple[FrequencyLock, Predictor]],
+              program: pulses.Program, first: Sequence[float]) -> Generator[Any, Any, None]:
+    """Lock every transition on the way down to a map's first point (no events).
+
+    From the retracted tip the line at a low first point can be shifted beyond
+    the lock's reach; locked points straight above it (:func:`approach_heights`)
+    let the predictor follow it down.
+    """
+    stage = devices.stage
+    x0, y0, z0 = (float(v) for v in first)
+    cache = dict.fromkeys((stage.x, stage.y, stage.z))
+    for z in approach_heights(z0, top_nm=min(APPROACH_TOP_NM, stage.z.limits[1])):
+        position = [x0, y0, z]
+        predicted = [predictor(position) for _, predictor in locks]
+        yield from move_and_tune({stage.x: x0, stage.y: y0, stage.z: z}, cache, devices.mw,
+                                 predicted[0])
+        for i, (lock, predictor) in enumerate(locks):
+            try:
+                yield from locked_acquire(devices, lock, program, predicted[i], tuned=i == 0)
+            except LockLost as error:
+                raise _where(lock, position, error) from error
+            predictor.add(position, lock.frequency.get())
 
 
 def _fixed_mw_raster(devices: Any, plan_name: str, program: pulses.Program, x: Axis, y: Axis,
