@@ -82,17 +82,17 @@ EVOLUTION_TAUS_S = tuple(np.round(np.r_[np.linspace(0.25e-6, 2.0e-6, 36),
                                           np.linspace(2.5e-6, 30e-6, 40)], 9))
 """Tip-free evolution: 50 ns steps to 2 us (|nu| up to 20 MHz unaliased), then 0.7 us steps."""
 
-LAYER_PSF_MAP = {"x": (-60.0, 96.0, 14), "y": (-78.0, 78.0, 14), "z": (9.0, 41.0, 5)}
+LAYER_PSF_MAP = {"x": (-60.0, 96.0, 14), "y": (-78.0, 78.0, 14), "z": (9.0, 33.0, 4)}
 """PSF map for layers (covers the layer plane's reach): (start, stop, num), nm.
 
-12 nm lateral, 8 nm vertical steps (980 points): the spline's position error
+12 nm lateral, 8 nm vertical steps (784 points): the spline's position error
 is 7 pm median, 67 pm at the 99th percentile (near the tip), against a 1 nm
 target for the layer height, which averages it over the whole ring.  (16 nm
 lateral biases heights by +0.2 nm on synthetic layers.)  The lowest plane, 9
 nm, lets the height fit reach 19 nm above the NV from the 28 nm plane.  The
 map is measured top down and stops above a plane where the lock could not
-follow (NVs < 6.8 nm deep: at 9 nm); the top plane, 41 nm, keeps four planes
-(a cubic spline's minimum) when it does."""
+follow (NVs < 6.8 nm deep: at 9 nm, which leaves three planes, one short of
+the cubic spline: the layer step is then reported as not done)."""
 LAYER_PLANES_NM = (28.0, 32.0)
 LAYER_STEP_NM = 4.0
 LAYER_TAU_S = 6e-6
