@@ -118,9 +118,12 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
     from nvmri_bluesky.analysis import merge, table
 
     report = merge(parts, location)
+    report["not_done"] = [entry for part in parts.values() for entry in part.get("not_done", [])]
     report["elapsed_s"] = round(time.monotonic() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(table(report))
+    for entry in report["not_done"]:
+        _say(f"== not done: {entry['sample']} {entry['step']}: {entry['reason']}")
     _say(f"== wrote {out / 'report.json'} and figures in {out}/ "
          f"({report['elapsed_s']:.0f} s)")
     return report
@@ -181,15 +184,30 @@ def _sample(source: str, steps: tuple[str, ...], *, catalog: str, api_key: str |
                 ioc = stack.enter_context(launch.start_ioc(source, time_scale=0.0))
                 sample_prefix = ioc.prefix
             t0 = time.monotonic()
-            uids = _measure(cat, out, sample_prefix, name, steps, quick, shared_terminal)
+            uids, not_done = _measure(cat, out, sample_prefix, name, steps, quick,
+                                      shared_terminal)
             wall_s = round(time.monotonic() - t0, 1)
         _say(f"== {name}: reconstructing from the catalog")
-        return name, {**analyse_sample(cat, name, uids, out), "sample_wall_s": {name: wall_s}}
+        part = {**analyse_sample(cat, name, uids, out), "sample_wall_s": {name: wall_s}}
+        if not_done:
+            part["not_done"] = not_done
+        return name, part
 
 
 def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...],
-             quick: bool, shared_terminal: bool = False) -> dict[str, str]:
-    """Run the protocol steps on one sample; return {measurement: uid}."""
+             quick: bool, shared_terminal: bool = False
+             ) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """Run the protocol steps on one sample.
+
+    A step that fails with a one-line reason (e.g. a frequency lock that could
+    not follow: its run's stop document says where) is reported as not done
+    and the next step runs.
+
+    Returns
+    -------
+    (dict, list)
+        {measurement: uid} of the steps done; [{sample, step, reason}] of the others.
+    """
     from bluesky import RunEngine
     from bluesky.utils import RunEngineInterrupted
 
@@ -206,16 +224,21 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
     RE.subscribe(LiveSlices(out_dir=out / "live" / name))
     cat.subscribe(RE, out / "spool")
     uids: dict[str, str] = {}
+    not_done: list[dict[str, str]] = []
     try:
         for step in steps:
             plan = protocol.step_plan(step, nv, quick=quick)
             try:
                 result = RE(plan)
+                if result.exit_status != "success":
+                    raise NvmriError(f"{step} ended {result.exit_status}: {result.reason}")
             except RunEngineInterrupted:      # Ctrl-C paused the run: close it, keep its data
                 RE.abort("interrupted (Ctrl-C)")
                 raise KeyboardInterrupt from None
-            if result.exit_status != "success":
-                raise NvmriError(f"{name}: {step} ended {result.exit_status}: {result.reason}")
+            except NvmriError as error:
+                _say(f"== {name}: {step} not done: {error}")
+                not_done.append({"sample": name, "step": step, "reason": str(error)})
+                continue
             uids.update(result.plan_result or {})
     except KeyboardInterrupt:
         _say(f"interrupted during {name}; runs so far are stored in the catalog")
@@ -223,4 +246,4 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
     finally:
         cat.flush()
         nv.destroy()
-    return uids
+    return uids, not_done

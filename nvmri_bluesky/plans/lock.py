@@ -16,7 +16,13 @@ if no gate sees the line, with a comb program (a whole ODMR spectrum in one
 acquisition, sidebands over a wide span) before going back to the
 measurement program.  It never leaves the MW source
 silently off resonance: a point is only recorded once the residual offset is
-inside the tolerance, or the plan fails with a clear error.
+inside the tolerance, or the plan fails with :class:`LockLost`, whose message
+says where and why.
+
+The lock's *reach* (:data:`LOCK_REACH_HZ`) is the largest miss of the
+prediction it recovers from: the widest comb.  A map measured from high to
+low apex stops descending where the misses of the planes above, extrapolated
+(:func:`next_plane_miss_hz`), exceed it.
 
 The lock is an ophyd ``Device`` of soft signals (``lock_frequency``,
 ``lock_error``) so its result is read into the same event as the counts.
@@ -48,6 +54,44 @@ ALIAS_DCHI2 = 16.0
 which a line outside the pair's capture range must beat every line inside to overrule a
 fine pair estimate, and by which a line inside must beat "no line" to stand in for a
 failed pair estimate."""
+REACQUIRE_SPANS_HZ = (60e6, 600e6)
+"""Half-spans of the comb spectra that find a lost line, tried in order, Hz."""
+LOCK_REACH_HZ = max(REACQUIRE_SPANS_HZ)
+"""The largest miss of the predicted line frequency the lock recovers from, Hz."""
+PLANE_GROWTH = 2.0
+"""Growth of the worst miss per plane assumed when only one plane is known (the misses
+of an 8 nm-step map grow 1.2-2x per plane in the envelope of NVs 6-16 nm deep)."""
+
+
+class LockLost(NvmriError):
+    """The lock lost the NV line and could not follow it: the message says where and why."""
+
+
+def next_plane_miss_hz(plane_misses_hz: Sequence[float]) -> float:
+    """Worst prediction miss expected on the next plane of a map measured top down, Hz.
+
+    The misses grow as the tip approaches the NV (the field's curvature over a
+    grid step grows roughly geometrically per plane): the worst miss of the
+    last plane times its growth from the plane before (at least 1), or times
+    :data:`PLANE_GROWTH` when only one plane is known.
+
+    Parameters
+    ----------
+    plane_misses_hz : sequence of float
+        Worst |predicted - locked| frequency of each plane measured so far,
+        top plane first, Hz.
+
+    Returns
+    -------
+    float
+        The expected worst miss on the next plane, Hz (0 before any plane).
+    """
+    misses = [float(m) for m in plane_misses_hz]
+    if not misses:
+        return 0.0
+    if len(misses) == 1 or misses[-2] <= 0:
+        return misses[-1] * PLANE_GROWTH
+    return misses[-1] * max(misses[-1] / misses[-2], 1.0)
 
 
 def lock_detunings(fwhm_hz: float) -> tuple[float, ...]:
@@ -87,7 +131,8 @@ class FrequencyLock(Device):
     reacquisitions = Cpt(UnitSignal, value=0, units="", kind="normal")
 
     def __init__(self, *args: Any, fwhm_hz: float = 1 / TAU_CW_S, tolerance_hz: float = 0.5e6,
-                 max_iterations: int = 6, reacquire_spans_hz: Sequence[float] = (60e6, 600e6),
+                 max_iterations: int = 6,
+                 reacquire_spans_hz: Sequence[float] = REACQUIRE_SPANS_HZ,
                  min_contrast: float = 0.04, name: str = "lock", **kwargs: Any) -> None:
         super().__init__(*args, name=name, **kwargs)
         self.fwhm_hz = fwhm_hz
@@ -245,7 +290,7 @@ def find_line(devices: Any, lock: FrequencyLock, centre_hz: float,
         if found is not None:
             yield from load_program(devices.pulser, restore)
             return centre_hz + found
-    raise NvmriError(f"frequency lock lost near {centre_hz / 1e9:.4f} GHz: no NV line within "
+    raise LockLost(f"frequency lock lost near {centre_hz / 1e9:.4f} GHz: no NV line within "
                      f"+/-{max(lock.reacquire_spans_hz) / 1e6:.0f} MHz (is the laser on, "
                      "the MW output on, the NV in focus?)")
 
@@ -317,7 +362,7 @@ def locked_acquire(devices: Any, lock: FrequencyLock, program: pulses.Program,
     limit = max(lock.tolerance_hz, lock.fwhm_hz / 4, 3 * lock.noise(counts))
     if fine and abs(offset) <= limit:
         return _record(lock, f_mw, offset, counts)
-    raise NvmriError(f"frequency lock did not settle within {lock.max_iterations + 1} "
+    raise LockLost(f"frequency lock did not settle within {lock.max_iterations + 1} "
                      f"acquisitions near {f_mw / 1e9:.4f} GHz")
 
 

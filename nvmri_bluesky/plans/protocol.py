@@ -159,7 +159,11 @@ def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None,
     uid, psf = yield from take(rasters.psf_map(
         devices, x=grid["x"], y=grid["y"], z=grid["z"], shots=shots,
         md={"measurement": name, **(md or {})}))
-    detuning = DetuningInterpolant.from_map(dark_detuning_map(psf))
+    try:
+        detuning = DetuningInterpolant.from_map(dark_detuning_map(psf))
+    except NvmriError as error:          # e.g. a map that stopped before its 4th plane
+        raise NvmriError(f"{error} ({psf.attrs.get('stop_reason') or 'map complete'})"
+                         ) from error
     f_plus0 = float(psf.attrs["f_nv0_hz"])
     line = float(physics.dark_spin_frequency_from_transitions(f_plus0, psf.attrs["f_minus0_hz"]))
     return uid, detuning, f_plus0, line

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import xarray as xr
 from numpy.typing import ArrayLike, NDArray
 
 from nvmri_bluesky import physics
@@ -47,7 +48,8 @@ __all__ = [
     "SPECTRUM_SHOTS", "SPECTRUM_SPAN_HZ", "SPECTRUM_POINTS", "EVOLUTION_TAUS_S",
     "LAYER_PSF_MAP", "LAYER_PLANES_NM", "LAYER_STEP_NM", "LAYER_TAU_S", "LAYER_SHOTS",
     "LAYER_EVOLUTION_TAUS_S", "LAYER_EVOLUTION_SHOTS", "RasterDesign", "design_spin_raster",
-    "design_layer_raster", "choose_tau", "axis_spec",
+    "design_layer_raster", "choose_tau", "axis_spec", "LOCKABLE_FRACTION",
+    "line_shift_map", "lowest_lockable_apex_nm",
 ]
 
 PRIOR_LATERAL_NM = 8.0
@@ -107,7 +109,10 @@ LAYER_PSF_MAP = {"x": (-60.0, 96.0, 14), "y": (-78.0, 78.0, 14), "z": (9.0, 33.0
 is 7 pm median, 67 pm at the 99th percentile (near the tip), against a 1 nm
 target for the layer height, which averages it over the whole ring.  (16 nm
 lateral biases heights by +0.2 nm on synthetic layers.)  The lowest plane, 9
-nm, lets the height fit reach 19 nm above the NV from the 28 nm plane."""
+nm, lets the height fit reach 19 nm above the NV from the 28 nm plane.  The
+map is measured top down and stops above a plane where the lock could not
+follow (NVs < 6.8 nm deep: at 9 nm, which leaves three planes, one short of
+the cubic spline: the layer step is then reported as not done)."""
 LAYER_PLANES_NM = (28.0, 32.0)
 LAYER_STEP_NM = 4.0
 LAYER_TAU_S = 6e-6
@@ -117,6 +122,94 @@ LAYER_EVOLUTION_TAUS_S = tuple(np.round(np.geomspace(0.1e-6, 10e-6, 40), 10))
 HIDDEN_SPIN_COUPLING_HZ = 150e3
 """Coupling the spin survey is designed for when a layer's decay hides any point spin
 from the tip-free evolution (its tau also weighs the layer's coherence), Hz."""
+
+
+LOCKABLE_FRACTION = 0.5
+"""A raster is designed so that its lock's prediction misses stay within this fraction of
+the lock's reach (:data:`~nvmri_bluesky.plans.lock.LOCK_REACH_HZ`): margin for the map's
+interpolation and the apex drift."""
+
+
+def line_shift_map(psf: xr.Dataset) -> DetuningInterpolant:
+    """The measured shift of the locked NV line (ms=0->+1), f+(tip) - f+(retracted), Hz.
+
+    Parameters
+    ----------
+    psf : xarray.Dataset
+        A ``psf_map`` run (``lock_frequency`` on x, y, z; ``f_nv0_hz`` in attrs).
+
+    Returns
+    -------
+    DetuningInterpolant
+        Over the map's complete planes.
+    """
+    return DetuningInterpolant.from_map(psf["lock_frequency"] - float(psf.attrs["f_nv0_hz"]))
+
+
+def lowest_lockable_apex_nm(line_map: DetuningInterpolant, x: tuple[float, float, int],
+                            y: tuple[float, float, int], reach_hz: float | None = None,
+                            dz_nm: float = 0.5) -> float:
+    """Lowest apex height at which a locked raster's lock can follow the line, nm.
+
+    A locked raster predicts each point's line frequency by linear
+    extrapolation along its step (:class:`~nvmri_bluesky.plans.lock.Predictor`);
+    its miss is the line's second difference over one step.  This is that
+    miss, on the raster's lateral grid (x, y) at heights from the map's top
+    down in ``dz_nm`` steps, from the *measured* map: the lowest height down
+    to which it stays within ``reach_hz`` on every plane in between.  Never
+    below the map's lowest plane (below it the line is not known).
+
+    Parameters
+    ----------
+    line_map : DetuningInterpolant
+        The locked line's measured shift map (:func:`line_shift_map`), Hz.
+    x, y : (start, stop, num)
+        The raster's lateral axes, nm (the step is the predictor's step).
+    reach_hz : float, optional
+        Largest miss allowed, Hz; default :data:`LOCKABLE_FRACTION` of the
+        lock's reach.
+    dz_nm : float
+        Height resolution of the answer, nm.
+
+    Returns
+    -------
+    float
+        Apex height, nm.
+
+    Raises
+    ------
+    NvmriError
+        If the lock could not follow even at the map's top.
+    """
+    from nvmri_bluesky.plans.lock import LOCK_REACH_HZ
+
+    reach = LOCKABLE_FRACTION * LOCK_REACH_HZ if reach_hz is None else float(reach_hz)
+    xs, ys = np.linspace(*x), np.linspace(*y)
+    z_lo, z_hi = line_map.bounds[2]
+    lowest = None
+    for z in np.arange(z_hi, z_lo - 1e-9, -dz_nm):
+        if raster_miss_hz(line_map, xs, ys, float(z)) > reach:
+            break
+        lowest = float(z)
+    if lowest is None:
+        raise NvmriError(f"the lock cannot follow the line over this raster even at apex "
+                         f"{z_hi:g} nm (prediction misses above {reach / 1e6:.0f} MHz)")
+    return lowest
+
+
+def raster_miss_hz(line_map: DetuningInterpolant, xs: NDArray, ys: NDArray, z_nm: float
+                   ) -> float:
+    """Largest linear-extrapolation miss (second difference) along x and y on a plane, Hz.
+
+    Raises :class:`NvmriError` if the plane leaves the map.
+    """
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    f = line_map(np.stack([gx, gy, np.full_like(gx, z_nm)], -1))
+    if not np.isfinite(f).all():
+        raise NvmriError(f"the raster (x {xs[0]:g}..{xs[-1]:g}, y {ys[0]:g}..{ys[-1]:g} nm at "
+                         f"apex {z_nm:g} nm) leaves the measured map")
+    misses = [np.abs(np.diff(f, 2, axis=a)).max() for a in (0, 1) if f.shape[a] > 2]
+    return float(max(misses, default=0.0))
 
 
 def axis_spec(start: float, stop: float, step: float) -> tuple[float, float, int]:

@@ -116,6 +116,16 @@ def _fill_nans(values: NDArray, max_fraction: float = 0.05) -> NDArray:
     return values[tuple(idx)]
 
 
+def _complete_planes(da: xr.DataArray, max_missing: float = 0.05) -> xr.DataArray:
+    """The map's z planes that were measured: a map that stopped descending (see
+    :func:`nvmri_bluesky.plans.rasters.psf_map`) leaves its lowest planes empty or cut
+    short; planes with more than ``max_missing`` of their points missing are dropped."""
+    if da.sizes["z"] < 2:
+        return da
+    missing = (~np.isfinite(da)).mean(dim=("x", "y"))
+    return da.isel(z=np.flatnonzero(missing.values <= max_missing))
+
+
 _PAD = 4     # cells of cubic extrapolation around the map before spline filtering
 
 
@@ -191,7 +201,7 @@ class DetuningInterpolant:
         missing = [a for a in AXES if a not in detuning.dims]
         if missing:
             raise NvmriError(f"detuning map needs dims x, y, z (missing {missing})")
-        da = detuning.transpose(*AXES).sortby(list(AXES))
+        da = _complete_planes(detuning.transpose(*AXES).sortby(list(AXES)))
         axes = tuple(np.asarray(da[a].values, float) for a in AXES)
         if min(len(a) for a in axes) < 4:
             raise NvmriError("the PSF map needs at least 4 points along x, y and z")

@@ -50,6 +50,7 @@ def _attrs(start: Mapping[str, Any], stop: Mapping[str, Any] | None) -> dict[str
             attrs[key] = float(value)
     if stop is not None:
         attrs["exit_status"] = stop.get("exit_status", "")
+        attrs["stop_reason"] = stop.get("reason", "") or ""
     return attrs
 
 
