@@ -185,17 +185,20 @@ def _sample(source: str, steps: tuple[str, ...], *, catalog: str, api_key: str |
 def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...],
              quick: bool, shared_terminal: bool = False) -> dict[str, str]:
     """Run the protocol steps on one sample; return {measurement: uid}."""
-    from bluesky import RunEngine
     from bluesky.utils import RunEngineInterrupted
 
     from nvmri_bluesky.callbacks import LiveSlices, Progress
     from nvmri_bluesky.devices import make_devices
+    from nvmri_bluesky.interrupts import reason
     from nvmri_bluesky.plans import protocol
+    from nvmri_bluesky.run_engine import RunEngine, install_suspenders
 
     nv = make_devices(prefix)
     RE = RunEngine({"scenario": name}, call_returns_result=True)
-    RE.subscribe(Progress(label=name, interval_s=5.0, inline=False) if shared_terminal
-                 else Progress())
+    progress = (Progress(label=name, interval_s=5.0, inline=False) if shared_terminal
+                else Progress())
+    RE.subscribe(progress)
+    install_suspenders(RE, nv.health, notify=progress.note)
     RE.subscribe(LiveSlices(out_dir=out / "live" / name))
     cat.subscribe(RE, out / "spool")
     uids: dict[str, str] = {}
@@ -205,7 +208,7 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
             try:
                 result = RE(plan)
             except RunEngineInterrupted:      # Ctrl-C paused the run: close it, keep its data
-                RE.abort("interrupted (Ctrl-C)")
+                RE.abort(reason())
                 raise KeyboardInterrupt from None
             if result.exit_status != "success":
                 raise NvmriError(f"{name}: {step} ended {result.exit_status}: {result.reason}")

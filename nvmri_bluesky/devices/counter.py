@@ -34,6 +34,7 @@ from nvmri_bluesky.devices.signals import (
     put_flush_only,
 )
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.timeouts import timeout_s
 
 __all__ = ["PhotonCounter"]
 
@@ -53,7 +54,9 @@ class PhotonCounter(ConciseRepr, Device):
         the trigger at once).
     fresh_timeout : float
         How long after the acquire put completed the counts monitor may
-        take to arrive, s.
+        take to arrive, s (a fifth of :func:`~nvmri_bluesky.timeouts.timeout_s`;
+        the IOC sends them before the completion, so this only matters when
+        something is wrong).
     """
 
     counts = Cpt(WaveformSignalRO, "CNT:COUNTS", auto_monitor=True, kind="normal",
@@ -68,7 +71,7 @@ class PhotonCounter(ConciseRepr, Device):
     def __init__(self, prefix: str = "", *, name: str, **kwargs: Any):
         super().__init__(prefix, name=name, **kwargs)
         self.acquire_timeout: float | None = None
-        self.fresh_timeout: float = 2.0
+        self.fresh_timeout: float = timeout_s(0.2)
 
     def trigger(self) -> StatusBase:
         """Acquire once; the status completes when fresh counts are in the monitor cache.

@@ -23,6 +23,7 @@ from nvmri_bluesky.devices.signals import (
     ConciseRepr,
     EpicsSignalROU,
     LimitExceeded,
+    VerifiedSetpoint,
     put_flush_only,
     watch_disconnect,
 )
@@ -47,6 +48,13 @@ class NmMotor(ConciseRepr, EpicsMotor):
     # makes a CA get) and every move posts it twice
     motor_is_moving = Cpt(EpicsSignalROU, ".MOVN", kind="omitted", auto_monitor=False,
                           units="")
+    # soft limits: a put the IOC refuses fails the set() (ophyd's EpicsSignal would
+    # wait for ever); values outside the travel (the fields' control limits) are
+    # refused before the put
+    low_limit_travel = Cpt(VerifiedSetpoint, ".LLM", kind="omitted", auto_monitor=True,
+                           limits=True, units="nm")
+    high_limit_travel = Cpt(VerifiedSetpoint, ".HLM", kind="omitted", auto_monitor=True,
+                            limits=True, units="nm")
 
     UNITS: dict[str, str] = {
         "user_readback": "nm", "user_setpoint": "nm", "user_offset": "nm",

@@ -4,9 +4,8 @@ import os
 
 import bluesky.plan_stubs as bps  # noqa: F401  (for the session)
 import bluesky.plans as bp  # noqa: F401
-from bluesky import RunEngine
-
 import nvmri_bluesky
+from nvmri_bluesky.run_engine import RunEngine  # stop documents that say why a run ended
 
 RE = RunEngine({})
 RE.md["instrument"] = "nvmri"
