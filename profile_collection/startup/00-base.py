@@ -4,6 +4,7 @@ import os
 
 import bluesky.plan_stubs as bps  # noqa: F401  (for the session)
 import bluesky.plans as bp  # noqa: F401
+
 import nvmri_bluesky
 from nvmri_bluesky.run_engine import RunEngine  # stop documents that say why a run ended
 
