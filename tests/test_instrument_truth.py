@@ -28,6 +28,17 @@ from nvmri_bluesky.sim import launch
 CW = pulses.cw_odmr((0.0,))
 
 
+@pytest.fixture
+def nvRE() -> Any:
+    """The package's RunEngine (readable stop reasons), no callbacks."""
+    from nvmri_bluesky.run_engine import RunEngine
+
+    engine = RunEngine({})
+    yield engine
+    if engine.state != "idle":
+        engine.halt()
+
+
 def _program(**changes: Any) -> str:
     """The CW program's JSON with its first gate changed (``name``) or its laser pulse's."""
     data = json.loads(CW.to_json())
@@ -135,7 +146,7 @@ def test_set_z_min_outside_the_travel_is_refused_before_any_put(devices: Any, RE
     RE(set_z_min(devices, z_floor))
 
 
-def test_a_limit_put_the_ioc_refuses_fails_and_leaves_no_alarm(devices: Any, RE: Any) -> None:
+def test_a_limit_put_the_ioc_refuses_fails_and_leaves_no_alarm(devices: Any, nvRE: Any) -> None:
     z = devices.stage.z
     high = z.high_limit_travel.get()
     z.high_limit_travel.set(500.0).wait(30)
@@ -143,9 +154,9 @@ def test_a_limit_put_the_ioc_refuses_fails_and_leaves_no_alarm(devices: Any, RE:
         with pytest.raises(NvmriError, match="the IOC refused 600.0 nm"):
             z.low_limit_travel.set(600.0).wait(30)      # above HLM: the IOC refuses
         with pytest.raises(NvmriError, match="the IOC refused"):
-            RE(set_z_min(devices, 600.0))               # the same inside a plan
+            nvRE(set_z_min(devices, 600.0))             # the same inside a plan
         assert z.user_readback.alarm_severity == 0
-        RE(bps.mv(z, 150.0))                            # the next move is fine
+        nvRE(bps.mv(z, 150.0))                            # the next move is fine
         assert z.position == pytest.approx(150.0)
     finally:
         z.high_limit_travel.set(high).wait(30)
@@ -203,10 +214,13 @@ def test_shots_refused_over_ca_say_why_in_pg_message(make_ioc: Any) -> None:
     put = subprocess.run([os.path.join(bindir, "caproto-put"), handle.pv("PG:SHOTS"), "0"],
                          env=env, capture_output=True, text=True, timeout=120)
     got = subprocess.run([os.path.join(bindir, "caproto-get"), handle.pv("PG:SHOTS"),
-                          handle.pv("PG:MESSAGE"), "-n"], env=env, capture_output=True,
+                          handle.pv("PG:MESSAGE")], env=env, capture_output=True,
                          text=True, timeout=120)
     assert put.returncode != 0 or "error" in (put.stdout + put.stderr).lower()
-    assert "1000" in got.stdout and "shots refused" in got.stdout, got.stdout + got.stderr
+    shots, message = (line.split(None, 1)[1] for line in got.stdout.splitlines())
+    assert shots == "[1000]", got.stdout
+    text = bytes(int(c) for c in message.strip("[]").split()).decode()   # a char waveform
+    assert text == "shots refused: shots must be an integer in 1..10000000, got 0"
 
 
 def test_an_exception_in_an_acquisition_is_reported_and_the_next_one_works() -> None:

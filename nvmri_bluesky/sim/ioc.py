@@ -322,6 +322,13 @@ class StageAxis(PVGroup):
                                    llm=float(f.user_low_limit.value),
                                    hlm=float(f.user_high_limit.value))
 
+    @motor.fields.set_use_switch.putter
+    async def motor(fields, instance, value):
+        if value == "Set":
+            raise NvmriError(f"stage {fields.parent.group.axis}: calibration (SET) is not "
+                             "supported: the stage's positions are absolute")
+        return value
+
     @motor.fields.stop.putter
     async def motor(fields, instance, value):
         if value:
@@ -545,8 +552,10 @@ class NvmriIOC(PVGroup):
         self._lock = asyncio.Lock()
         super().__init__(*args, **kwargs)
         for channel in self.pvdb.values():
-            if type(channel.alarm) is ChannelAlarm:
-                channel.alarm.__class__ = _NoWriteAlarm
+            fields = getattr(channel, "field_inst", None)
+            for each in [channel, *(fields.pvdb.values() if fields is not None else ())]:
+                if type(each.alarm) is ChannelAlarm:
+                    each.alarm.__class__ = _NoWriteAlarm
 
     @shots.startup
     async def shots(self, instance, async_lib):
@@ -764,11 +773,26 @@ def _context_class() -> type:
 
 
 class _DropRefusals(logging.Filter):
-    """Keep expected refusals (NvmriError, limit violations) out of the IOC's log."""
+    """Keep expected refusals out of the IOC's log (NvmriError, caproto's limit and
+    conversion refusals: a value outside the limits, an enum index that does not exist)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, NvmriError) or type(exc).__name__ == "CannotExceedLimits")
+        return not (isinstance(exc, NvmriError) or type(exc).__name__ in _REFUSALS
+                    or _in_conversion(exc))
+
+
+def _in_conversion(exc: BaseException | None) -> bool:
+    """True if ``exc`` came from caproto converting a put's data (a value it cannot take)."""
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "convert_values":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_REFUSALS = ("CannotExceedLimits", "CaprotoConversionError")
 
 
 def make_ioc(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
