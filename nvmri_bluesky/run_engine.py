@@ -42,9 +42,12 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def readable_failures(plan: Any) -> Generator[Msg, Any, Any]:
-    """``plan``, re-raising a ``FailedStatus`` as :class:`NvmriError` with its real reason.
+    """``plan``, with a failed status reported by its real reason.
 
-    A RunEngine preprocessor (``RE.preprocessors.append(readable_failures)``).
+    A RunEngine preprocessor (``RE.preprocessors.append(readable_failures)``):
+    a ``FailedStatus`` leaving the plan is re-raised as :class:`NvmriError`
+    with the status's own error, and the ``close_run`` that bluesky's run
+    wrapper yields for it carries that reason instead of the status's repr.
 
     Yields
     ------
@@ -53,6 +56,7 @@ def readable_failures(plan: Any) -> Generator[Msg, Any, Any]:
     gen = iter(plan)
     reply: Any = None
     error: BaseException | None = None
+    failed: FailedStatus | None = None          # the last failure thrown into the plan
     while True:
         try:
             msg = gen.throw(error) if error is not None else gen.send(reply)
@@ -61,6 +65,10 @@ def readable_failures(plan: Any) -> Generator[Msg, Any, Any]:
         except FailedStatus as exc:
             raise NvmriError(failure_reason(exc)) from exc
         error = None
+        if (failed is not None and msg.command == "close_run"
+                and msg.kwargs.get("reason") == str(failed)):
+            msg = msg._replace(kwargs={**msg.kwargs, "reason": failure_reason(failed)})
+            failed = None
         try:
             reply = yield msg
         except GeneratorExit:
@@ -68,6 +76,8 @@ def readable_failures(plan: Any) -> Generator[Msg, Any, Any]:
             raise
         except BaseException as exc:  # noqa: BLE001 - hand every throw on to the plan
             error, reply = exc, None
+            if isinstance(exc, FailedStatus):
+                failed = exc
 
 
 class RunEngine(bluesky.RunEngine):
