@@ -261,3 +261,58 @@ def test_a_taken_port_is_refused() -> None:
     assert result.returncode == 2
     assert f"--port {port} is taken" in result.stderr
     assert "ready" not in result.stdout
+
+
+# ---------------------------------------------------------------- scenario files
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{k}: &{k} [{', '.join([f'*{p}'] * 9)}]\n"
+    for p, k in zip("abcdefgh", "bcdefghi", strict=True))
+"""A 9**9-value YAML alias bomb in ~350 bytes."""
+
+
+def test_a_yaml_bomb_is_refused_within_a_second(tmp_path: Any) -> None:
+    from nvmri_bluesky.sim.scenario import load_scenario
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    assert len(BOMB) < 400
+    started = time.monotonic()
+    with pytest.raises(NvmriError, match=r"bomb.yaml: more than 100000 values"):
+        load_scenario(path)
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("b0_tesla: 1.0e+308\n", r"b0_tesla: must be <= 5, got 1e\+308"),
+    ("b0_tesla: 1e308\n", r"b0_tesla: expected a number, got a string '1e308'"),
+    ("tip: {moment_am2: 1.0e+30}\n", r"tip.moment_am2: must be <= 1e-10"),
+    ("name: " + "x" * 5000 + "\nseed: [" + "1, " * 5000 + "1]\n",
+     r"seed: expected a number, got a list \[1, 1, .{40,60}\(15003 characters\)$"),
+    ("dark_spins: {layers: [{z_nm: -2, density_per_nm2: 1.0e+6, radius_nm: 1000}]}\n",
+     r"dark_spins: 3.14e\+12 spins; the simulator takes at most 100000"),
+    ("[" * 100_000 + "\n", r"nested too deeply|not valid YAML"),
+])
+def test_scenario_refusals_name_file_key_and_why(tmp_path: Any, text: str, why: str) -> None:
+    from nvmri_bluesky.sim.scenario import load_scenario
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(NvmriError) as err:
+        load_scenario(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and len(message) < 400
+    assert __import__("re").search(why, message), message
+
+
+def test_a_scenario_file_not_utf8_or_too_big_is_refused(tmp_path: Any) -> None:
+    from nvmri_bluesky.sim.scenario import load_scenario
+
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00name: x")
+    with pytest.raises(NvmriError, match=r"binary.yaml: not UTF-8 text"):
+        load_scenario(path)
+    path = tmp_path / "huge.json"
+    path.write_text(" " * 1_000_001 + "{}")
+    with pytest.raises(NvmriError, match=r"huge.json: 1000003 bytes; a scenario file has at"):
+        load_scenario(path)
