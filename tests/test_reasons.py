@@ -194,3 +194,43 @@ def test_sigterm_to_nvmri_demo_leaves_no_process_behind(tmp_path: Path) -> None:
     assert not [p for p in family if _alive(p)], "".join(err)
     assert rc == 130, "".join(err)
     assert "terminated (SIGTERM)" in "".join(err)
+
+
+def test_an_ioc_that_stops_answering_is_reported_while_the_run_waits(
+        make_ioc: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    scenario = {"name": "pause", "dark_spins": {"points": [], "layers": []},
+                "faults": [{"kind": "ioc_pause", "after_acquisitions": 1, "seconds": 7.0}]}
+    _, devices = make_ioc(scenario)
+    devices.pulser.load(pulses.cw_odmr())
+    devices.counter.trigger().wait(30)
+    caplog.set_level(logging.WARNING, logger="nvmri_bluesky.devices.counter")
+    status = devices.counter.trigger()                 # stalls for 7 s
+    deadline = time.monotonic() + 6.8
+    while not caplog.records and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not status.done                             # reported while still waiting
+    assert "has not completed after 5 s" in caplog.records[0].getMessage()
+    status.wait(60)                                    # and the acquisition then completes
+    assert len(caplog.records) == 1
+
+
+def test_a_refused_plan_prints_one_line_in_ipython(devices: Any, capsys: Any) -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nvmri_bluesky.profile import short_errors
+
+    shell = InteractiveShell.instance()
+    try:
+        assert short_errors(shell)
+        shell.user_ns["devices"] = devices
+        shell.run_cell("from nvmri_bluesky.run_engine import RunEngine\n"
+                       "import bluesky.plan_stubs as bps\n"
+                       "RE = RunEngine({})\n"
+                       "RE(bps.mv(devices.stage.z.high_limit_travel, 5.0))")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [line for line in err if "NvmriError" in line], err
+        assert len(err) == 1 and "the IOC refused 5.0 nm" in err[0] and "%tb" in err[0]
+    finally:
+        InteractiveShell.clear_instance()

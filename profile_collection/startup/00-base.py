@@ -13,3 +13,8 @@ RE.md["instrument"] = "nvmri"
 RE.md["nvmri_version"] = nvmri_bluesky.__version__
 if os.environ.get("NVMRI_SCENARIO"):
     RE.md["scenario"] = os.environ["NVMRI_SCENARIO"]
+
+# A refused plan prints one line in IPython; the traceback is behind %tb.
+from nvmri_bluesky.profile import short_errors  # noqa: E402
+
+short_errors()
