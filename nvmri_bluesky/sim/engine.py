@@ -49,11 +49,11 @@ from nvmri_bluesky.sim.scenario import Scenario, load_scenario
 __all__ = ["Engine", "Source", "MW_REF_POWER_DBM", "AXES", "MAX_SHOTS", "MAX_SHOT_S",
            "MAX_ACQUISITION_S"]
 
-MAX_SHOTS = 10_000_000
+MAX_SHOTS = 1_000_000_000
 """Most shots per gate per acquisition."""
 MAX_SHOT_S = 1.0
 """Longest pulse program (one shot of every gate), s."""
-MAX_ACQUISITION_S = 3600.0
+MAX_ACQUISITION_S = 86400.0
 """Longest acquisition, shots * program duration, simulated s."""
 
 MW_REF_POWER_DBM = 0.0
