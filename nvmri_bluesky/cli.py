@@ -191,12 +191,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     args = build_parser().parse_args(argv)
+    from nvmri_bluesky.interrupts import handle_sigterm
+
+    handle_sigterm()            # SIGTERM (timeout, systemd) cleans up like Ctrl-C
     if not args.debug:
         logging.getLogger("bluesky").setLevel(logging.CRITICAL)  # errors are reported below
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"nvmri {args.command}: interrupted", file=sys.stderr)
+        from nvmri_bluesky.interrupts import reason
+
+        print(f"nvmri {args.command}: {reason()}", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.debug:

@@ -208,19 +208,22 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
     (dict, list)
         {measurement: uid} of the steps done; [{sample, step, reason}] of the others.
     """
-    from bluesky import RunEngine
     from bluesky.utils import RunEngineInterrupted
 
     from nvmri_bluesky.callbacks import LiveSlices, Progress
     from nvmri_bluesky.devices import make_devices
+    from nvmri_bluesky.interrupts import reason
     from nvmri_bluesky.plans import protocol
     from nvmri_bluesky.plans.accounting import InstrumentClock
+    from nvmri_bluesky.run_engine import RunEngine, install_suspenders
 
     nv = make_devices(prefix)
     RE = RunEngine({"scenario": name}, call_returns_result=True)
     InstrumentClock(nv).attach(RE)                     # first: every stop carries the time
-    RE.subscribe(Progress(label=name, interval_s=5.0, inline=False) if shared_terminal
-                 else Progress())
+    progress = (Progress(label=name, interval_s=5.0, inline=False) if shared_terminal
+                else Progress())
+    RE.subscribe(progress)
+    install_suspenders(RE, nv.health, notify=progress.note)
     RE.subscribe(LiveSlices(out_dir=out / "live" / name))
     cat.subscribe(RE, out / "spool")
     uids: dict[str, str] = {}
@@ -233,7 +236,7 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
                 if result.exit_status != "success":
                     raise NvmriError(f"{step} ended {result.exit_status}: {result.reason}")
             except RunEngineInterrupted:      # Ctrl-C paused the run: close it, keep its data
-                RE.abort("interrupted (Ctrl-C)")
+                RE.abort(reason())
                 raise KeyboardInterrupt from None
             except NvmriError as error:
                 _say(f"== {name}: {step} not done: {error}")

@@ -119,3 +119,43 @@ def summary(devices: Any, callbacks: dict[str, Any]) -> str:
              "  callbacks: " + (", ".join(callbacks) or "none"),
              "  e.g. RE(odmr_sweep(6.1e9, 6.35e9, 101))"]
     return "\n".join(lines)
+
+
+def short_errors(shell: Any = None) -> bool:
+    """In IPython, show an :class:`NvmriError` as one line; the traceback stays behind ``%tb``.
+
+    A refused plan (a limit, a refused put, a lost IOC) then reads
+    ``NvmriError: stage_z: 2 nm is below the low limit 5 nm ...`` instead of
+    ~200 lines of RunEngine internals.
+
+    Parameters
+    ----------
+    shell : InteractiveShell, optional
+        Default: the running IPython shell, if any.
+
+    Returns
+    -------
+    bool
+        True if installed (False outside IPython).
+    """
+    import sys
+
+    from nvmri_bluesky.errors import NvmriError
+
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None:
+        return False
+
+    def handler(_shell: Any, etype: type, value: BaseException, tb: Any,
+                tb_offset: int | None = None) -> None:
+        sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb
+        first = str(value).splitlines()[0] if str(value) else ""
+        print(f"{etype.__name__}: {first}   (full traceback: %tb)", file=sys.stderr)
+
+    shell.set_custom_exc((NvmriError,), handler)
+    return True

@@ -42,7 +42,7 @@ def devices(ioc: launch.IocHandle) -> Iterator[Any]:
     """``make_devices`` on the session IOC (stage, mw, rf, pulser, counter, health)."""
     from nvmri_bluesky.devices import make_devices
 
-    instrument = make_devices(ioc.prefix, connection_timeout=10.0)
+    instrument = make_devices(ioc.prefix)
     yield instrument
     instrument.destroy()
 
@@ -92,7 +92,7 @@ def make_ioc() -> Iterator[Callable[..., tuple[launch.IocHandle, Any]]]:
             if connect:
                 from nvmri_bluesky.devices import make_devices
 
-                instrument = make_devices(handle.prefix, connection_timeout=10.0)
+                instrument = make_devices(handle.prefix)
         except BaseException:
             handle.stop()
             raise

@@ -86,7 +86,7 @@ def refused_put(ctx, name, data):
 def test_pv_list_matches_the_contract():
     names = sim_ioc.pv_names("NVMRI:")
     expected = ["STAGE:X", "STAGE:Y", "STAGE:Z", "PG:PROGRAM", "PG:STATUS", "PG:MESSAGE",
-                "PG:GATES", "PG:SHOTS", "PG:ACQUIRE", "CNT:COUNTS", "CNT:ACQ_ID",
+                "PG:CHECKSUM", "PG:GATES", "PG:SHOTS", "PG:ACQUIRE", "CNT:COUNTS", "CNT:ACQ_ID",
                 "HEALTH:LASER_OK", "HEALTH:STAGE_OK"]
     expected += [f"{src}:{k}{rbv}" for src in ("MW", "RF") for k in ("FREQ", "POWER", "OUTPUT")
                  for rbv in ("", "_RBV")]

@@ -37,6 +37,19 @@ class Progress(CallbackBase):
     def _reset(self) -> None:
         self.plan, self.total, self.done = "", None, 0
         self.t0 = self.t_last = time.monotonic()
+        self.notice = ""
+
+    def note(self, text: str) -> None:
+        """Show ``text`` on the progress line now and until the next ``note("")``.
+
+        For what the documents do not tell, e.g. a run suspended while the
+        laser is in fault (:func:`~nvmri_bluesky.run_engine.install_suspenders`).
+        """
+        if text == self.notice:
+            return
+        self.notice = text
+        if self.plan:
+            self._write(self.head + self.line(time.monotonic()) + self.tail)
 
     def start(self, doc: dict) -> None:
         self._reset()
@@ -66,7 +79,8 @@ class Progress(CallbackBase):
             text += f"  {rate:7.1f} pt/s  {left:6.1f} s left"
         else:
             text += f" points  {rate:7.1f} pt/s"
-        return text + f"  {elapsed:6.1f} s"
+        text += f"  {elapsed:6.1f} s"
+        return f"{text}  [{self.notice}]" if self.notice else text
 
     def _write(self, text: str) -> None:
         self.stream.write(text)

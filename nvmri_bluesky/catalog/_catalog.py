@@ -24,6 +24,7 @@ from ._spool import (
     count_events,
     read_spool,
     spool_files,
+    spool_gaps,
     synthesize_stop,
 )
 
@@ -751,10 +752,12 @@ def _import_file(file: Path, catalog: Catalog) -> ImportResult:
     if docs[0][0] != "start":
         return ImportResult(str(file), "", "failed", 0, "does not begin with a start document")
     uid = docs[0][1]["uid"]
-    detail = ""
+    gaps = spool_gaps(file)
+    detail = "; ".join(f"missing: {gap}" for gap in gaps)
     if not any(name == "stop" for name, _ in docs):
-        docs.append(("stop", synthesize_stop(docs)))
-        detail = "no stop document in the spool; closed as aborted"
+        docs.append(("stop", synthesize_stop(docs, gaps)))
+        detail = "; ".join(d for d in ("no stop document in the spool; closed as aborted",
+                                       detail) if d)
     events = sum(count_events(docs).values())
     action = "imported"
     try:

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +95,81 @@ def spool_filename(start_doc: dict[str, Any]) -> str:
     return f"{stamp}_{start_doc['uid']}{SPOOL_SUFFIX}"
 
 
+GAP_RECORD = "nvmri_spool_gap"
+"""Name of a spool line that records documents the spool could not write (not a document)."""
+
+
+class _Gap:
+    """Documents of one run that could not be spooled (disk full, I/O error)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.events: dict[str, list[int]] = {}      # stream -> missing seq_nums
+        self.other = 0                              # missing non-event documents
+
+    def add(self, name: str, doc: dict[str, Any], stream: str) -> None:
+        if name == "event":
+            self.events.setdefault(stream, []).append(int(doc.get("seq_num", 0)))
+        elif name == "event_page":
+            self.events.setdefault(stream, []).extend(int(n) for n in doc.get("seq_num", []))
+        else:
+            self.other += 1
+
+    def record(self, run: str) -> dict[str, Any]:
+        return {"run_start": run, "reason": self.reason, "other_documents": self.other,
+                "missing_events": {k: _ranges(v) for k, v in self.events.items()}}
+
+
+def _ranges(numbers: list[int]) -> list[list[int]]:
+    """Sorted numbers as [first, last] runs: [1, 2, 3, 7] -> [[1, 3], [7, 7]]."""
+    out: list[list[int]] = []
+    for n in sorted(numbers):
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return out
+
+
+def describe_gap(record: dict[str, Any]) -> str:
+    """One line for a gap record: ``primary events 105-300 not spooled (reason)``."""
+    parts = [f"{stream} events " + ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
+             for stream, spans in record.get("missing_events", {}).items() if spans]
+    if record.get("other_documents"):
+        parts.append(f"{record['other_documents']} other document(s)")
+    return f"{'; '.join(parts) or 'nothing'} not spooled ({record.get('reason', '?')})"
+
+
+class _SpoolFile:
+    """An append-only spool file written line by line; a failed write leaves no partial line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.size = os.fstat(self.fd).st_size
+
+    def write_line(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.size)        # drop the partial line
+            except OSError:
+                pass
+            raise
+        self.size += len(data)
+
+    def close(self, sync: bool = True) -> None:
+        try:
+            if sync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
 class SpoolWriter:
     """RunEngine callback: append every document, as one JSON line, to a file per run.
 
@@ -105,58 +180,122 @@ class SpoolWriter:
 
     Notes
     -----
-    Files are opened in append mode and never truncated; each line is flushed
-    when written and the file is fsync'ed at the stop document, so a crash of
-    the catalog (or of this process) loses at most the line being written,
-    which ``read_spool`` tolerates. Failures here are logged, never raised, so
-    the spool cannot abort a run either.
+    Files are opened in append mode and never truncated; each line is written
+    whole (a write that fails leaves no partial line) and the file is fsync'ed
+    at the stop document, so a crash of the catalog (or of this process)
+    loses at most the line being written, which ``read_spool`` tolerates.
+    Failures here are logged, never raised, so the spool cannot abort a run
+    either.  When the disk is full the first failure of a run is logged once;
+    the documents that could not be written are recorded in a gap line
+    (:data:`GAP_RECORD`) as soon as the spool can write again, and the
+    spooled stop document's reason names them; the file is closed at the
+    stop document whatever happens, so the next run spools afresh.
     """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._files: dict[str, IO[str]] = {}
+        self._files: dict[str, _SpoolFile] = {}
         self.paths: dict[str, Path] = {}
         self._index = RunIndex()
+        self._streams: dict[str, str] = {}          # descriptor uid -> stream name
+        self._gaps: dict[str, _Gap] = {}            # run -> documents not written yet
+        self._recorded: dict[str, list[str]] = {}   # run -> gaps written to its spool
         self.errors: list[str] = []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        run = None
         try:
-            self._write(name, doc)
+            run = self._index.run_of(name, doc)
+            if name == "descriptor":
+                self._streams[doc["uid"]] = doc.get("name", "primary")
+            self._write(run, name, doc)
         except Exception as err:  # a spool failure must not abort the run
-            msg = f"spool: could not write a {name} document: {err}"
-            logger.error(msg)
-            self.errors.append(msg)
+            self._failed(run, name, doc, err)
+        if name == "stop" and run is not None:
+            self._finish(run)
 
-    def _write(self, name: str, doc: dict[str, Any]) -> None:
-        run = self._index.run_of(name, doc)
+    def _write(self, run: str | None, name: str, doc: dict[str, Any]) -> None:
         if run is None:
             raise NvmriError(f"{name} document does not belong to a known run")
         if name == "start":
             path = self.directory / spool_filename(doc)
             self.paths[run] = path
-            self._files[run] = open(path, "a", encoding="utf-8")
+            self._files[run] = _SpoolFile(path)
         fh = self._files.get(run)
         if fh is None:
             raise NvmriError(f"{name} document of run {run[:8]} arrived after its stop")
-        fh.write(dumps_document(name, doc) + "\n")
-        fh.flush()
-        if name == "stop":
-            os.fsync(fh.fileno())
-            fh.close()
-            del self._files[run]
-            self._index.forget(run)
+        gap = self._gaps.get(run)
+        if gap is not None:
+            fh.write_line(json.dumps({"name": GAP_RECORD, "doc": gap.record(run)}))
+            self._recorded.setdefault(run, []).append(describe_gap(gap.record(run)))
+            del self._gaps[run]
+        if name == "stop" and self._recorded.get(run):
+            doc = {**doc, "reason": "; ".join(
+                [doc["reason"]] * bool(doc.get("reason"))
+                + [f"spool: {gap}" for gap in self._recorded[run]])}
+        fh.write_line(dumps_document(name, doc))
+
+    def _failed(self, run: str | None, name: str, doc: dict[str, Any], err: Exception) -> None:
+        """Log the first failure of a run once; record what is missing."""
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        if run is None or run not in self._files:
+            msg = f"spool: could not write a {name} document: {reason}"
+            logger.error(msg)
+            self.errors.append(msg)
+            return
+        gap = self._gaps.get(run)
+        if gap is None:
+            gap = self._gaps[run] = _Gap(reason)
+            msg = (f"spool {self.paths[run]}: cannot write ({reason}); the run goes on, and "
+                   "the documents not spooled are recorded once the spool can write again")
+            logger.error(msg)
+            self.errors.append(msg)
+        gap.add(name, doc, self._streams.get(doc.get("descriptor", ""), "?"))
+
+    def _finish(self, run: str) -> None:
+        """Close a run's file after its stop document, written or not (no leaked handle)."""
+        fh = self._files.pop(run, None)
+        gap = self._gaps.pop(run, None)
+        self._recorded.pop(run, None)
+        if gap is not None:
+            msg = f"spool {self.paths.get(run)}: {describe_gap(gap.record(run))}; " \
+                  "the stop document was not spooled"
+            logger.error(msg)
+            self.errors.append(msg)
+        if fh is not None:
+            try:
+                fh.close(sync=gap is None)
+            except OSError as err:
+                self.errors.append(f"spool {fh.path}: closing failed: {err.strerror}")
+        self._index.forget(run)
 
     def close(self) -> None:
         """Close files of runs that never stopped (their spool stays importable)."""
         for fh in self._files.values():
             try:
-                fh.flush()
-                os.fsync(fh.fileno())
                 fh.close()
             except OSError:
                 pass
         self._files.clear()
+
+
+def spool_gaps(path: str | Path) -> list[str]:
+    """One line per gap record of a spool file (documents the spool could not write)."""
+    gaps = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if GAP_RECORD in line:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    if record.get("name") == GAP_RECORD:
+                        gaps.append(describe_gap(record["doc"]))
+    except OSError:
+        return gaps
+    return gaps
 
 
 def read_spool(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -179,6 +318,8 @@ def read_spool(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             record = json.loads(line)
             name, doc = record["name"], record["doc"]
+            if name == GAP_RECORD:            # not a document: see spool_gaps()
+                continue
         except (ValueError, KeyError, TypeError):
             if number == len(lines):
                 logger.warning("%s: last line is truncated; ignored", path)
@@ -214,8 +355,12 @@ def count_events(docs: list[tuple[str, dict[str, Any]]]) -> dict[str, int]:
     return counts
 
 
-def synthesize_stop(docs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """A stop document for a spooled run whose process died before it stopped."""
+def synthesize_stop(docs: list[tuple[str, dict[str, Any]]],
+                    gaps: list[str] | None = None) -> dict[str, Any]:
+    """A stop document for a spooled run whose process died before it stopped.
+
+    ``gaps`` (:func:`spool_gaps`) names documents the spool could not write.
+    """
     import uuid
 
     start = docs[0][1]
@@ -231,6 +376,7 @@ def synthesize_stop(docs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         "time": last_time,
         "exit_status": "abort",
         "reason": "nvmri import: the spool ends without a stop document "
-        "(the acquiring process died); every spooled event was kept",
+        "(the acquiring process died); every spooled event was kept"
+        + "".join(f"; missing: {gap}" for gap in gaps or ()),
         "num_events": count_events(docs),
     }

@@ -17,6 +17,7 @@ configuration ``counter_gates`` (JSON list) and ``counter_shots``.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -34,11 +35,16 @@ from nvmri_bluesky.devices.signals import (
     put_flush_only,
 )
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.timeouts import timeout_s
 
 __all__ = ["PhotonCounter"]
 
 _GRACE_S = 0.2
 """After the acquire put completed, how long to wait for the counts before asking why not, s."""
+SILENT_S = 5.0
+"""An acquisition not done after this long (beyond its own length) is reported, s."""
+
+logger = logging.getLogger(__name__)
 
 
 class PhotonCounter(ConciseRepr, Device):
@@ -53,7 +59,9 @@ class PhotonCounter(ConciseRepr, Device):
         the trigger at once).
     fresh_timeout : float
         How long after the acquire put completed the counts monitor may
-        take to arrive, s.
+        take to arrive, s (a fifth of :func:`~nvmri_bluesky.timeouts.timeout_s`;
+        the IOC sends them before the completion, so this only matters when
+        something is wrong).
     """
 
     counts = Cpt(WaveformSignalRO, "CNT:COUNTS", auto_monitor=True, kind="normal",
@@ -68,7 +76,9 @@ class PhotonCounter(ConciseRepr, Device):
     def __init__(self, prefix: str = "", *, name: str, **kwargs: Any):
         super().__init__(prefix, name=name, **kwargs)
         self.acquire_timeout: float | None = None
-        self.fresh_timeout: float = 2.0
+        self.fresh_timeout: float = timeout_s(0.2)
+        self.expected_s: float = 0.0
+        """Wall time an acquisition is expected to take, s (added to ``SILENT_S``)."""
 
     def trigger(self) -> StatusBase:
         """Acquire once; the status completes when fresh counts are in the monitor cache.
@@ -146,6 +156,15 @@ class PhotonCounter(ConciseRepr, Device):
         cids = [(self.counts, self.counts.subscribe(on_counts, run=False)),
                 (self.acq_id, self.acq_id.subscribe(on_id, run=False)),
                 (self.acquire, _watch_disconnect(self.acquire, status, "the acquisition"))]
+
+        def silent() -> None:
+            if not status.done:
+                logger.warning("counter: acquisition %s of %s has not completed after %.3g s: "
+                               "the IOC is slow or not answering; still waiting", start_id + 1
+                               if isinstance(start_id, int) else "?", self.prefix, patience)
+
+        patience = SILENT_S + self.expected_s
+        cancels.append(call_later(patience, silent))
 
         def cleanup(_st: StatusBase) -> None:
             for sig, cid in cids:

@@ -3,7 +3,7 @@
 ::
 
     from nvmri_bluesky.devices import make_devices
-    devices = make_devices("NVMRI:")          # NvmriError within ~5 s if nobody answers
+    devices = make_devices("NVMRI:")          # NvmriError within ~30 s if nobody answers
     RE(bp.scan([devices.counter], devices.mw.frequency, 6.2e9, 6.3e9, 101))
 
 The simulated IOC and a real one differ only in the prefix (and the CA
@@ -24,6 +24,7 @@ from nvmri_bluesky.devices.pulser import Pulser
 from nvmri_bluesky.devices.sources import SignalGenerator
 from nvmri_bluesky.devices.stage import Stage
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.timeouts import timeout_s
 
 __all__ = ["Instrument", "make_devices", "DEFAULT_PREFIX"]
 
@@ -96,15 +97,17 @@ def _unconnected(instrument: Instrument) -> tuple[list[str], int]:
     return sorted(missing), len(every)
 
 
-def make_devices(prefix: str = DEFAULT_PREFIX, connection_timeout: float = 5.0) -> Instrument:
+def make_devices(prefix: str = DEFAULT_PREFIX,
+                 connection_timeout: float | None = None) -> Instrument:
     """Build the instrument's devices on ``prefix`` and wait until every PV is connected.
 
     Parameters
     ----------
     prefix : str
         PV prefix of the instrument's IOC(s), e.g. ``"NVMRI:"``.
-    connection_timeout : float
-        Longest wait for all PVs together, s.
+    connection_timeout : float, optional
+        Longest wait for all PVs together, s (default
+        :func:`~nvmri_bluesky.timeouts.timeout_s`, ``NVMRI_TIMEOUT_S`` or 30 s).
 
     Returns
     -------
@@ -120,6 +123,8 @@ def make_devices(prefix: str = DEFAULT_PREFIX, connection_timeout: float = 5.0) 
     """
     if not prefix or any(c.isspace() for c in prefix):
         raise NvmriError(f"invalid PV prefix {prefix!r}")
+    if connection_timeout is None:
+        connection_timeout = timeout_s()
     instrument = _build(prefix)
     deadline = time.monotonic() + connection_timeout
     try:

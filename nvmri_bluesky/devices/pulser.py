@@ -7,6 +7,12 @@ validates it on the put and says why in ``PG:MESSAGE`` ("OK" when loaded).
 completion and fail with :class:`NvmriError` carrying that message if the IOC
 refused it.
 
+The pulser confirms that the IOC loaded the very program sent: the IOC posts
+the SHA-256 of the loaded JSON text in ``PG:CHECKSUM``, and a load whose
+checksum differs (refused, cut, or never applied) fails.  ``shots`` is a
+:class:`~nvmri_bluesky.devices.signals.VerifiedSetpoint`: a refused value
+(0, -1, 2**31) fails the ``set()`` with the IOC's ``PG:MESSAGE``.
+
 ``program``, ``gates``, ``shots`` and ``message`` are not monitored: each read
 is a CA get, so it is fresh right after a put completes (``bps.rd(pulser.
 message)`` after ``bps.abs_set(pulser.program, ..., wait=True)`` sees the
@@ -15,6 +21,7 @@ verdict on that program).  The acquisition itself is the counter's trigger.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Mapping
@@ -24,7 +31,12 @@ from ophyd import Component as Cpt
 from ophyd import Device
 from ophyd.status import Status
 
-from nvmri_bluesky.devices.signals import EpicsSignalROU, EpicsSignalU, watch_disconnect
+from nvmri_bluesky.devices.signals import (
+    EpicsSignalROU,
+    EpicsSignalU,
+    VerifiedSetpoint,
+    watch_disconnect,
+)
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = ["Pulser", "program_json"]
@@ -56,10 +68,12 @@ class Pulser(Device):
     program = Cpt(EpicsSignalU, "PROGRAM", string=True, put_complete=True, kind="config",
                   units="")
     gates = Cpt(EpicsSignalROU, "GATES", string=True, kind="config", units="")
-    shots = Cpt(EpicsSignalU, "SHOTS", put_complete=True, kind="config", units="shots")
+    shots = Cpt(VerifiedSetpoint, "SHOTS", kind="config", units="shots", limits=True,
+                reason_attr="message")
     state = Cpt(EpicsSignalROU, "STATUS", string=True, auto_monitor=True, kind="omitted",
                  units="")
     message = Cpt(EpicsSignalROU, "MESSAGE", string=True, kind="omitted", units="")
+    checksum = Cpt(EpicsSignalROU, "CHECKSUM", string=True, kind="omitted", units="")
 
     def set(self, program: Any, *, timeout: float | None = 10.0) -> Status:
         """Load ``program`` (Program, dict or JSON); the status fails if the IOC refuses it.
@@ -74,23 +88,32 @@ class Pulser(Device):
         Returns
         -------
         Status
-            Finished when the IOC accepted the program; failed with
-            :class:`NvmriError` ``pulser refused program '<name>': <PG:MESSAGE>``
-            otherwise.
+            Finished when the IOC accepted the program and ``PG:CHECKSUM``
+            is the checksum of the text sent; failed with :class:`NvmriError`
+            ``pulser refused program '<name>': <PG:MESSAGE>`` otherwise.
+
+        Raises
+        ------
+        NvmriError
+            The program does not fit ``PG:PROGRAM`` (nothing is sent), or the
+            pulser is not connected.
         """
         text = program_json(program)
         name = _program_name(program, text)
+        self._check_fits(name, text)
+        expected = hashlib.sha256(text.encode("utf-8")).hexdigest()
         status = Status(self, timeout=timeout)
         watch_disconnect(self.program, status, "loading the pulse program")
 
         def verdict() -> None:
             try:
                 message = str(self.message.get(use_monitor=False)).strip()
+                loaded = str(self.checksum.get(use_monitor=False)).strip()
             except Exception as exc:  # noqa: BLE001 - report any CA failure on the status
                 status.set_exception(NvmriError(f"pulser: cannot read {self.message.pvname} "
                                                 f"after loading {name!r}: {exc}"))
                 return
-            if message in _ACCEPTED:
+            if message in _ACCEPTED and loaded == expected:
                 status.set_finished()
                 return
             reason = message
@@ -98,6 +121,9 @@ class Pulser(Device):
                 if reason.lower().startswith(lead):
                     reason = reason[len(lead):].strip()
                     break
+            if message in _ACCEPTED:
+                reason = (f"the IOC did not load it ({self.checksum.pvname} is not the checksum "
+                          "of the program sent)")
             status.set_exception(NvmriError(f"pulser refused program {name!r}: {reason}"))
 
         def on_put(**_: Any) -> None:
@@ -109,6 +135,14 @@ class Pulser(Device):
                              "(IOC stopped or unreachable)")
         self.program.put(text, use_complete=True, callback=on_put)
         return status
+
+    def _check_fits(self, name: str, text: str) -> None:
+        """Refuse a program longer than ``PG:PROGRAM`` holds (the IOC would get it cut)."""
+        capacity = getattr(getattr(self.program, "_write_pv", None), "nelm", None)
+        size = len(text.encode("utf-8"))
+        if isinstance(capacity, int) and capacity > 1 and size >= capacity:
+            raise NvmriError(f"pulser: program {name!r} has {size} characters of JSON; "
+                             f"{self.program.pvname} holds fewer than {capacity}; not sent")
 
     def load(self, program: Any, timeout: float = 10.0) -> list[str]:
         """Load ``program`` and wait; return the gate names in count order.

@@ -28,14 +28,15 @@ from ophyd.status import Status
 from ophyd.utils import LimitError
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.timeouts import timeout_s
 
 
 class LimitExceeded(NvmriError, LimitError):
     """A setpoint outside the IOC's limits, refused before anything was sent."""
 
 __all__ = ["LimitExceeded", "UnitsMixin", "EpicsSignalU", "EpicsSignalROU", "WaveformSignalRO",
-           "SetpointWithReadback", "ConciseRepr", "call_later", "fill_units", "put_flush_only",
-           "watch_disconnect"]
+           "SetpointWithReadback", "VerifiedSetpoint", "ConciseRepr", "call_later", "fill_units",
+           "put_flush_only", "watch_disconnect"]
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,123 @@ def _watch_disconnect(signal: Any, status: Any, what: str) -> int:
     return signal.subscribe(on_meta, event_type=signal.SUB_META, run=False)
 
 
-class SetpointWithReadback(EpicsSignalU):
+_REFUSAL_GRACE_S = 0.2
+"""After a completed put whose value is not there yet, how long before asking the IOC, s."""
+
+
+def _reached(readback: Any, target: Any, atol: float = 0.0, rtol: float = 0.0) -> bool:
+    """True if ``readback`` shows ``target`` (strings exactly, numbers within the tolerances)."""
+    if readback is None or readback is UNSET_VALUE:
+        return False
+    if isinstance(target, str) or isinstance(readback, str):
+        return str(readback) == str(target)
+    if isinstance(readback, int | float | np.number) and isinstance(target, int | float):
+        return abs(float(readback) - target) <= atol + rtol * abs(target)
+    try:
+        rb, tg = np.asarray(readback, float), np.asarray(target, float)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.all(np.abs(rb - tg) <= atol + rtol * np.abs(tg)))
+
+
+class _CheckedSetting(EpicsSignalU):
+    """A setting whose ``set()`` is applied or fails loudly.
+
+    Values outside the PV's control limits, and numbers that are not finite,
+    raise :class:`LimitExceeded` before anything is sent.  Subclasses define
+    what "applied" means; :meth:`_refusal` names why the IOC refused.
+    """
+
+    def __init__(self, *args: Any, units: str = "", reason_attr: str | None = None,
+                 **kwargs: Any):
+        kwargs["put_complete"] = True
+        super().__init__(*args, units=units, **kwargs)
+        self.reason_attr = reason_attr
+
+    def check_value(self, value: Any) -> None:
+        """Refuse values outside the setpoint PV's control limits, and non-finite numbers."""
+        if isinstance(value, float | np.floating) and not np.isfinite(value):
+            raise LimitExceeded(f"{self.name}: {value!r} is not a finite number; not set")
+        try:
+            super().check_value(value)
+        except LimitError as exc:
+            low, high = self.limits
+            raise LimitExceeded(f"{self.name}: {value!r} {self.default_units} is outside "
+                                f"{low:g}..{high:g} {self.default_units}; not set") from exc
+
+    def _refusal(self, value: Any, now: Any) -> NvmriError:
+        """The error of a put of ``value`` that the IOC did not apply (``now`` is what it shows)."""
+        why = ""
+        if self.reason_attr and self.parent is not None:
+            try:
+                why = str(getattr(self.parent, self.reason_attr).get(use_monitor=False))
+            except Exception:  # noqa: BLE001 - no reason readable: say what we know
+                why = ""
+        unit = f" {self.default_units}" if self.default_units else ""
+        return NvmriError(f"{self.name}: the IOC refused {value!r}{unit}"
+                          f"{': ' + why if why else ''} ({self.setpoint_pvname} still reads "
+                          f"{now!r}{unit})")
+
+    def _fresh_setpoint(self) -> Any:
+        """The setpoint PV's value now (a CA get, not the monitor cache)."""
+        return self.get_setpoint(use_monitor=False)
+
+
+class VerifiedSetpoint(_CheckedSetting):
+    """A setting PV without a readback PV (``PG:SHOTS``, a motor's ``.LLM``).
+
+    ``set()`` puts with completion, then reads the PV back with a fresh CA
+    get: done if it shows the value, failed with the IOC's reason (the
+    parent's ``reason_attr`` signal, e.g. ``PG:MESSAGE``) if not.  Nothing is
+    left pending: every put ends in done or failed.
+
+    Parameters
+    ----------
+    reason_attr : str, optional
+        Attribute of the parent device whose value says why a put was refused.
+    """
+
+    def set(self, value: Any, *, timeout: float | None = DEFAULT_WRITE_TIMEOUT,
+            settle_time: float | None = None) -> Status:
+        """Put ``value`` with completion; done when a fresh read shows it, else failed.
+
+        Returns
+        -------
+        Status
+            Fails with :class:`NvmriError` naming the IOC's reason if the value
+            was not applied, or if the connection drops.
+        """
+        if timeout is DEFAULT_WRITE_TIMEOUT:
+            timeout = self.write_timeout
+        status = Status(self, timeout=timeout, settle_time=settle_time)
+        watch_disconnect(self, status, f"the put to {self.setpoint_pvname}")
+
+        def verdict() -> None:
+            try:
+                now = self._fresh_setpoint()
+                error = None if _reached(now, value) else self._refusal(value, now)
+            except Exception as exc:  # noqa: BLE001 - any CA failure fails the status
+                error = NvmriError(f"{self.name}: cannot read {self.setpoint_pvname} back: {exc}")
+            if status.done:
+                return
+            if error is None:
+                status.set_finished()
+            else:
+                status.set_exception(error)
+
+        def on_put(**_: Any) -> None:
+            # a CA get must not run on the put-callback thread
+            threading.Thread(target=verdict, name=f"{self.name}-verdict", daemon=True).start()
+
+        try:
+            self.put(value, use_complete=True, callback=on_put)
+        except Exception as exc:
+            status.set_exception(exc)
+            raise
+        return status
+
+
+class SetpointWithReadback(_CheckedSetting):
     """Setpoint PV ``write_pv`` with readback ``read_pv``; ``set()`` waits for both.
 
     Parameters
@@ -280,26 +397,19 @@ class SetpointWithReadback(EpicsSignalU):
     tolerance, rtolerance : float, optional
         |readback - setpoint| <= tolerance + rtolerance |setpoint| counts as
         reached; exact equality when both are None.
-    readback_timeout : float
+    readback_timeout : float, optional
         How long after the IOC completed the put the readback may take to
-        arrive, s.
+        arrive, s (default a fifth of :func:`~nvmri_bluesky.timeouts.timeout_s`).
+        If the setpoint PV itself does not show the value shortly after the
+        put completed, the IOC refused it and the status fails at once.
     """
 
     def __init__(self, read_pv: str, write_pv: str | None = None, *, units: str = "",
-                 readback_timeout: float = 2.0, **kwargs: Any):
+                 readback_timeout: float | None = None, **kwargs: Any):
         kwargs.setdefault("auto_monitor", True)
-        kwargs["put_complete"] = True
         super().__init__(read_pv, write_pv=write_pv, units=units, **kwargs)
-        self.readback_timeout = readback_timeout
-
-    def check_value(self, value: Any) -> None:
-        """Refuse values outside the setpoint PV's control limits (when it has any)."""
-        try:
-            super().check_value(value)
-        except LimitError as exc:
-            low, high = self.limits
-            raise LimitExceeded(f"{self.name}: {value!r} {self.default_units} is outside "
-                                f"{low:g}..{high:g} {self.default_units}; not set") from exc
+        self.readback_timeout = (timeout_s(0.2) if readback_timeout is None
+                                 else readback_timeout)
 
     def _target(self, value: Any) -> Any:
         """``value`` as the readback will show it (enum strings -> index)."""
@@ -312,19 +422,7 @@ class SetpointWithReadback(EpicsSignalU):
         return value
 
     def _reached(self, readback: Any, target: Any) -> bool:
-        if readback is None or readback is UNSET_VALUE:
-            return False
-        if isinstance(target, str) or isinstance(readback, str):
-            return str(readback) == str(target)
-        atol = self.tolerance or 0.0
-        rtol = self.rtolerance or 0.0
-        if isinstance(readback, int | float | np.number) and isinstance(target, int | float):
-            return abs(float(readback) - target) <= atol + rtol * abs(target)
-        try:
-            rb, tg = np.asarray(readback, float), np.asarray(target, float)
-        except (TypeError, ValueError):
-            return False
-        return bool(np.all(np.abs(rb - tg) <= atol + rtol * np.abs(tg)))
+        return _reached(readback, target, self.tolerance or 0.0, self.rtolerance or 0.0)
 
     def set(self, value: Any, *, timeout: float | None = DEFAULT_WRITE_TIMEOUT,
             settle_time: float | None = None) -> Status:
@@ -333,9 +431,10 @@ class SetpointWithReadback(EpicsSignalU):
         Returns
         -------
         Status
-            Fails with :class:`NvmriError` if the readback has not reached the
-            value ``readback_timeout`` s after the IOC completed the put, or if
-            the connection drops.
+            Fails with :class:`NvmriError` if the IOC refused the value (the
+            setpoint PV does not show it once the put completed), if the
+            readback has not reached it ``readback_timeout`` s after the put,
+            or if the connection drops.
         """
         if timeout is DEFAULT_WRITE_TIMEOUT:
             timeout = self.write_timeout
@@ -353,24 +452,37 @@ class SetpointWithReadback(EpicsSignalU):
                     cancel()
                 status.set_finished()
 
+        def fail(error: NvmriError) -> None:
+            with lock:
+                if not status.done:
+                    status.set_exception(error)
+
         def on_readback(*, value: Any = None, **_: Any) -> None:
             if self._reached(value, target):
                 state["readback"] = True
                 finish()
 
         def too_late() -> None:
-            with lock:
-                if status.done:
-                    return
-                status.set_exception(NvmriError(
-                    f"{self.name}: the IOC did not apply {value!r} {self.default_units}: the "
-                    f"readback {self.pvname} still shows {self._readback!r} "
-                    f"{self.readback_timeout:g} s after the put (refused?)"))
+            fail(NvmriError(
+                f"{self.name}: the IOC did not apply {value!r} {self.default_units}: the "
+                f"readback {self.pvname} still shows {self._readback!r} "
+                f"{self.readback_timeout:g} s after the put (refused?)"))
+
+        def refused() -> None:
+            # the put completed without the readback: does the setpoint show the value?
+            try:
+                now = self._fresh_setpoint()
+            except Exception:  # noqa: BLE001 - unreadable: let the readback timer decide
+                return
+            if not self._reached(now, target) and not status.done:
+                fail(self._refusal(value, now))
 
         def on_put(**_: Any) -> None:
             state["put"] = True
             if not state["readback"]:
                 cancels.append(call_later(self.readback_timeout, too_late))
+                cancels.append(call_later(_REFUSAL_GRACE_S, lambda: threading.Thread(
+                    target=refused, name=f"{self.name}-refused", daemon=True).start()))
             finish()
 
         cids = (self.subscribe(on_readback, event_type=self.SUB_VALUE, run=False),

@@ -11,10 +11,11 @@ hanging.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 from ophyd import Component as Cpt
-from ophyd import Device, EpicsMotor
+from ophyd import Device, EpicsMotor, EpicsSignal
 from ophyd.device import required_for_connection
 from ophyd.utils import DisconnectedError
 from ophyd.utils.epics_pvs import AlarmSeverity
@@ -23,6 +24,8 @@ from nvmri_bluesky.devices.signals import (
     ConciseRepr,
     EpicsSignalROU,
     LimitExceeded,
+    VerifiedSetpoint,
+    call_later,
     put_flush_only,
     watch_disconnect,
 )
@@ -31,8 +34,30 @@ from nvmri_bluesky.errors import NvmriError
 __all__ = ["StageLimitError", "NmMotor", "Stage"]
 
 
+_REFUSED_GRACE_S = 0.2
+"""After a move's put completed without the move, how long before asking the IOC, s."""
+
+
 class StageLimitError(LimitExceeded):
     """A stage move outside the soft limits (z below z_min among them); nothing moved."""
+
+
+class _MoveSetpoint(EpicsSignal):
+    """``.VAL``: a move's put asks for completion, which the motor record gives when the
+    move has ended, or at once when it refused the move (then the move fails)."""
+
+    def put(self, value: Any, *args: Any, wait: bool = False, callback: Any = None,
+            use_complete: bool | None = None, **kwargs: Any) -> None:
+        """``EpicsSignal.put``; a plain put (a move) reports its completion to the motor."""
+        if callback is None and not wait and isinstance(self.parent, NmMotor):
+            parent = self.parent
+
+            def callback(**_: Any) -> None:
+                parent._move_put_done(value)
+
+            use_complete = True
+        super().put(value, *args, wait=wait, callback=callback, use_complete=use_complete,
+                    **kwargs)
 
 
 class NmMotor(ConciseRepr, EpicsMotor):
@@ -47,6 +72,14 @@ class NmMotor(ConciseRepr, EpicsMotor):
     # makes a CA get) and every move posts it twice
     motor_is_moving = Cpt(EpicsSignalROU, ".MOVN", kind="omitted", auto_monitor=False,
                           units="")
+    user_setpoint = Cpt(_MoveSetpoint, ".VAL", limits=True, auto_monitor=True)
+    # soft limits: a put the IOC refuses fails the set() (ophyd's EpicsSignal would
+    # wait for ever); values outside the travel (the fields' control limits) are
+    # refused before the put
+    low_limit_travel = Cpt(VerifiedSetpoint, ".LLM", kind="omitted", auto_monitor=True,
+                           limits=True, units="nm")
+    high_limit_travel = Cpt(VerifiedSetpoint, ".HLM", kind="omitted", auto_monitor=True,
+                            limits=True, units="nm")
 
     UNITS: dict[str, str] = {
         "user_readback": "nm", "user_setpoint": "nm", "user_offset": "nm",
@@ -79,6 +112,8 @@ class NmMotor(ConciseRepr, EpicsMotor):
 
     def move(self, position: Any, wait: bool = True, **kwargs: Any) -> Any:
         """Move to ``position`` nm (see ``EpicsMotor.move``); fail fast on disconnect."""
+        with self._move_lock:
+            self._move, self._put_done_early = None, ()
         try:
             with put_flush_only():
                 status = super().move(position, wait=False, **kwargs)
@@ -86,6 +121,10 @@ class NmMotor(ConciseRepr, EpicsMotor):
             raise NvmriError(f"{self.name}: {self.prefix} is not connected "
                              "(IOC stopped or unreachable); nothing moved") from None
         watch_disconnect(self.user_readback, status, f"the move of {self.name}")
+        with self._move_lock:
+            self._move, early = status, self._put_done_early
+        if early:                          # (the completion came before we got here)
+            self._move_put_done(early[0])
         if wait:
             try:
                 status.wait()
@@ -93,6 +132,49 @@ class NmMotor(ConciseRepr, EpicsMotor):
                 self.stop()
                 raise
         return status
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._move_lock = threading.Lock()
+        self._move: Any = None                       # the status of the move in progress
+        self._put_done_early: tuple[Any, ...] = ()
+
+    def _move_put_done(self, target: Any) -> None:
+        """The IOC completed the ``.VAL`` put: the move has ended, or it was refused.
+
+        ophyd hands the put's completion and the ``DMOV`` monitor to different
+        threads, so a move that has not finished here yet is looked at again
+        a little later, with fresh reads, before it is called refused.
+        """
+        with self._move_lock:
+            status = self._move
+            if status is None:
+                self._put_done_early = (target,)
+                return
+            self._move, self._put_done_early = None, ()
+
+        def look() -> None:
+            if not (status.done or self._started_moving):
+                threading.Thread(target=self._fail_if_refused, args=(status, target),
+                                 name=f"{self.name}-refused", daemon=True).start()
+
+        if not (status.done or self._started_moving):
+            call_later(_REFUSED_GRACE_S, look)
+
+    def _fail_if_refused(self, status: Any, target: Any) -> None:
+        try:
+            done = self.motor_done_move.get(use_monitor=False)
+            where = float(self.user_readback.get(use_monitor=False))
+        except Exception:  # noqa: BLE001 - unreadable: the disconnect watch decides
+            return
+        if status.done or self._started_moving or done != 1 or abs(where - target) < 1e-9:
+            return
+        try:
+            status.set_exception(NvmriError(
+                f"{self.name}: the IOC did not move to {target!r} nm (refused; "
+                f"still at {where!r} nm)"))
+        except Exception:  # noqa: BLE001 - finished meanwhile: nothing to fail
+            pass
 
     @required_for_connection
     def _move_changed(self, timestamp: Any = None, value: Any = None, sub_type: Any = None,

@@ -48,6 +48,18 @@ def check_frequency(source: Any, frequency_hz: float, name: str) -> None:
                          f"{source.name} range {lo / 1e9:.6g}..{hi / 1e9:.6g} GHz")
 
 
+def check_setting(signal: Any, value: float, name: str, unit: str) -> None:
+    """``value`` must be finite and inside ``signal``'s range (its PV's control limits).
+
+    For settings the IOC bounds, e.g. a motor's ``.LLM`` (the stage travel):
+    the plan refuses before anything is put.
+    """
+    lo, hi = _limits(signal)
+    if not (np.isfinite(value) and lo <= value <= hi):
+        raise NvmriError(f"{name} = {value!r} {unit} is outside the range {lo:g}..{hi:g} {unit} "
+                         f"of {getattr(signal, 'name', signal)}; nothing was set")
+
+
 def check_axis(name: str, axis: Axis) -> Axis:
     """(start, stop, num) with num >= 1 and a non-zero step when num > 1."""
     try:

@@ -8,12 +8,15 @@ from typing import Any
 import bluesky.plan_stubs as bps
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.plans.checks import check_setting
 
 
 def set_z_min(devices: Any, z_min_nm: float) -> Generator[Any, Any, None]:
     """Set the stage's lowest allowed apex height (the crash guard), nm.
 
-    The IOC keeps its own hard floor; this soft limit can only tighten it.
+    The IOC keeps its own hard floor; this soft limit can only tighten it.  A
+    value outside the Z travel (the ``.LLM`` field's range) is refused before
+    anything is put; a put the IOC refuses fails the plan with its reason.
 
     Parameters
     ----------
@@ -28,6 +31,7 @@ def set_z_min(devices: Any, z_min_nm: float) -> Generator[Any, Any, None]:
     """
     if not z_min_nm > 0:
         raise NvmriError(f"z_min_nm must be > 0 nm, got {z_min_nm!r}")
+    check_setting(devices.stage.z.low_limit_travel, float(z_min_nm), "z_min_nm", "nm")
     yield from bps.mv(devices.stage.z.low_limit_travel, float(z_min_nm))
 
 

@@ -46,7 +46,15 @@ from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans.pulses import MW_RABI_HZ, Gate, Program
 from nvmri_bluesky.sim.scenario import Scenario, load_scenario
 
-__all__ = ["Engine", "Source", "MW_REF_POWER_DBM", "AXES"]
+__all__ = ["Engine", "Source", "MW_REF_POWER_DBM", "AXES", "MAX_SHOTS", "MAX_SHOT_S",
+           "MAX_ACQUISITION_S"]
+
+MAX_SHOTS = 1_000_000_000
+"""Most shots per gate per acquisition."""
+MAX_SHOT_S = 1.0
+"""Longest pulse program (one shot of every gate), s."""
+MAX_ACQUISITION_S = 86400.0
+"""Longest acquisition, shots * program duration, simulated s."""
 
 MW_REF_POWER_DBM = 0.0
 """MW power at which the NV Rabi frequency is ``MW_RABI_HZ``, dBm."""
@@ -214,6 +222,8 @@ class Engine:
         self.check_move(axis, target)
         i = AXES.index(axis)
         v = velocity_nm_per_s or self.scenario.stage.velocity_nm_per_s
+        if not (np.isfinite(v) and v > 0):
+            raise NvmriError(f"stage {axis}: velocity {v!r} nm/s must be finite and > 0")
         dt = abs(float(target) - self.position[i]) / v
         self.position[i] = float(target)
         self.time_s += dt
@@ -240,6 +250,13 @@ class Engine:
             program = Program.from_json(program)
         else:
             program.validate()
+        if not 0 < program.duration <= MAX_SHOT_S:
+            raise NvmriError(f"program {program.name!r} lasts {program.duration:.6g} s per shot; "
+                             f"the simulator takes programs of at most {MAX_SHOT_S:g} s")
+        if not self._acquisition_ok(self.shots, program.duration):
+            raise NvmriError(f"program {program.name!r} at {self.shots} shots would acquire for "
+                             f"{self.shots * program.duration:.6g} s; at most "
+                             f"{MAX_ACQUISITION_S:g} s")
         compiled = _compile(program)
         for t_pi in np.unique(compiled.rf_duration[compiled.kind == _DEER]):
             physics.dark_flip_probability(0.0, t_pi, self.instrument.dark_t2_star_s)  # warm
@@ -248,6 +265,33 @@ class Engine:
         self._deer_cache = None
         self._compiled = compiled
         return program
+
+    @staticmethod
+    def _acquisition_ok(shots: int, duration_s: float) -> bool:
+        return shots * duration_s <= MAX_ACQUISITION_S
+
+    def set_shots(self, shots: Any) -> int:
+        """Set the shots per gate per acquisition; return them.
+
+        Raises
+        ------
+        NvmriError
+            Not an integer in 1..``MAX_SHOTS``, or an acquisition of the loaded
+            program would last longer than ``MAX_ACQUISITION_S``.
+        """
+        try:
+            value = int(shots)
+            exact = value == shots
+        except (TypeError, ValueError, OverflowError):
+            exact = False
+        if not exact or not 1 <= value <= MAX_SHOTS:
+            raise NvmriError(f"shots must be an integer in 1..{MAX_SHOTS}, got {str(shots)[:40]}")
+        duration = self._compiled.duration if self._compiled else 0.0
+        if not self._acquisition_ok(value, duration):
+            raise NvmriError(f"{value} shots of the loaded program would acquire for "
+                             f"{value * duration:.6g} s; at most {MAX_ACQUISITION_S:g} s")
+        self.shots = value
+        return value
 
     def acquisition_time(self) -> float:
         """Simulated length of one acquisition, shots * program duration, s."""

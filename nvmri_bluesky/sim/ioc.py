@@ -25,26 +25,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from caproto import ChannelType
-from caproto.server import PVGroup, SubGroup, pvproperty
+from caproto import AlarmSeverity, AlarmStatus, ChannelAlarm, ChannelType
+from caproto.server import PVGroup, PvpropertyInteger, SubGroup, pvproperty
 
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans.pulses import Program
-from nvmri_bluesky.sim.engine import AXES, Engine
+from nvmri_bluesky.sim.engine import AXES, MAX_SHOTS, Engine
 from nvmri_bluesky.sim.scenario import Scenario, list_scenarios, load_scenario
 
-__all__ = ["NvmriIOC", "make_ioc", "serve", "main", "pv_names", "MAX_PROGRAM_CHARS",
-           "MAX_GATES"]
+__all__ = ["NvmriIOC", "Autosave", "make_ioc", "serve", "main", "pv_names",
+           "program_checksum", "MAX_PROGRAM_CHARS", "MAX_GATES", "MAX_SHOTS",
+           "VELOCITY_RANGE_NM_PER_S"]
+
+logger = logging.getLogger(__name__)
 
 MAX_PROGRAM_CHARS = 200_000
 MAX_GATES = 4096
+VELOCITY_RANGE_NM_PER_S = (1e-3, 1e7)
+"""Range of a stage's ``VELO`` / ``JVEL``, nm/s."""
 _TICK_S = 0.02          # motion update period at time scale > 0, wall s
 _ON_OFF = ("Off", "On")
 _HEALTH = ("Fault", "OK")
@@ -54,6 +63,95 @@ def _text_pv(name: str, value: str, max_length: int, doc: str, read_only: bool =
     return pvproperty(name=name, value=value, dtype=ChannelType.CHAR, max_length=max_length,
                       string_encoding="utf-8", read_only=read_only, doc=doc,
                       max_subscription_backlog=10)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a refusal message stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _reason(exc: BaseException) -> str:
+    """The readable reason of ``exc``: its message, with the type when it is not ours."""
+    text = " ".join(str(exc).split())[:500] or "no message"
+    return text if isinstance(exc, NvmriError) else f"{type(exc).__name__}: {text}"
+
+
+def program_checksum(text: str) -> str:
+    """``PG:CHECKSUM`` of a loaded program: the SHA-256 hex digest of its JSON text (UTF-8)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class _NoWriteAlarm(ChannelAlarm):
+    """A PV's alarm that a refused put does not raise.
+
+    caproto puts a record in WRITE/MAJOR alarm whenever a putter refuses a
+    value, and leaves it there: the next ophyd move of a motor whose ``.LLM``
+    put was refused then fails with "in an alarm state".  A refusal here fails
+    the put and changes nothing, as an EPICS record's does.
+    """
+
+    async def write(self, *, status=None, severity=None, **kwargs):
+        if status == AlarmStatus.WRITE and severity == AlarmSeverity.MAJOR_ALARM:
+            return None
+        return await super().write(status=status, severity=severity, **kwargs)
+
+
+class Autosave:
+    """Stage positions and soft limits kept in a JSON file across IOC restarts.
+
+    As EPICS autosave does for a motor's ``.VAL``/``.LLM``/``.HLM``.  Without a
+    path nothing is kept.  Saved values outside the scenario's travel are
+    ignored (with a log line).
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        The file (written atomically after every move and limit change).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else None
+        self._data: dict[str, dict[str, float]] = self._read()
+
+    def _read(self) -> dict[str, dict[str, float]]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text()[:100_000])
+        except (OSError, ValueError) as exc:
+            logger.warning("autosave %s unreadable, not restored: %s", self.path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def axis(self, axis: str, travel: tuple[float, float]) -> dict[str, float]:
+        """The saved ``position``, ``llm``, ``hlm`` of ``axis`` (nm) that fit ``travel``."""
+        saved = self._data.get(axis)
+        if not isinstance(saved, dict):
+            return {}
+        try:
+            values = {k: float(saved[k]) for k in ("position", "llm", "hlm")}
+        except (KeyError, TypeError, ValueError):
+            return {}
+        lo, hi = travel
+        if not (lo <= values["llm"] < values["hlm"] <= hi
+                and values["llm"] <= values["position"] <= values["hlm"]):
+            logger.warning("autosave %s: %s %s does not fit the travel %s; not restored",
+                           self.path, axis, values, travel)
+            return {}
+        return values
+
+    def store(self, axis: str, **values: float) -> None:
+        """Save ``values`` (position, llm, hlm, nm) of ``axis``."""
+        if self.path is None or self._data.get(axis) == values:
+            return
+        self._data[axis] = values
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self._data))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.warning("autosave %s not written: %s", self.path, exc)
 
 
 async def _post(channel, value) -> None:
@@ -67,7 +165,19 @@ async def _post(channel, value) -> None:
 
 
 class StageAxis(PVGroup):
-    """One stage axis as a motor record (the PV is the group's prefix)."""
+    """One stage axis as a motor record (the PV is the group's prefix).
+
+    What clients of the EPICS motor record use behaves as in the record:
+    a put to ``.VAL`` completes (put-callback) when the move has ended
+    (``DMOV`` 1); a target outside ``.LLM``/``.HLM`` sets ``LVIO`` 1 and
+    fails the put, nothing moves; ``SPMG`` Stop (halt, VAL = RBV), Pause
+    (halt, keep VAL), Go/Move (move to VAL); ``TWF``/``TWR`` move by ``TWV``;
+    ``RLV`` moves relative; ``JOGF``/``JOGR`` move towards the high/low
+    limit at ``JVEL`` while 1; ``HOMF``/``HOMR`` are refused (no home
+    switch); ``VELO``/``JVEL`` must lie in ``VELOCITY_RANGE_NM_PER_S``;
+    ``DHLM``/``DLLM`` equal ``HLM``/``LLM`` (no offset, positive direction).
+    A refused put leaves no alarm on the record.
+    """
 
     motor = pvproperty(name="", value=0.0, record="motor", precision=3, units="nm",
                        doc="tip apex position, nm")
@@ -77,6 +187,8 @@ class StageAxis(PVGroup):
         self.axis = axis
         self._motion: asyncio.Task | None = None
         self._path: tuple[float, float, float, float] | None = None   # t0, from, to, s
+        self._arrived = asyncio.Event()
+        self._goal = 0.0                  # where the current put sends the stage, nm
 
     @property
     def engine(self) -> Engine:
@@ -86,17 +198,22 @@ class StageAxis(PVGroup):
     async def motor(self, instance, async_lib):
         f = instance.field_inst
         lo, hi = self.engine.limits(self.axis)
-        position = float(self.engine.position[AXES.index(self.axis)])
+        saved = self.parent.autosave.axis(self.axis, (lo, hi))
+        position = saved.get("position", float(self.engine.position[AXES.index(self.axis)]))
+        self.engine.position[AXES.index(self.axis)] = position
+        velocity = self.engine.scenario.stage.velocity_nm_per_s
         await f.engineering_units.write("nm")
-        await f.velocity.write(self.engine.scenario.stage.velocity_nm_per_s)
+        await f.velocity.write(velocity)
+        await f.jog_velocity.write(velocity)
+        await f.tweak_step_size.write(1.0)
         await f.seconds_to_velocity.write(0.0)
         await f.motor_step_size.write(1e-3)
-        await f.user_low_limit.write(lo, verify_value=False)
-        await f.user_high_limit.write(hi, verify_value=False)
-        await instance.write_metadata(lower_ctrl_limit=lo, upper_ctrl_limit=hi,
-                                      lower_disp_limit=lo, upper_disp_limit=hi)
+        for field in (f.user_low_limit, f.user_high_limit, f.dial_low_limit, f.dial_high_limit):
+            await field.write_metadata(lower_ctrl_limit=lo, upper_ctrl_limit=hi)
+        await self._apply_limits(f, saved.get("llm", lo), saved.get("hlm", hi))
         await instance.write(position, verify_value=False)
         await self._readback(position)
+        await f.limit_violation.write(0, verify_value=False)
         await f.done_moving_to_value.write(1)
 
     @motor.putter
@@ -104,20 +221,44 @@ class StageAxis(PVGroup):
         f = instance.field_inst
         if f.set_use_switch.value == "Set":
             raise NvmriError(f"stage {self.axis}: calibration (SET) is not supported")
-        self.engine.check_move(self.axis, value)           # the crash guard
+        value = float(value)
+        try:
+            self.engine.check_move(self.axis, value)           # the crash guard
+            self._check_soft_limits(f, value)
+        except NvmriError:
+            await _post(f.limit_violation, 1)
+            raise
+        await _post(f.limit_violation, 0)
+        if f.stop_pause_move_go.value in ("Stop", "Pause"):
+            return value                                       # moves on Go
+        self._arrived.clear()
+        self._goal = value
+        await self._start(f, value, self._velocity(f.velocity))
+        await self._arrived.wait()                             # put-completion: move ended
+        return self._goal                                      # (RBV if it was stopped)
+
+    def _check_soft_limits(self, f, value: float) -> None:
+        lo, hi = float(f.user_low_limit.value), float(f.user_high_limit.value)
+        if not lo <= value <= hi:
+            raise NvmriError(f"stage {self.axis} = {value} nm refused: outside the soft "
+                             f"limits [{lo}, {hi}] nm (LVIO)")
+
+    def _velocity(self, field) -> float:
+        return float(field.value) or self.engine.scenario.stage.velocity_nm_per_s
+
+    async def _start(self, f, target: float, velocity: float) -> None:
+        """Start a move to ``target`` (timed at time scale > 0, else instant)."""
         start = self._halt()
         await _post(f.done_moving_to_value, 0)
         await _post(f.motor_is_moving, 1)
-        await _post(f.direction_of_travel, int(value >= start))
+        await _post(f.direction_of_travel, int(target >= start))
         scale = self.parent.time_scale
-        velocity = float(f.velocity.value) or self.engine.scenario.stage.velocity_nm_per_s
-        if scale > 0 and value != start:
-            duration = scale * abs(value - start) / velocity
-            self._motion = asyncio.create_task(self._move(f, start, float(value), duration,
+        if scale > 0 and target != start:
+            duration = scale * abs(target - start) / velocity
+            self._motion = asyncio.create_task(self._move(f, start, target, duration,
                                                           velocity))
         else:
-            await self._arrive(f, float(value), velocity)
-        return value
+            await self._arrive(f, target, velocity)
 
     def _where(self) -> float:
         """Current position, nm (interpolated during a timed move)."""
@@ -157,21 +298,111 @@ class StageAxis(PVGroup):
         await self._readback(position)
         await _post(f.motor_is_moving, 0)
         await _post(f.done_moving_to_value, 1)
+        self._arrived.set()
+        self._save(f)
         await self.parent.update_stage_health()
+
+    async def _stop_here(self, fields, keep_target: bool = False) -> None:
+        """Halt a move where it is (``keep_target``: VAL keeps the goal, as SPMG Pause)."""
+        if self._motion is None:
+            return
+        position = self._halt()
+        if not keep_target:
+            self._goal = position
+            await fields.parent.write(position, verify_value=False)
+        await self._arrive(fields, position)
 
     async def _readback(self, position: float) -> None:
         f = self.motor.field_inst
         await _post(f.user_readback_value, position)
         await _post(f.dial_readback_value, position)
 
+    def _save(self, f) -> None:
+        self.parent.autosave.store(self.axis, position=float(f.user_readback_value.value),
+                                   llm=float(f.user_low_limit.value),
+                                   hlm=float(f.user_high_limit.value))
+
+    @motor.fields.set_use_switch.putter
+    async def motor(fields, instance, value):
+        if value == "Set":
+            raise NvmriError(f"stage {fields.parent.group.axis}: calibration (SET) is not "
+                             "supported: the stage's positions are absolute")
+        return value
+
     @motor.fields.stop.putter
     async def motor(fields, instance, value):
-        axis = fields.parent.group
-        if value and axis._motion is not None:
-            position = axis._halt()
-            await fields.parent.write(position, verify_value=False)
-            await axis._arrive(fields, position)
+        if value:
+            await fields.parent.group._stop_here(fields)
         return 0
+
+    @motor.fields.stop_pause_move_go.putter
+    async def motor(fields, instance, value):
+        axis = fields.parent.group
+        if value in ("Stop", "Pause"):
+            await axis._stop_here(fields, keep_target=value == "Pause")
+        elif float(fields.parent.value) != axis._where():      # Go/Move: on to VAL
+            axis._arrived.clear()
+            await axis._start(fields, float(fields.parent.value),
+                              axis._velocity(fields.velocity))
+        return value
+
+    async def _relative(self, fields, step: float) -> None:
+        """Move by ``step`` nm from the target (TWF/TWR/RLV); completes when the move ends."""
+        await fields.parent.write(float(fields.parent.value) + step)
+
+    @motor.fields.tweak_motor_forward.putter
+    async def motor(fields, instance, value):
+        if value:
+            await fields.parent.group._relative(fields, abs(fields.tweak_step_size.value))
+        return 0
+
+    @motor.fields.tweak_motor_reverse.putter
+    async def motor(fields, instance, value):
+        if value:
+            await fields.parent.group._relative(fields, -abs(fields.tweak_step_size.value))
+        return 0
+
+    @motor.fields.relative_value.putter
+    async def motor(fields, instance, value):
+        if value:
+            await fields.parent.group._relative(fields, float(value))
+        return 0
+
+    async def _jog(self, fields, value: int, toward: float) -> int:
+        """JOGF/JOGR: 1 moves towards ``toward`` at JVEL, 0 stops where the stage is."""
+        if not value:
+            await self._stop_here(fields)
+            return 0
+        await fields.parent.write(toward, verify_value=False)    # VAL: the jog's goal
+        self._arrived.clear()
+        await self._start(fields, toward, self._velocity(fields.jog_velocity))
+        return 1
+
+    @motor.fields.jog_motor_forward.putter
+    async def motor(fields, instance, value):
+        return await fields.parent.group._jog(fields, value, fields.user_high_limit.value)
+
+    @motor.fields.jog_motor_reverse.putter
+    async def motor(fields, instance, value):
+        return await fields.parent.group._jog(fields, value, fields.user_low_limit.value)
+
+    @motor.fields.home_forward.putter
+    async def motor(fields, instance, value):
+        raise NvmriError(f"stage {fields.parent.group.axis}: homing (HOMF) is not supported: "
+                         "the stage has no home switch; move to a position instead")
+
+    @motor.fields.home_reverse.putter
+    async def motor(fields, instance, value):
+        raise NvmriError(f"stage {fields.parent.group.axis}: homing (HOMR) is not supported: "
+                         "the stage has no home switch; move to a position instead")
+
+    @motor.fields.velocity.putter
+    async def motor(fields, instance, value):
+        return _check_velocity(fields.parent.group.axis, "VELO", value)
+
+    @motor.fields.jog_velocity.putter
+    async def motor(fields, instance, value):
+        return _check_velocity(fields.parent.group.axis, "JVEL", value)
 
     @motor.fields.user_low_limit.putter
     async def motor(fields, instance, value):
@@ -181,16 +412,49 @@ class StageAxis(PVGroup):
     async def motor(fields, instance, value):
         return await fields.parent.group._set_limit(fields, hi=value)
 
-    async def _set_limit(self, fields, lo: float | None = None, hi: float | None = None):
+    @motor.fields.dial_low_limit.putter
+    async def motor(fields, instance, value):
+        return await fields.parent.group._set_limit(fields, lo=value, putting="DLLM")
+
+    @motor.fields.dial_high_limit.putter
+    async def motor(fields, instance, value):
+        return await fields.parent.group._set_limit(fields, hi=value, putting="DHLM")
+
+    async def _set_limit(self, fields, lo: float | None = None, hi: float | None = None,
+                         putting: str = ""):
         """Narrow the soft limits within the stage travel (z never below z_min)."""
         travel = self.engine.limits(self.axis)
-        new_lo = fields.user_low_limit.value if lo is None else lo
-        new_hi = fields.user_high_limit.value if hi is None else hi
-        if not travel[0] <= new_lo < new_hi <= travel[1]:
+        new_lo = float(fields.user_low_limit.value if lo is None else lo)
+        new_hi = float(fields.user_high_limit.value if hi is None else hi)
+        if not (math.isfinite(new_lo) and math.isfinite(new_hi)
+                and travel[0] <= new_lo < new_hi <= travel[1]):
             raise NvmriError(f"stage {self.axis}: soft limits [{new_lo}, {new_hi}] nm must lie "
                              f"within the travel [{travel[0]}, {travel[1]}] nm")
-        await fields.parent.write_metadata(lower_ctrl_limit=new_lo, upper_ctrl_limit=new_hi)
+        putting = putting or ("LLM" if lo is not None else "HLM")
+        await self._apply_limits(fields, new_lo, new_hi, skip=putting)
+        self.parent.autosave.store(self.axis, position=float(fields.user_readback_value.value),
+                                   llm=new_lo, hlm=new_hi)
         return new_lo if lo is not None else new_hi
+
+    async def _apply_limits(self, fields, lo: float, hi: float, skip: str = "") -> None:
+        """Post LLM/HLM and DLLM/DHLM (except the field being put) and VAL's control limits."""
+        for name, field, value in (("LLM", fields.user_low_limit, lo),
+                                   ("HLM", fields.user_high_limit, hi),
+                                   ("DLLM", fields.dial_low_limit, lo),
+                                   ("DHLM", fields.dial_high_limit, hi)):
+            if name != skip:
+                await _post(field, value)
+        await fields.parent.write_metadata(lower_ctrl_limit=lo, upper_ctrl_limit=hi,
+                                           lower_disp_limit=lo, upper_disp_limit=hi)
+
+
+def _check_velocity(axis: str, field: str, value: float) -> float:
+    """A velocity put must be finite and inside ``VELOCITY_RANGE_NM_PER_S``."""
+    lo, hi = VELOCITY_RANGE_NM_PER_S
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise NvmriError(f"stage {axis}: {field} = {_short(value)} nm/s refused: it must lie "
+                         f"in [{lo:g}, {hi:g}] nm/s")
+    return value
 
 
 class Source(PVGroup):
@@ -222,18 +486,33 @@ class Source(PVGroup):
 
     @freq.putter
     async def freq(self, instance, value):
-        self.source.freq_hz = float(value)
+        self.source.freq_hz = _finite(instance, value)
         await _post(self.freq_rbv, value)
 
     @power.putter
     async def power(self, instance, value):
-        self.source.power_dbm = float(value)
+        self.source.power_dbm = _finite(instance, value)
         await _post(self.power_rbv, value)
 
     @output.putter
     async def output(self, instance, value):
         self.source.on = value == "On"
         await _post(self.output_rbv, value)
+
+
+def _finite(instance, value: float) -> float:
+    """``value`` if finite (caproto's limit check lets NaN through), else refuse the put."""
+    if not math.isfinite(value):
+        raise NvmriError(f"{instance.pvspec.name}: {_short(value)} refused: not a finite number")
+    return float(value)
+
+
+class _BoundedInteger(PvpropertyInteger):
+    """An integer PV whose putter checks the bounds (caproto's own check would refuse
+    out-of-range values before the putter, so ``PG:MESSAGE`` would not say why)."""
+
+    async def verify_value(self, value):
+        return await self.putter(self, value)
 
 
 class NvmriIOC(PVGroup):
@@ -249,10 +528,12 @@ class NvmriIOC(PVGroup):
                        read_only=False)
     gates = _text_pv("PG:GATES", "[]", 65536, "gate names of the program, JSON list")
     message = _text_pv("PG:MESSAGE", "no program loaded", 4096, "OK or why not")
+    checksum = _text_pv("PG:CHECKSUM", "", 64,
+                        "SHA-256 hex digest of the loaded program's JSON text")
     status = pvproperty(name="PG:STATUS", value="Idle", dtype=ChannelType.ENUM,
                         enum_strings=("Idle", "Acquiring", "Error"), read_only=True)
-    shots = pvproperty(name="PG:SHOTS", value=1000, lower_ctrl_limit=1,
-                       upper_ctrl_limit=2**31 - 1, doc="shots per gate per acquisition")
+    shots = pvproperty(name="PG:SHOTS", value=1000, dtype=_BoundedInteger, lower_ctrl_limit=1,
+                       upper_ctrl_limit=MAX_SHOTS, doc="shots per gate per acquisition")
     acquire = pvproperty(name="PG:ACQUIRE", value=0,
                          doc="put 1 with completion; completes when the counts are posted")
     counts = pvproperty(name="CNT:COUNTS", value=[0.0], max_length=MAX_GATES,
@@ -263,12 +544,18 @@ class NvmriIOC(PVGroup):
     stage_ok = pvproperty(name="HEALTH:STAGE_OK", value="OK", dtype=ChannelType.ENUM,
                           enum_strings=_HEALTH, read_only=True)
 
-    def __init__(self, *args, engine: Engine, **kwargs):
+    def __init__(self, *args, engine: Engine, autosave: Autosave | None = None, **kwargs):
         self.engine = engine
         self.time_scale = engine.time_scale
+        self.autosave = autosave or Autosave()
         self.context = None            # the caproto Context, set by serve()
         self._lock = asyncio.Lock()
         super().__init__(*args, **kwargs)
+        for channel in self.pvdb.values():
+            fields = getattr(channel, "field_inst", None)
+            for each in [channel, *(fields.pvdb.values() if fields is not None else ())]:
+                if type(each.alarm) is ChannelAlarm:
+                    each.alarm.__class__ = _NoWriteAlarm
 
     @shots.startup
     async def shots(self, instance, async_lib):
@@ -276,22 +563,35 @@ class NvmriIOC(PVGroup):
 
     @shots.putter
     async def shots(self, instance, value):
-        self.engine.shots = int(value)
+        try:
+            shots = self.engine.set_shots(value)
+        except NvmriError as exc:
+            await self._error(f"shots refused: {exc}")
+            raise
+        await self._ok()
+        return shots
 
     @program.putter
     async def program(self, instance, value):
         try:
+            if len(value) >= MAX_PROGRAM_CHARS:
+                raise NvmriError(f"the program has {len(value)} or more characters; "
+                                 f"PG:PROGRAM holds fewer than {MAX_PROGRAM_CHARS}")
             loaded = Program.from_json(value)
             if len(loaded.gates) > MAX_GATES:
                 raise NvmriError(f"{len(loaded.gates)} gates; the counter holds {MAX_GATES}")
             self.engine.load(loaded)
-        except NvmriError as exc:
-            await self._error(f"program refused: {exc}")
-            raise
+        except Exception as exc:
+            await self._error(f"program refused: {_reason(exc)}")
+            raise NvmriError(f"program refused: {_reason(exc)}") from None
         await self.gates.write(json.dumps(loaded.gate_names))
-        await self.message.write("OK")
-        if self.status.value != "Idle":
-            await self.status.write("Idle")
+        await self.checksum.write(program_checksum(value))
+        await self._ok()
+
+    async def _ok(self) -> None:
+        """A put was applied: ``PG:MESSAGE`` "OK", ``PG:STATUS`` Idle."""
+        await _post(self.message, "OK")
+        await _post(self.status, "Idle")
 
     @acquire.putter
     async def acquire(self, instance, value):
@@ -309,14 +609,20 @@ class NvmriIOC(PVGroup):
                 await asyncio.sleep(fault.seconds)
             for fault in engine.faults_starting("laser_off"):
                 await self._laser_off(fault.seconds)
-            counts = engine.acquire()
+            try:
+                counts = engine.acquire()
+            except Exception as exc:       # any failure: its reason, and the IOC goes on
+                if not isinstance(exc, NvmriError):
+                    logger.exception("acquisition %d failed", engine.acquisitions)
+                await self._error(f"acquisition failed: {_reason(exc)}")
+                raise NvmriError(f"acquisition failed: {_reason(exc)}") from None
             if wait:
                 await asyncio.sleep(wait)
             # IOC-owned outputs: no put-side checks (the putter of PG:ACQUIRE writes them)
             await self.counts.write(counts, verify_value=False)
             await self.acq_id.write(engine.acquisitions, verify_value=False)
             if self.status.value != "Idle":
-                await self.status.write("Idle")
+                await self._ok()
             await self.update_stage_health()
         return 0      # the circuit sends COUNTS and ACQ_ID before this completion
 
@@ -467,21 +773,51 @@ def _context_class() -> type:
 
 
 class _DropRefusals(logging.Filter):
-    """Keep expected refusals (NvmriError, limit violations) out of the IOC's log."""
+    """Keep expected refusals out of the IOC's log (NvmriError, caproto's limit and
+    conversion refusals: a value outside the limits, an enum index that does not exist)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, NvmriError) or type(exc).__name__ == "CannotExceedLimits")
+        return not (isinstance(exc, NvmriError) or type(exc).__name__ in _REFUSALS
+                    or _in_conversion(exc))
+
+
+def _in_conversion(exc: BaseException | None) -> bool:
+    """True if ``exc`` came from caproto converting a put's data (a value it cannot take)."""
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "convert_values":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_REFUSALS = ("CannotExceedLimits", "CaprotoConversionError")
 
 
 def make_ioc(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
-             time_scale: float = 0.0) -> NvmriIOC:
+             time_scale: float = 0.0, autosave: str | os.PathLike | None = None) -> NvmriIOC:
     """Build the IOC over a fresh :class:`Engine` (not yet serving)."""
-    return NvmriIOC(prefix=prefix, engine=Engine(scenario, time_scale=time_scale))
+    return NvmriIOC(prefix=prefix, engine=Engine(scenario, time_scale=time_scale),
+                    autosave=Autosave(autosave))
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a CA port that another process holds (UDP search or TCP) on 127.0.0.1."""
+    for kind, name in ((socket.SOCK_DGRAM, "UDP"), (socket.SOCK_STREAM, "TCP")):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            if kind == socket.SOCK_STREAM:      # (a closed connection's TIME_WAIT is no holder)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise NvmriError(f"--port {port} is taken on 127.0.0.1 ({name}: "
+                                 f"{exc.strerror}); choose a free port") from None
 
 
 def serve(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
-          time_scale: float = 0.0, port: int | None = None) -> None:
+          time_scale: float = 0.0, port: int | None = None,
+          autosave: str | os.PathLike | None = None) -> None:
     """Serve the simulated instrument on 127.0.0.1 until interrupted (blocking).
 
     Parameters
@@ -494,13 +830,17 @@ def serve(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
         Wall seconds per simulated second of acquisitions and moves (0: instant).
     port : int, optional
         CA server (UDP search and first TCP) port; default the EPICS environment's.
+        A port that another process holds is refused (:class:`NvmriError`).
+    autosave : str or Path, optional
+        File that keeps stage positions and soft limits across restarts.
     """
     if port is not None:
+        _check_port_free(port)
         os.environ["EPICS_CA_SERVER_PORT"] = os.environ["EPICS_CAS_SERVER_PORT"] = str(port)
     logging.getLogger("caproto").addFilter(_DropRefusals())
     for name in ("caproto.ctx", "caproto.circ"):
         logging.getLogger(name).addFilter(_DropRefusals())
-    ioc = make_ioc(scenario, prefix, time_scale)
+    ioc = make_ioc(scenario, prefix, time_scale, autosave)
     _Context = _context_class()
 
     async def run() -> None:
@@ -537,6 +877,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=0.0,
                         help="wall seconds per simulated second (default 0: instant)")
     parser.add_argument("--port", type=int, default=None, help="CA server port")
+    parser.add_argument("--autosave", default=None,
+                        help="file keeping stage positions and soft limits across restarts")
     parser.add_argument("--list-pvs", action="store_true", help="print the PV names and exit")
     args = parser.parse_args(argv)
     try:
@@ -545,7 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list_pvs:
             print("\n".join(pv_names(args.prefix)))
             return 0
-        serve(load_scenario(args.scenario), args.prefix, args.time_scale, args.port)
+        serve(load_scenario(args.scenario), args.prefix, args.time_scale, args.port,
+              args.autosave)
     except NvmriError as exc:
         print(f"nvmri sim-ioc: {exc}", file=sys.stderr)
         return 2

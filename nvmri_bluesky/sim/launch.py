@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import Any
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.timeouts import timeout_s
 
 __all__ = [
     "LOOPBACK", "IocHandle", "start_ioc", "configure_ca_env", "reserve_ca_ports", "ioc_env",
@@ -452,7 +453,7 @@ def _scenario_arg(scenario: Any, workdir: Path) -> tuple[Any, str]:
 
 
 def start_ioc(scenario: Any = "default", prefix: str | None = None, time_scale: float = 0.0,
-              port: int | None = None, *, timeout: float = 30.0,
+              port: int | None = None, *, timeout: float | None = None,
               ready_pv: str = "PG:STATUS", extra_args: Sequence[str] = (),
               configure_client: bool = True) -> IocHandle:
     """Start the simulated IOC on a private loopback port and wait until it answers.
@@ -473,8 +474,9 @@ def start_ioc(scenario: Any = "default", prefix: str | None = None, time_scale: 
         (0: as fast as possible).
     port : int, optional
         CA search port; by default a free one (from the configured pool if any).
-    timeout : float
-        Longest wait for the IOC to answer, s.
+    timeout : float, optional
+        Longest wait for the IOC to answer, s (default
+        :func:`~nvmri_bluesky.timeouts.timeout_s`).
     ready_pv : str
         PV (without prefix) whose name search proves the IOC is serving.
     extra_args : sequence of str
@@ -496,6 +498,8 @@ def start_ioc(scenario: Any = "default", prefix: str | None = None, time_scale: 
         Invalid scenario, no usable port, or the IOC did not start in time
         (the message ends with the IOC's last output lines).
     """
+    if timeout is None:
+        timeout = timeout_s()
     workdir = Path(tempfile.mkdtemp(prefix="nvmri-ioc-"))
     try:
         loaded, scenario_arg = _scenario_arg(scenario, workdir)

@@ -222,6 +222,28 @@ class Scenario:
 
 # ---------------------------------------------------------------- parsing
 
+MAX_FILE_BYTES = 1_000_000
+"""Largest scenario file read, bytes."""
+MAX_VALUES = 100_000
+"""Most values (numbers, strings, list items, keys) a scenario document may hold,
+counted as YAML aliases expand them (a 'billion laughs' file is refused)."""
+MAX_ALIASES = 100
+"""Most YAML aliases (``*name``) in a scenario file."""
+MAX_SPINS = 100_000
+"""Most dark spins (points plus every layer's draw)."""
+UPPER_BOUNDS = {"b0_tesla": 5.0, "nv.depth_nm": 1e4, "z_min_nm": 1e4, "tip.radius_nm": 1e5,
+                "tip.moment_am2": 1e-10, "nv.t2_star_us": 1e7, "nv.t2_us": 1e7,
+                "nv.t2_exponent": 10.0, "nv.photons_per_shot": 100.0,
+                "dark_spins.t2_star_ns": 1e10, "stage.velocity_nm_per_s": 1e7}
+"""Largest accepted value of a key (beyond them the simulated instrument breaks)."""
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line refusals."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class _Bad(Exception):
     def __init__(self, path: str, why: str):
         super().__init__(f"{path}: {why}")
@@ -243,19 +265,19 @@ def _value(tp: Any, value: Any, path: str) -> Any:
         return _parse(tp, value, path)
     if tp is float or tp is int:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _Bad(path, f"expected a number, got {_type_name(value)} {value!r}")
+            raise _Bad(path, f"expected a number, got {_type_name(value)} {_short(value)}")
         if tp is int and not float(value).is_integer():
-            raise _Bad(path, f"expected an integer, got {value!r}")
+            raise _Bad(path, f"expected an integer, got {_short(value)}")
         if not math.isfinite(value):
-            raise _Bad(path, f"expected a finite number, got {value!r}")
+            raise _Bad(path, f"expected a finite number, got {_short(value)}")
         return tp(value)
     if tp is str:
         if not isinstance(value, str):
-            raise _Bad(path, f"expected a string, got {_type_name(value)} {value!r}")
+            raise _Bad(path, f"expected a string, got {_type_name(value)} {_short(value)}")
         return value
     args = typing.get_args(tp)            # tuple[X, ...] or tuple[X, Y, Z]
     if not isinstance(value, list | tuple):
-        raise _Bad(path, f"expected a list, got {_type_name(value)} {value!r}")
+        raise _Bad(path, f"expected a list, got {_type_name(value)} {_short(value)}")
     if len(args) == 2 and args[1] is Ellipsis:
         return tuple(_value(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
     if len(value) != len(args):
@@ -272,7 +294,7 @@ def _parse(cls: type, data: Any, path: str) -> Any:
     if cls is Fault:
         kind = data.get("kind")
         if kind not in FAULT_KINDS:
-            raise _Bad(_join(path, "kind"), f"unknown fault kind {kind!r} "
+            raise _Bad(_join(path, "kind"), f"unknown fault kind {_short(kind)} "
                        f"(known: {', '.join(FAULT_KINDS)})")
         names = {"kind", "after_acquisitions", *FAULT_KINDS[kind]}
     for key in data:
@@ -308,38 +330,45 @@ def _validate(s: Scenario) -> None:
                  for i, layer in enumerate(s.dark_spins.layers)]
     for path, value in positive:
         if value <= 0:
-            raise _Bad(path, f"must be > 0, got {value!r}")
+            raise _Bad(path, f"must be > 0, got {_short(value)}")
+        if path in UPPER_BOUNDS and value > UPPER_BOUNDS[path]:
+            raise _Bad(path, f"must be <= {UPPER_BOUNDS[path]:g}, got {_short(value)}")
+    spins = len(s.dark_spins.points) + sum(
+        layer.density_per_nm2 * math.pi * layer.radius_nm**2 for layer in s.dark_spins.layers)
+    if spins > MAX_SPINS:
+        raise _Bad("dark_spins", f"{spins:.3g} spins; the simulator takes at most {MAX_SPINS}")
     if not 0 < s.nv.contrast < 1:
-        raise _Bad("nv.contrast", f"must be between 0 and 1, got {s.nv.contrast!r}")
+        raise _Bad("nv.contrast", f"must be between 0 and 1, got {_short(s.nv.contrast)}")
     if s.seed < 0:
-        raise _Bad("seed", f"must be >= 0, got {s.seed!r}")
+        raise _Bad("seed", f"must be >= 0, got {_short(s.seed)}")
     nv = np.array([0.0, 0.0, -s.nv.depth_nm])
     for i, p in enumerate(s.dark_spins.points):
         if p.z_nm > 0:
             raise _Bad(f"dark_spins.points[{i}].z_nm",
-                       f"{p.z_nm!r} is above the surface (dark spins need z_nm <= 0)")
+                       f"{_short(p.z_nm)} is above the surface (dark spins need z_nm <= 0)")
         if np.linalg.norm(np.array([p.x_nm, p.y_nm, p.z_nm]) - nv) < 0.5:
             raise _Bad(f"dark_spins.points[{i}]", "is within 0.5 nm of the NV")
     for i, layer in enumerate(s.dark_spins.layers):
         at = f"dark_spins.layers[{i}]"
         if layer.z_nm > 0:
             raise _Bad(f"{at}.z_nm",
-                       f"{layer.z_nm!r} is above the surface (dark spins need z_nm <= 0)")
+                       f"{_short(layer.z_nm)} is above the surface (dark spins need z_nm <= 0)")
         if layer.density_per_nm2 < 0:
-            raise _Bad(f"{at}.density_per_nm2", f"must be >= 0, got {layer.density_per_nm2!r}")
+            raise _Bad(f"{at}.density_per_nm2",
+                       f"must be >= 0, got {_short(layer.density_per_nm2)}")
         if abs(layer.z_nm - nv[2]) < 0.5:
             raise _Bad(f"{at}.z_nm", "is within 0.5 nm of the NV depth")
     st = s.stage
     for key, (lo, hi) in (("x_range_nm", st.x_range_nm), ("y_range_nm", st.y_range_nm)):
         if not lo < hi:
-            raise _Bad(f"stage.{key}", f"needs low < high, got [{lo!r}, {hi!r}]")
+            raise _Bad(f"stage.{key}", f"needs low < high, got [{_short(lo)}, {_short(hi)}]")
     if not st.z_max_nm > s.z_min_nm:
-        raise _Bad("stage.z_max_nm", f"must exceed z_min_nm ({s.z_min_nm!r}), got "
-                   f"{st.z_max_nm!r}")
+        raise _Bad("stage.z_max_nm", f"must exceed z_min_nm ({_short(s.z_min_nm)}), got "
+                   f"{_short(st.z_max_nm)}")
     x, y, z = st.start_nm
     if not (st.x_range_nm[0] <= x <= st.x_range_nm[1]
             and st.y_range_nm[0] <= y <= st.y_range_nm[1] and s.z_min_nm <= z <= st.z_max_nm):
-        raise _Bad("stage.start_nm", f"{list(st.start_nm)!r} is outside the stage travel")
+        raise _Bad("stage.start_nm", f"{_short(list(st.start_nm))} is outside the stage travel")
     for i, f in enumerate(s.faults):
         at = f"faults[{i}]"
         if f.after_acquisitions < 0:
@@ -363,22 +392,78 @@ def list_scenarios() -> list[str]:
 
 
 def _read(path: Path) -> Any:
+    """The parsed document of a scenario file, within the size, alias and value limits."""
+    text = _read_text(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise NvmriError(f"cannot read scenario file {path}: {exc.strerror}") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            reason = str(exc).replace("\n", " ")
-            raise NvmriError(f"{path}: not valid YAML: {reason}") from None
-    try:
-        return json.loads(text)
+        data = _parse_yaml(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
     except json.JSONDecodeError as exc:
         raise NvmriError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise NvmriError(f"{path}: nested too deeply to be a scenario") from None
+    except _TooBig as exc:
+        raise NvmriError(f"{path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - yaml.YAMLError and its kin: one line
+        reason = " ".join(str(exc).split())[:300]
+        raise NvmriError(f"{path}: not valid YAML: {reason}") from None
+    try:
+        _count_values(data, [MAX_VALUES])
+    except RecursionError:
+        raise NvmriError(f"{path}: nested too deeply to be a scenario") from None
+    except _TooBig as exc:
+        raise NvmriError(f"{path}: {exc}") from None
+    return data
+
+
+class _TooBig(Exception):
+    """A scenario document beyond the limits."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise NvmriError(f"{path}: {size} bytes; a scenario file has at most "
+                             f"{MAX_FILE_BYTES}")
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise NvmriError(f"cannot read scenario file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise NvmriError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with at most :data:`MAX_ALIASES` aliases."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                Loader.aliases += 1
+                if Loader.aliases > MAX_ALIASES:
+                    raise _TooBig(f"more than {MAX_ALIASES} YAML aliases")
+            return super().compose_node(parent, index)
+
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _count_values(data: Any, budget: list[int]) -> None:
+    """Count the values of ``data`` as if aliases were copies; raise past the budget."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooBig(f"more than {MAX_VALUES} values (YAML aliases expanding?)")
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            _count_values(key, budget)
+            _count_values(value, budget)
+    elif isinstance(data, list | tuple):
+        for value in data:
+            _count_values(value, budget)
 
 
 def load_scenario(name_or_path: str | Path | Mapping[str, Any] | Scenario | None = None
@@ -409,7 +494,7 @@ def load_scenario(name_or_path: str | Path | Mapping[str, Any] | Scenario | None
         name = _ALIASES.get(spec, spec)
         builtin = _builtin_dir().joinpath(f"{name}.json")
         if not builtin.is_file():
-            raise NvmriError(f"unknown scenario {spec!r} (built-in: "
+            raise NvmriError(f"unknown scenario {_short(spec)} (built-in: "
                              f"{', '.join(list_scenarios())}; or a .json/.yaml file)")
         data, source, default_name = json.loads(builtin.read_text()), name, name
     if isinstance(data, Mapping) and "name" not in data:
