@@ -51,6 +51,7 @@ __all__ = [
     "free_port", "unique_name", "redis_available", "postgres_available",
     "start_simulated_ioc", "start_catalog_server", "start_zmq_proxy", "start_re_manager",
     "profile_env", "regenerate_existing_plans_and_devices", "measure_catalog_overhead",
+    "write_raster",
     "drop_databases", "clear_redis",
 ]
 
@@ -778,6 +779,67 @@ def measure_catalog_overhead(prefix: str, catalogs: Mapping[str, str | None],
                                              if base_in_run is not None else {})}
 
 
+# ----------------------------------------------------------------------------- many writers
+
+def write_raster(shape: tuple[int, int], rf_frequency_hz: float, batch_size: int,
+                 go: str | Path | None = None, ordered: bool = True,
+                 env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One RunEngine writing one locked ``deer_raster`` to the profile's catalog.
+
+    The writer process of the concurrent-writers test and of
+    ``python -m nvmri_bluesky.facility write-raster``: devices at
+    ``$NVMRI_PREFIX`` (this process's CA environment must reach the IOC), the
+    catalog ``$NVMRI_CATALOG`` with ``$NVMRI_API_KEY``, the spool in
+    ``$NVMRI_SPOOL``. Prints ``ready`` and waits for the file ``go`` to
+    exist, so that several writers start together.
+
+    Parameters
+    ----------
+    shape : (nx, ny)
+        Raster points along x and y (at z = 30 nm), so ``nx * ny`` events.
+    rf_frequency_hz : float
+        RF carrier, Hz.
+    batch_size : int
+        Catalog writer batch (events per write).
+    go : path, optional
+        Start when this file exists (default: at once).
+    ordered : bool
+        False writes with the stock TiledWriter (reproduces issue #12).
+    env : mapping, optional
+        Default ``os.environ``.
+
+    Returns
+    -------
+    dict
+        ``{"uids": [...], "spool": path, "errors": [...]}``.
+    """
+    from bluesky import RunEngine
+
+    from nvmri_bluesky.catalog import default_api_key, default_location, open_catalog
+    from nvmri_bluesky.devices import make_devices
+    from nvmri_bluesky.profile import bound_plans
+
+    env = dict(os.environ if env is None else env)
+    devices = make_devices(env["NVMRI_PREFIX"])
+    RE = RunEngine({})
+    catalog = open_catalog(default_location(env), api_key=default_api_key(env))
+    try:
+        catalog.subscribe(RE, env.get("NVMRI_SPOOL") or None, batch_size=batch_size,
+                          ordered=ordered)
+        raster = bound_plans(devices, ("deer_raster",))["deer_raster"]
+        print("ready", flush=True)
+        while go is not None and not Path(go).exists():
+            time.sleep(0.01)
+        uids = list(RE(raster((-10, 10, shape[0]), (-10, 10, shape[1]), 30.0,
+                              rf_frequency_hz)))
+        catalog.flush()
+        spool = catalog.spool_path(uids[0]) if uids else None
+        return {"uids": uids, "spool": str(spool), "errors": catalog.writer_errors}
+    finally:
+        catalog.close()
+        devices.destroy()
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -795,10 +857,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--catalog", default=None,
                    help="facility catalog URI (default: start one on fresh databases)")
     p.add_argument("--api-key", default=None)
+    p = sub.add_parser("write-raster", help="write one deer_raster to $NVMRI_CATALOG "
+                                            "(devices at $NVMRI_PREFIX); prints JSON")
+    p.add_argument("--shape", default="50,40", help="nx,ny (default 50,40: 2000 points)")
+    p.add_argument("--rf", type=float, default=3.4e9, help="RF carrier, Hz")
+    p.add_argument("--batch", type=int, default=None, help="catalog batch size")
+    p.add_argument("--go", default=None, help="start when this file exists")
+    p.add_argument("--stock-writer", action="store_true",
+                   help="the stock TiledWriter (reproduces issue #12)")
     args = parser.parse_args(argv)
     try:
         if args.command == "regenerate":
             print(regenerate_existing_plans_and_devices(args.out))
+            return 0
+        if args.command == "write-raster":
+            from nvmri_bluesky.catalog import DEFAULT_BATCH_SIZE
+
+            nx, ny = (int(v) for v in args.shape.split(","))
+            result = write_raster((nx, ny), args.rf, args.batch or DEFAULT_BATCH_SIZE,
+                                  go=args.go, ordered=not args.stock_writer)
+            print(json.dumps(result), flush=True)
             return 0
         server = None
         if args.catalog is None:

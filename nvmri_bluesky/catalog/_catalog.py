@@ -26,6 +26,7 @@ from ._spool import (
     spool_files,
     synthesize_stop,
 )
+from ._writer import make_ordered_tiled_writer
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +36,37 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_STOP_TIMEOUT = 60.0
 #: Seconds to wait for a facility server to answer before calling it unreachable.
 CONNECT_TIMEOUT = 5.0
-#: Environment variables that name the default catalog and API key.
+#: Environment variables read by every part of the package (the profile, the CLI, the
+#: demo): the catalog (directory or URI), its API key, the spool directory.
 ENV_CATALOG = "NVMRI_CATALOG"
-ENV_API_KEY = "NVMRI_TILED_API_KEY"
-ENV_SPOOL = "NVMRI_SPOOL_DIR"
-#: Default embedded catalog directory (relative to the working directory).
-DEFAULT_CATALOG_DIR = "nvmri-catalog"
+ENV_API_KEY = "NVMRI_API_KEY"
+ENV_SPOOL = "NVMRI_SPOOL"
+#: Default embedded catalog directory (per user).
+DEFAULT_CATALOG_DIR = "~/.local/share/nvmri/catalog"
+#: Default spool directory for a facility (URI) catalog (per user).
+DEFAULT_SPOOL_DIR = "~/.local/share/nvmri/spool"
 
 
-def default_location() -> str:
-    """``$NVMRI_CATALOG`` if set, else ``./nvmri-catalog`` (an embedded catalog)."""
-    return os.environ.get(ENV_CATALOG) or DEFAULT_CATALOG_DIR
+def default_location(env: dict[str, str] | None = None) -> str:
+    """``$NVMRI_CATALOG`` if set, else ``~/.local/share/nvmri/catalog`` (embedded)."""
+    env = os.environ if env is None else env
+    return env.get(ENV_CATALOG) or str(Path(DEFAULT_CATALOG_DIR).expanduser())
+
+
+def default_api_key(env: dict[str, str] | None = None) -> str | None:
+    """``$NVMRI_API_KEY`` if set (tiled's own client also reads ``$TILED_API_KEY``)."""
+    env = os.environ if env is None else env
+    return env.get(ENV_API_KEY) or None
+
+
+def default_spool_dir(location: str, env: dict[str, str] | None = None) -> Path:
+    """``$NVMRI_SPOOL``; else ``<catalog dir>/spool`` (embedded) or the per-user spool."""
+    env = os.environ if env is None else env
+    if env.get(ENV_SPOOL):
+        return Path(env[ENV_SPOOL]).expanduser()
+    if is_uri(location):
+        return Path(DEFAULT_SPOOL_DIR).expanduser()
+    return Path(location).expanduser() / "spool"
 
 
 def is_uri(location: str | os.PathLike[str] | None) -> bool:
@@ -72,14 +93,29 @@ def _http_status(err: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def make_tiled_writer(client: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Any:
+def make_tiled_writer(
+    client: Any, batch_size: int = DEFAULT_BATCH_SIZE, *, ordered: bool = True
+) -> Any:
     """The TiledWriter this package uses.
 
     ``bluesky_tiled_plugins.TiledWriter`` (the maintained one; the copy in
     ``bluesky.callbacks.tiled_writer`` is older), with ``max_array_size=0`` so
     every array data key of an event (e.g. ``counter_counts``) is stored as a
-    zarr array (files) and every scalar as a table column.
+    zarr array (files) and every scalar as a table column, and with the event
+    tables ordered by ``seq_num`` (:mod:`nvmri_bluesky.catalog._writer`: without
+    it a PostgreSQL server may pair table rows with other events' arrays).
+
+    Parameters
+    ----------
+    client : tiled client
+        The catalog root.
+    batch_size : int
+        Events per write.
+    ordered : bool
+        False gives the stock TiledWriter (only for the test that shows the bug).
     """
+    if ordered:
+        return make_ordered_tiled_writer(client, batch_size=batch_size, max_array_size=0)
     from bluesky_tiled_plugins import TiledWriter
 
     return TiledWriter(client, batch_size=batch_size, max_array_size=0)
@@ -108,6 +144,8 @@ class CatalogWriter:
         Events TiledWriter caches before each write.
     stop_timeout : float
         Longest wait at a stop document, in seconds.
+    ordered : bool
+        See :func:`make_tiled_writer` (False only to reproduce issue #12).
     """
 
     def __init__(
@@ -115,9 +153,11 @@ class CatalogWriter:
         make_client: Callable[[], Any],
         batch_size: int = DEFAULT_BATCH_SIZE,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        ordered: bool = True,
     ) -> None:
         self._make_client = make_client
         self.batch_size = batch_size
+        self.ordered = ordered
         self.stop_timeout = stop_timeout
         self.errors: list[str] = []
         self.failed_runs: set[str] = set()
@@ -181,7 +221,9 @@ class CatalogWriter:
         if run not in self.failed_runs:
             try:
                 if self._writer is None:
-                    self._writer = make_tiled_writer(self._make_client(), self.batch_size)
+                    self._writer = make_tiled_writer(
+                        self._make_client(), self.batch_size, ordered=self.ordered
+                    )
                 self._writer(name, doc)
             except Exception as err:  # TiledWriter failures must not abort runs
                 msg = (
@@ -279,10 +321,8 @@ class Catalog:
     # -- writing -------------------------------------------------------------------------
 
     def default_spool_dir(self) -> Path:
-        """``<catalog dir>/spool`` when embedded; ``$NVMRI_SPOOL_DIR`` or ``./nvmri-spool``."""
-        if self.server is not None:
-            return Path(self.location) / "spool"
-        return Path(os.environ.get(ENV_SPOOL) or "nvmri-spool")
+        """See :func:`default_spool_dir` (``$NVMRI_SPOOL``, ``<dir>/spool``, per-user)."""
+        return default_spool_dir(self.location)
 
     def subscribe(
         self,
@@ -291,6 +331,7 @@ class Catalog:
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        ordered: bool = True,
     ) -> list[int]:
         """Subscribe the spool writer and the catalog writer to a RunEngine.
 
@@ -303,6 +344,8 @@ class Catalog:
             Events per catalog write (TiledWriter batching).
         stop_timeout : float
             Longest wait, at a stop document, for the catalog to be written.
+        ordered : bool
+            Event tables ordered by ``seq_num`` (default; see :func:`make_tiled_writer`).
 
         Returns
         -------
@@ -310,7 +353,9 @@ class Catalog:
             The RunEngine subscription tokens (spool first, then catalog).
         """
         spool = SpoolWriter(spool_dir if spool_dir is not None else self.default_spool_dir())
-        writer = CatalogWriter(self._make_client, batch_size=batch_size, stop_timeout=stop_timeout)
+        writer = CatalogWriter(
+            self._make_client, batch_size=batch_size, stop_timeout=stop_timeout, ordered=ordered
+        )
         tokens = [RE.subscribe(spool), RE.subscribe(writer)]
         self._spools.append(spool)
         self._writers.append(writer)
@@ -632,9 +677,9 @@ def open_catalog(
         zarr arrays in files) on 127.0.0.1, free port, in a thread; created if
         new, reopened if it exists. An ``http(s)://`` URI: a facility tiled
         server (an ``?api_key=`` in the URI is taken as the key). Default:
-        ``$NVMRI_CATALOG`` or ``./nvmri-catalog``.
+        ``$NVMRI_CATALOG`` or ``~/.local/share/nvmri/catalog``.
     api_key : str, optional
-        Key for a facility server; default ``$NVMRI_TILED_API_KEY`` (tiled also
+        Key for a facility server; default ``$NVMRI_API_KEY`` (tiled also
         reads ``$TILED_API_KEY``). Ignored for a directory.
     timeout : float
         Seconds before a facility server that does not answer is unreachable.
@@ -655,7 +700,7 @@ def open_catalog(
         location = default_location()
     if is_uri(location):
         uri, key_in_uri = _split_key(str(location))
-        key = api_key or key_in_uri or os.environ.get(ENV_API_KEY) or None
+        key = api_key or key_in_uri or default_api_key()
         client, connect = _connect_remote(uri, key, timeout)
         return Catalog(client, uri, None, make_client=connect)
 
