@@ -4,8 +4,10 @@ Issue #12: with the stock TiledWriter, blocks of events came back paired with
 the ``counter_counts`` of other events (the server's PostgreSQL tables have no
 row order; see ``nvmri_bluesky/catalog/_writer.py``). Here every stored event
 of every run is compared with its spool document (``verify_run``: seq_num,
-time, every scalar, every array), for the package's batch size and for batch
-50, three rounds each. Each writer has its own simulated IOC (time scale 0).
+time, every scalar, every array), in three rounds of four writers at once;
+in each round two writers use the package's batch size and two batch 50, so
+both sizes are written under four-way concurrency (6 runs of each size).
+Each writer has its own simulated IOC (time scale 0).
 Needs PostgreSQL at 127.0.0.1:5432; in CI its absence is a failure.
 """
 
@@ -15,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -76,13 +79,16 @@ def iocs() -> Iterator[list[Any]]:
             handle.stop()
 
 
-def _round(server: SimpleNamespace, iocs: list[Any], workdir: Path, batch: int,
+BATCHES = (DEFAULT_BATCH_SIZE, 50, DEFAULT_BATCH_SIZE, 50)  # one per writer
+
+
+def _round(server: SimpleNamespace, iocs: list[Any], workdir: Path,
            label: str) -> list[dict[str, Any]]:
     """Start one writer per IOC, let them go at once, return their reports."""
     go = workdir / f"go-{label}"
     writers: list[subprocess.Popen] = []
     try:
-        for i, ioc in enumerate(iocs):
+        for i, (ioc, batch) in enumerate(zip(iocs, BATCHES, strict=True)):
             env = facility.profile_env(ioc, catalog=server.uri, api_key=server.write_key,
                                        spool=workdir / f"spool-{label}-{i}")
             writers.append(subprocess.Popen(
@@ -108,12 +114,13 @@ def _round(server: SimpleNamespace, iocs: list[Any], workdir: Path, batch: int,
                 writer.wait()
 
 
-@pytest.mark.parametrize("batch", [DEFAULT_BATCH_SIZE, 50])
 def test_every_stored_event_equals_its_spool_document(server: SimpleNamespace, iocs: list[Any],
-                                                      workdir: Path, batch: int) -> None:
+                                                      workdir: Path) -> None:
     points = SHAPE[0] * SHAPE[1]
     for round_ in range(ROUNDS):
-        reports = _round(server, iocs, workdir, batch, f"b{batch}-r{round_}")
+        t0 = time.monotonic()
+        reports = _round(server, iocs, workdir, f"r{round_}")
+        t1 = time.monotonic()
         assert all(r["errors"] == [] for r in reports), reports
         with open_catalog(server.uri, api_key=server.read_key) as catalog:
             for report in reports:
@@ -121,3 +128,4 @@ def test_every_stored_event_equals_its_spool_document(server: SimpleNamespace, i
                 assert result.uid == report["uids"][0]
                 assert result.events == points, result.summary()
                 assert result.ok, "\n".join([result.summary(), *result.details])
+        print(f"round {round_}: writing {t1 - t0:.0f} s, verifying {time.monotonic() - t1:.0f} s")

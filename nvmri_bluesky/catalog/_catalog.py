@@ -674,9 +674,11 @@ def open_catalog(
     ----------
     location : str or path, optional
         A directory: an embedded tiled server (SQLite catalog, DuckDB tables,
-        zarr arrays in files) on 127.0.0.1, free port, in a thread; created if
-        new, reopened if it exists. An ``http(s)://`` URI: a facility tiled
-        server (an ``?api_key=`` in the URI is taken as the key). Default:
+        zarr arrays in files) on 127.0.0.1 in a thread of this process, created
+        if new, reopened if it exists; or, if another process already serves
+        that directory, that process's server (see ``_shared.py``). An
+        ``http(s)://`` URI: a facility tiled server (an ``?api_key=`` in the URI
+        is taken as the key). Default:
         ``$NVMRI_CATALOG`` or ``~/.local/share/nvmri/catalog``.
     api_key : str, optional
         Key for a facility server; default ``$NVMRI_API_KEY`` (tiled also
@@ -706,24 +708,25 @@ def open_catalog(
 
     from tiled.client import from_uri
 
-    from ._embedded import EmbeddedServer
+    from ._shared import serve_or_join
 
-    directory = Path(location).expanduser()
+    directory = Path(location).expanduser().resolve()
     if directory.exists() and not directory.is_dir():
         raise NvmriError(f"catalog location {directory} is a file, not a directory")
     if not create and not (directory / "catalog.db").is_file():
         raise NvmriError(f"no catalog at {directory} (give --catalog DIR|URI)")
-    server = EmbeddedServer(directory)
+    server, uri, key = serve_or_join(directory)
     try:
 
         def connect() -> Any:
-            return from_uri(server.uri, api_key=server.api_key, remember_me=False)
+            return from_uri(uri, api_key=key, remember_me=False)
 
         client = connect()
     except BaseException:
-        server.close()
+        if server is not None:
+            server.close()
         raise
-    return Catalog(client, str(server.directory), server, make_client=connect)
+    return Catalog(client, str(directory), server, make_client=connect)
 
 
 # --------------------------------------------------------------------------------------
