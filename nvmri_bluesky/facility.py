@@ -354,12 +354,14 @@ class CatalogServer(Service):
         self.wait_until(self.ready, timeout, f"answering at {self.uri}")
         return self
 
-    def create_api_key(self, scopes: Sequence[str] | None = None, note: str | None = None) -> str:
-        """Mint an API key with ``scopes`` (default: the instrument's write scopes)."""
+    def create_api_key(self, scopes: Sequence[str] | None = None, note: str | None = None,
+                       instrument: str | None = None) -> str:
+        """Mint an API key with ``scopes`` (default: write scopes), maybe bound to an instrument."""
         from nvmri_bluesky.catalog import WRITE_SCOPES, create_api_key
 
         return create_api_key(self.uri, tuple(scopes or WRITE_SCOPES),
-                              admin_password=self.admin_password, note=note)
+                              admin_password=self.admin_password, note=note,
+                              instrument=instrument)
 
     def stop(self, timeout: float = 10.0, drop: bool = False) -> int | None:
         """Stop the server; with ``drop`` also drop its databases and data directory."""

@@ -197,6 +197,7 @@ def create_api_key(
     note: str | None = None,
     expires_in: int | None = None,
     principal: str | None = None,
+    instrument: str | None = None,
 ) -> str:
     """Mint an API key with the given scopes on a facility server.
 
@@ -219,6 +220,10 @@ def create_api_key(
         Lifetime in seconds (default: no expiry).
     principal : str, optional
         Existing principal UUID to attach the key to.
+    instrument : str, optional
+        Bind the key to one instrument (access tag ``instrument:<name>``): the
+        runs it creates are that instrument's, and it cannot change another
+        instrument's runs (:mod:`nvmri_bluesky.catalog._access`).
 
     Returns
     -------
@@ -258,8 +263,13 @@ def create_api_key(
         context.configure_auth(tokens, remember_me=False)
         if principal is None:
             principal = context.admin.create_service_principal("user")["uuid"]
+        tags = None
+        if instrument is not None:
+            from ._access import instrument_tag
+
+            tags = [instrument_tag(instrument)]
         info = context.admin.create_api_key(
-            principal, scopes=list(scopes), expires_in=expires_in, note=note
+            principal, scopes=list(scopes), expires_in=expires_in, note=note, access_tags=tags
         )
         return str(info["secret"])
     except NvmriError:
