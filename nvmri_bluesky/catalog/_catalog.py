@@ -351,16 +351,52 @@ class Catalog:
         -------
         list of int
             The RunEngine subscription tokens (spool first, then catalog).
+
+        Notes
+        -----
+        Also makes the RunEngine number its runs from the catalog
+        (``RE.scan_id_source = catalog.next_scan_id``), so scan_id does not
+        start again at 1 in every session or process.
         """
         spool = SpoolWriter(spool_dir if spool_dir is not None else self.default_spool_dir())
         writer = CatalogWriter(
             self._make_client, batch_size=batch_size, stop_timeout=stop_timeout, ordered=ordered
         )
         tokens = [RE.subscribe(spool), RE.subscribe(writer)]
+        RE.scan_id_source = self.next_scan_id
         self._spools.append(spool)
         self._writers.append(writer)
         self._subscriptions.append((RE, tokens))
         return tokens
+
+    def max_scan_id(self) -> int:
+        """The largest ``start.scan_id`` in the catalog (0 if none)."""
+        from tiled.client.container import Container
+
+        try:
+            newest = Container.sort(self.client, ("start.scan_id", -1))
+            for _, node in newest.items().head(1):
+                scan_id = (node.metadata.get("start") or {}).get("scan_id")
+                return int(scan_id) if isinstance(scan_id, (int, float)) else 0
+        except Exception as err:  # a broken catalog must not stop a run from opening
+            logger.warning("cannot read scan_ids from %s: %s", self.location, _one_line(err))
+        return 0
+
+    def next_scan_id(self, md: dict[str, Any]) -> int:
+        """A RunEngine ``scan_id_source``: one more than any scan_id used so far.
+
+        The largest of the catalog's scan_ids, this RunEngine's last one and,
+        for a catalog directory, the directory's counter (``<dir>/scan_id``,
+        updated under a file lock, so processes sharing the directory never
+        draw the same number). Facility catalogs have no counter: two
+        processes opening runs at the same instant may draw the same number.
+        """
+        base = max(self.max_scan_id(), int(md.get("scan_id") or 0))
+        if is_uri(self.location):
+            return base + 1
+        from ._shared import next_counter
+
+        return next_counter(Path(self.location), "scan_id", base)
 
     @property
     def writer_errors(self) -> list[str]:

@@ -76,6 +76,22 @@ def directory_key(directory: Path) -> str:
     return key
 
 
+def next_counter(directory: Path, name: str, at_least: int) -> int:
+    """Increment the counter file ``<dir>/<name>`` (under the lock); the new value.
+
+    The new value is larger than ``at_least`` and than the stored one.
+    """
+    path = directory / name
+    with directory_lock(directory):
+        try:
+            stored = int(path.read_text(encoding="utf-8").strip() or 0)
+        except (OSError, ValueError):
+            stored = 0
+        value = max(stored, int(at_least)) + 1
+        _write_atomically(path, f"{value}\n")
+    return value
+
+
 def _read_server_file(directory: Path) -> dict[str, Any]:
     try:
         info = json.loads((directory / SERVER_FILE).read_text(encoding="utf-8"))
@@ -117,6 +133,8 @@ def preferred_port(directory: Path) -> int:
     if not isinstance(port, int) or not 0 < port < 65536:
         return 0
     with socket.socket() as sock:
+        # As uvicorn binds: a port the last server left in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
@@ -131,9 +149,7 @@ def profile_text(uri: str, api_key: str) -> str:
         "# TILED_PROFILES=<this directory> python -c \"from tiled.client import from_profile; "
         "print(from_profile('nvmri'))\"\n"
         f"{PROFILE_NAME}:\n"
-        f"  uri: {uri}\n"
-        "  headers:\n"
-        f"    Authorization: Apikey {api_key}\n"
+        f"  uri: {uri}?api_key={api_key}\n"  # tiled's client moves it into the header
     )
 
 
