@@ -52,7 +52,7 @@ __all__ = [
     "start_simulated_ioc", "start_catalog_server", "start_zmq_proxy", "start_re_manager",
     "start_http_server", "http_server_config",
     "profile_env", "regenerate_existing_plans_and_devices", "measure_catalog_overhead",
-    "write_raster",
+    "write_raster", "bring_up", "bring_down",
     "drop_databases", "clear_redis",
 ]
 
@@ -995,6 +995,79 @@ def write_raster(shape: tuple[int, int], rf_frequency_hz: float, batch_size: int
         devices.destroy()
 
 
+# ----------------------------------------------------------------------------- the whole stack
+
+def _parse_users(text: str | None) -> dict[str, tuple[str, str]] | None:
+    """``"alice:PASSWORD:operator,bob:PASSWORD:user"`` -> ``{name: (password, role)}``."""
+    if not text:
+        return None
+    users = {}
+    for item in text.split(","):
+        name, password, role = item.split(":", 2)
+        users[name.strip()] = (password, role.strip())
+    return users
+
+
+def bring_up(workdir: str | Path, *, scenario: str = "default",
+             users: Mapping[str, tuple[str, str]] | None = None,
+             instrument: str = "nvmri") -> list[Service]:
+    """Start the deployment of ``docs/deployment.md`` in order; return its services.
+
+    The simulated IOC, the facility catalog server (fresh databases) with a
+    write key bound to ``instrument``, the 0MQ proxy, the RE Manager (CURVE
+    keys, the profile's catalog/spool/0MQ environment) and bluesky-httpserver
+    (PAM login, or ``users`` for a dictionary login). Everything on 127.0.0.1;
+    logs in ``workdir``. Stop them in reverse order (:func:`bring_down`).
+    """
+    from nvmri_bluesky.catalog import WRITE_SCOPES
+
+    workdir = Path(workdir)
+    started: list[Any] = []
+    try:
+        ioc = start_simulated_ioc(scenario)
+        started.append(ioc)
+        catalog = start_catalog_server(log_dir=workdir, data_dir=workdir / "tiled-data")
+        started.append(catalog)
+        key = catalog.create_api_key(WRITE_SCOPES, note=f"instrument {instrument}",
+                                     instrument=instrument)
+        proxy = start_zmq_proxy(log_dir=workdir)
+        started.append(proxy)
+        env = profile_env(ioc, catalog=catalog.uri, api_key=key, spool=workdir / "spool",
+                          zmq=proxy.in_address, figures=workdir / "figures")
+        manager = start_re_manager(env, log_dir=workdir)
+        started.append(manager)
+        started.append(start_http_server(manager, users=users, log_dir=workdir))
+    except BaseException:
+        bring_down(started)
+        raise
+    return started
+
+
+def bring_down(services: Sequence[Any]) -> None:
+    """Stop services in reverse order (the catalog server keeps its databases)."""
+    for service in reversed(list(services)):
+        with contextlib.suppress(Exception):
+            service.stop()
+
+
+def _describe(services: Sequence[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for service in services:
+        if isinstance(service, HttpServer):
+            out["http_server"] = service.uri
+        elif isinstance(service, ReManager):
+            out.update(zmq_control=service.control_addr, zmq_info=service.info_addr,
+                       zmq_public_key=service.public_key, redis_prefix=service.redis_prefix)
+        elif isinstance(service, CatalogServer):
+            out.update(catalog=service.uri, catalog_databases=f"{service.db_prefix}_*")
+        elif isinstance(service, ZmqProxy):
+            out.update(zmq_proxy_in=service.in_address, zmq_proxy_out=service.out_address)
+        else:
+            out.update(ioc_prefix=getattr(service, "prefix", None),
+                       ioc_port=getattr(service, "port", None))
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1020,10 +1093,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--go", default=None, help="start when this file exists")
     p.add_argument("--stock-writer", action="store_true",
                    help="the stock TiledWriter (reproduces issue #12)")
+    p = sub.add_parser("up", help="start IOC, catalog, 0MQ proxy, RE Manager and HTTP server "
+                                  "in order on 127.0.0.1; print their addresses; Ctrl-C stops")
+    p.add_argument("--dir", default=None, help="logs and data (default: a new temp dir)")
+    p.add_argument("--scenario", default="default")
+    p.add_argument("--users", default=None,
+                   help="dictionary login instead of PAM: name:password:role,... "
+                        "(roles operator, user, observer)")
     args = parser.parse_args(argv)
     try:
         if args.command == "regenerate":
             print(regenerate_existing_plans_and_devices(args.out))
+            return 0
+        if args.command == "up":
+            workdir = Path(args.dir or tempfile.mkdtemp(prefix="nvmri-up-"))
+            services = bring_up(workdir, scenario=args.scenario, users=_parse_users(args.users))
+            try:
+                print(json.dumps({"dir": str(workdir), **_describe(services)}, indent=1),
+                      flush=True)
+                while all(s.alive for s in services):
+                    time.sleep(1.0)
+                print("a service stopped; stopping the rest", file=sys.stderr)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                bring_down(services)
             return 0
         if args.command == "write-raster":
             from nvmri_bluesky.catalog import DEFAULT_BATCH_SIZE
