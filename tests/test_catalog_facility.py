@@ -42,7 +42,7 @@ from nvmri_bluesky.errors import NvmriError
 pytestmark = pytest.mark.facility
 
 PG = os.environ.get("NVMRI_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-STARTUP_TIMEOUT = 180.0
+STARTUP_TIMEOUT = 300.0  # s; a loaded 2-core machine
 
 
 def _free_port() -> int:

@@ -315,7 +315,10 @@ class Catalog:
         self.close()
 
     def __repr__(self) -> str:
-        kind = "embedded" if self.server is not None else "remote"
+        if self.server is not None:
+            kind = "embedded"
+        else:
+            kind = "remote" if is_uri(self.location) else "embedded, served by another process"
         return f"<Catalog {kind} {self.location}>"
 
     # -- writing -------------------------------------------------------------------------
