@@ -62,7 +62,7 @@ def server(workdir: Path) -> Iterator[SimpleNamespace]:
     catalog_server = facility.start_catalog_server(log_dir=workdir / "logs",
                                                    data_dir=workdir / "tiled-data", timeout=240)
     try:
-        yield SimpleNamespace(uri=catalog_server.uri,
+        yield SimpleNamespace(uri=catalog_server.uri, log_tail=catalog_server.log_tail,
                               write_key=catalog_server.create_api_key(WRITE_SCOPES),
                               read_key=catalog_server.create_api_key(READ_SCOPES))
     finally:
@@ -121,7 +121,7 @@ def test_every_stored_event_equals_its_spool_document(server: SimpleNamespace, i
         t0 = time.monotonic()
         reports = _round(server, iocs, workdir, f"r{round_}")
         t1 = time.monotonic()
-        assert all(r["errors"] == [] for r in reports), reports
+        assert all(r["errors"] == [] for r in reports), (reports, server.log_tail(60))
         with open_catalog(server.uri, api_key=server.read_key) as catalog:
             for report in reports:
                 result = verify_run(catalog, report["spool"])

@@ -39,7 +39,7 @@ from nvmri_bluesky.catalog import (
 )
 from nvmri_bluesky.errors import NvmriError
 
-pytestmark = pytest.mark.facility
+pytestmark = [pytest.mark.facility, pytest.mark.timeout(900)]  # a loaded machine
 
 PG = os.environ.get("NVMRI_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 STARTUP_TIMEOUT = 300.0  # s; a loaded 2-core machine

@@ -29,14 +29,32 @@ does not set it. :class:`OrderedTiledWriter` creates the event tables with
 reader (this package, a stock tiled client, databroker) gets the rows in
 event order on any storage. Drop it once TiledWriter sets the parameter
 itself.
+
+A second, smaller server race: the first table of a schema is created with
+``CREATE TABLE IF NOT EXISTS`` / ``CREATE INDEX IF NOT EXISTS``, which
+PostgreSQL does not make safe against a concurrent twin (``duplicate key
+value violates unique constraint "pg_type_typname_nsp_index"``, HTTP 500;
+the server rolls the new node back). Creating the table is retried a few
+times here (:data:`CREATE_ATTEMPTS`); if an attempt did create the node, the
+retry finds it (409) and uses it.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: The table order of an event stream: the order of its events, as its arrays are.
 EVENT_ORDER = [{"column": "seq_num", "direction": "asc"}]
+#: Attempts at creating an event table when the server answers 500 (a DDL race).
+CREATE_ATTEMPTS = 5
+
+
+def _status(err: BaseException) -> int | None:
+    return getattr(getattr(err, "response", None), "status_code", None)
 
 
 class _OrderedTables:
@@ -76,15 +94,27 @@ class _OrderedTables:
             mimetype="application/x-tiled-sql-table",
             parameters=parameters,
         )
-        client: BaseClient = self._node.new(
-            StructureFamily.table,
-            [data_source],
-            key=key,
-            metadata=metadata or {},
-            specs=specs or [],
-            access_tags=access_tags,
-        )
-        return client
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            try:
+                client: BaseClient = self._node.new(
+                    StructureFamily.table,
+                    [data_source],
+                    key=key,
+                    metadata=metadata or {},
+                    specs=specs or [],
+                    access_tags=access_tags,
+                )
+                return client
+            except Exception as err:
+                status = _status(err)
+                if status == 409 and key is not None and attempt > 1:
+                    return self._node[key]  # an earlier attempt created it after all
+                if status != 500 or attempt == CREATE_ATTEMPTS:
+                    raise
+                logger.warning("creating event table %r: server error 500 (attempt %d of %d); "
+                               "retrying", key, attempt, CREATE_ATTEMPTS)
+                time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
 
 
 def _ordered_run_writer_class() -> type:
