@@ -32,6 +32,8 @@ from ._embedded import init_catalog_database
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "profile_collection" / "tiled" / "config.yml"
 #: Scopes of the instrument's key: read, create runs, write their data and metadata.
 WRITE_SCOPES = ("read:metadata", "read:data", "create:node", "write:metadata", "write:data")
+#: Seconds an admin request (minting a key) may take on a busy server.
+ADMIN_TIMEOUT = 30.0
 #: Scopes of an analysis key.
 READ_SCOPES = ("read:metadata", "read:data")
 #: Scopes that also let ``nvmri import`` replace a partial run (deletes it first).
@@ -240,7 +242,7 @@ def create_api_key(
     base = uri.rstrip("/")
     if not base.endswith("/api/v1"):
         base += "/api/v1"
-    probe(base)
+    probe(base, timeout=ADMIN_TIMEOUT)
     try:
         context = Context(base)
     except Exception as err:
