@@ -30,6 +30,11 @@ FOREIGN_SCOPES = frozenset({"read:metadata", "read:data"})
 ADMIN_SCOPES = frozenset({"admin:apikeys"})
 
 
+def _tags(tags: Any) -> frozenset[str]:
+    """tiled's normalized tag set; None (no tags) is the empty set."""
+    return normalize_access_tags(tags or ())
+
+
 def instrument_tag(name: str) -> str:
     """``instrument:<name>``: the access tag of an instrument's key and runs."""
     if not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -47,27 +52,27 @@ class InstrumentAccessPolicy(AccessPolicy):
                         access_tags: Any = None) -> tuple[bool, Any]:
         """Tags of a new node: the creating key's tags if it has any."""
         if authn_access_tags:
-            tags = normalize_access_tags(authn_access_tags)
-            return tags != normalize_access_tags(access_tags), tags
-        return False, normalize_access_tags(access_tags)
+            tags = _tags(authn_access_tags)
+            return tags != _tags(access_tags), tags
+        return False, _tags(access_tags)
 
     async def modify_node(self, node: Any, principal: Any, authn_access_tags: Any,
                           authn_scopes: Any, access_tags: Any) -> tuple[bool, Any]:
         """Only admins change a node's tags; everyone else keeps them."""
-        current = normalize_access_tags(getattr(node, "access_tags", None))
-        if access_tags is None or normalize_access_tags(access_tags) == current:
+        current = _tags(getattr(node, "access_tags", None))
+        if access_tags is None or _tags(access_tags) == current:
             return False, current
         if not ADMIN_SCOPES.issubset(set(authn_scopes)):
             raise ValueError("only a tiled admin may change a run's instrument tags")
-        return True, normalize_access_tags(access_tags)
+        return True, _tags(access_tags)
 
     async def allowed_scopes(self, node: Any, principal: Any, authn_access_tags: Any,
                              authn_scopes: Any) -> Any:
         """All scopes on own and untagged nodes; read scopes on another instrument's."""
-        tags = normalize_access_tags(getattr(node, "access_tags", None))
+        tags = _tags(getattr(node, "access_tags", None))
         if not tags or ADMIN_SCOPES.issubset(set(authn_scopes)):
             return ALL_SCOPES
-        if authn_access_tags and tags & normalize_access_tags(authn_access_tags):
+        if authn_access_tags and tags & _tags(authn_access_tags):
             return ALL_SCOPES
         return FOREIGN_SCOPES
 
