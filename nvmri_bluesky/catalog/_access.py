@@ -2,7 +2,7 @@
 
 The facility server's access policy (``profile_collection/tiled/config.yml``,
 ``access_control``). An instrument's API key is minted with an access tag
-``instrument:<name>`` (:func:`create_api_key` with ``instrument=``); tiled
+``service:nvmri-instrument-<name>`` (:func:`create_api_key` with ``instrument=``); tiled
 hands a key's tags to the policy with every request.
 
 - Creating a node with an instrument key tags it with the key's tags, whatever
@@ -22,8 +22,10 @@ from typing import Any
 from tiled.access_control.protocols import AccessPolicy, normalize_access_tags
 from tiled.access_control.scopes import ALL_SCOPES
 
-#: Prefix of the access tag of an instrument's key and runs.
-TAG_PREFIX = "instrument:"
+#: Prefix of the access tag of an instrument's key and runs. tiled creates the row of a
+#: tag only for principal-style names (``service:``/``user:``) at write time; any other
+#: tag must be defined in the catalog database first, so the instrument tag is one.
+TAG_PREFIX = "service:nvmri-instrument-"
 #: What any key may do on another instrument's run.
 FOREIGN_SCOPES = frozenset({"read:metadata", "read:data"})
 #: Scopes that make a key a tiled admin (may change any run).
@@ -36,7 +38,7 @@ def _tags(tags: Any) -> frozenset[str]:
 
 
 def instrument_tag(name: str) -> str:
-    """``instrument:<name>``: the access tag of an instrument's key and runs."""
+    """``service:nvmri-instrument-<name>``: the access tag of an instrument's key and runs."""
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise ValueError(f"instrument name must be letters, digits, '-', '_' or '.': {name!r}")
     return f"{TAG_PREFIX}{name}"

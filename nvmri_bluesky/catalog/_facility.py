@@ -223,7 +223,7 @@ def create_api_key(
     principal : str, optional
         Existing principal UUID to attach the key to.
     instrument : str, optional
-        Bind the key to one instrument (access tag ``instrument:<name>``): the
+        Bind the key to one instrument (access tag ``service:nvmri-instrument-<name>``): the
         runs it creates are that instrument's, and it cannot change another
         instrument's runs (:mod:`nvmri_bluesky.catalog._access`).
 
