@@ -44,6 +44,15 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from nvmri_bluesky import catalog
+
+    text, ok = catalog.cli_verify(None if args.all else args.uid, args.catalog,
+                                  api_key=args.api_key, spool_dirs=args.spool)
+    print(text)
+    return 0 if ok else 1
+
+
 def _replay(args: argparse.Namespace) -> int:
     from nvmri_bluesky import replay
 
@@ -99,11 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def catalog_args(p: argparse.ArgumentParser, default: str | None = "nvmri-demo/catalog"):
-        p.add_argument("--catalog", default=default,
+    def catalog_args(p: argparse.ArgumentParser):
+        p.add_argument("--catalog", default=None,
                        help="catalog directory (embedded tiled) or http(s) URI "
-                            f"(default: {default})")
-        p.add_argument("--api-key", default=None, help="tiled API key for a facility URI")
+                            "(default: $NVMRI_CATALOG, else ~/.local/share/nvmri/catalog)")
+        p.add_argument("--api-key", default=None,
+                       help="tiled API key for a facility URI (default: $NVMRI_API_KEY)")
 
     p = command("sim-ioc", _sim_ioc, "serve the simulated instrument over Channel Access")
     p.add_argument("--scenario", default="default", help="built-in name or JSON/YAML file")
@@ -137,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("spool", help="spool file or directory of spool files")
     imp.set_defaults(catalog_func=_import)
     catalog_args(imp)
+    ver = csub.add_parser("verify", help="compare runs in the catalog with their spool, "
+                                         "event by event (arrays and scalars)")
+    which = ver.add_mutually_exclusive_group(required=True)
+    which.add_argument("uid", nargs="?", help="run uid (or a unique prefix)")
+    which.add_argument("--all", action="store_true", help="every run that has a spool file")
+    ver.add_argument("--spool", action="append", default=None,
+                     help="spool directory (repeatable; default: $NVMRI_SPOOL, else "
+                          "the catalog's spool/ or ~/.local/share/nvmri/spool)")
+    ver.set_defaults(catalog_func=_verify)
+    catalog_args(ver)
 
     p = command("replay", _replay, "feed a stored run through the live callbacks")
     p.add_argument("uid", help="run uid (or a unique prefix)")

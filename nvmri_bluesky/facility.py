@@ -47,10 +47,12 @@ from nvmri_bluesky.sim.launch import ProcessHandle
 __all__ = [
     "PROFILE_DIR", "STARTUP_DIR", "EXISTING_PLANS_AND_DEVICES", "USER_GROUP_PERMISSIONS",
     "TILED_CONFIG", "REDIS_ADDR", "POSTGRES_URI", "LOOPBACK",
-    "Service", "CatalogServer", "ZmqProxy", "ReManager",
+    "Service", "CatalogServer", "ZmqProxy", "ReManager", "HttpServer", "HTTP_SERVER_CONFIG",
     "free_port", "unique_name", "redis_available", "postgres_available",
     "start_simulated_ioc", "start_catalog_server", "start_zmq_proxy", "start_re_manager",
+    "start_http_server", "http_server_config",
     "profile_env", "regenerate_existing_plans_and_devices", "measure_catalog_overhead",
+    "write_raster", "bring_up", "bring_down",
     "drop_databases", "clear_redis",
 ]
 
@@ -64,6 +66,8 @@ USER_GROUP_PERMISSIONS = PROFILE_DIR / "user_group_permissions.yaml"
 """Who may queue what: groups ``operator``, ``user``, ``observer``."""
 TILED_CONFIG = PROFILE_DIR / "tiled" / "config.yml"
 """The facility tiled server's configuration."""
+HTTP_SERVER_CONFIG = PROFILE_DIR / "httpserver" / "config.yml"
+"""bluesky-httpserver's configuration: PAM login, roles, users -> queue-server groups."""
 LOOPBACK = "127.0.0.1"
 """Every server started here listens on loopback only."""
 REDIS_ADDR = os.environ.get("NVMRI_REDIS", f"{LOOPBACK}:6379")
@@ -74,6 +78,7 @@ POSTGRES_URI = os.environ.get("NVMRI_TILED_PG", f"postgresql://postgres@{LOOPBAC
 _QS_MANAGER = "bluesky_queueserver.manager.start_manager:start_manager"
 _QS_GEN_LISTS = "bluesky_queueserver.manager.gen_lists:gen_list_of_plans_and_devices_cli"
 _ZMQ_PROXY = "bluesky.commandline.zmq_proxy:main"
+_HTTP_SERVER = "nvmri_bluesky.queue_access:serve"  # start-bluesky-httpserver, 0MQ timeout 30 s
 
 
 # ----------------------------------------------------------------------------- basics
@@ -349,12 +354,14 @@ class CatalogServer(Service):
         self.wait_until(self.ready, timeout, f"answering at {self.uri}")
         return self
 
-    def create_api_key(self, scopes: Sequence[str] | None = None, note: str | None = None) -> str:
-        """Mint an API key with ``scopes`` (default: the instrument's write scopes)."""
+    def create_api_key(self, scopes: Sequence[str] | None = None, note: str | None = None,
+                       instrument: str | None = None) -> str:
+        """Mint an API key with ``scopes`` (default: write scopes), maybe bound to an instrument."""
         from nvmri_bluesky.catalog import WRITE_SCOPES, create_api_key
 
         return create_api_key(self.uri, tuple(scopes or WRITE_SCOPES),
-                              admin_password=self.admin_password, note=note)
+                              admin_password=self.admin_password, note=note,
+                              instrument=instrument)
 
     def stop(self, timeout: float = 10.0, drop: bool = False) -> int | None:
         """Stop the server; with ``drop`` also drop its databases and data directory."""
@@ -498,23 +505,33 @@ class ReManager(Service):
         (console output) sockets, for ``REManagerAPI(zmq_control_addr=...)``.
     redis_addr, redis_prefix : str
         Its Redis server and key name prefix (keys ``<prefix>_plan_queue`` ...).
+    public_key : str or None
+        The control socket's 0MQ CURVE public key (clients need it); None if
+        the manager runs without encryption.
     """
 
     def __init__(self, process: subprocess.Popen, log_path: Path, *, control_addr: str,
-                 info_addr: str, redis_addr: str, redis_prefix: str) -> None:
+                 info_addr: str, redis_addr: str, redis_prefix: str,
+                 public_key: str | None = None) -> None:
         super().__init__("re-manager", process, log_path)
         self.control_addr = control_addr
         self.info_addr = info_addr
         self.redis_addr = redis_addr
         self.redis_prefix = redis_prefix
+        self.public_key = public_key
 
     def api(self, user_group: str = "operator", user: str | None = None, **kwargs: Any) -> Any:
-        """A ``bluesky_queueserver_api.zmq.REManagerAPI`` speaking as ``user`` of ``user_group``."""
+        """A 0MQ ``REManagerAPI`` (with the manager's public key) as ``user`` of ``user_group``.
+
+        Direct 0MQ access is the operator's back door (whoever holds the key
+        names any group); users go through :class:`HttpServer`.
+        """
         from bluesky_queueserver_api.zmq import REManagerAPI
 
         # The manager validates a queued plan's arguments before it answers;
         # on a busy 2-core machine that can exceed the API's 2 s default.
         kwargs.setdefault("timeout_recv", 30.0)
+        kwargs.setdefault("zmq_public_key", self.public_key)
         rm = REManagerAPI(zmq_control_addr=self.control_addr, zmq_info_addr=self.info_addr,
                           **kwargs)
         rm.user_group = user_group
@@ -566,7 +583,8 @@ def start_re_manager(env: Mapping[str, str], *, startup_dir: str | Path = STARTU
                      redis_addr: str = REDIS_ADDR, redis_prefix: str | None = None,
                      control_port: int | None = None, info_port: int | None = None,
                      update_existing: str = "NEVER", log_dir: str | Path | None = None,
-                     open_environment: bool = False, timeout: float = 120.0) -> ReManager:
+                     open_environment: bool = False, timeout: float = 120.0,
+                     zmq_keys: tuple[str, str] | None = None, encrypt: bool = True) -> ReManager:
     """Start ``start-re-manager`` with the profile on 127.0.0.1.
 
     Parameters
@@ -594,6 +612,11 @@ def start_re_manager(env: Mapping[str, str], *, startup_dir: str | Path = STARTU
         Also open the RE worker environment (runs the startup code) and wait for it.
     timeout : float
         Longest wait for the manager (and environment), s.
+    zmq_keys : (public, private), optional
+        The control socket's CURVE key pair (``qserver-zmq-keys``); default a new
+        pair (``ReManager.public_key``). Clients without the public key get no answer.
+    encrypt : bool
+        False runs the control socket unencrypted (not for shared machines).
     """
     control_port = control_port or free_port()
     info_port = info_port or free_port()
@@ -609,11 +632,18 @@ def start_re_manager(env: Mapping[str, str], *, startup_dir: str | Path = STARTU
            "--zmq-control-addr", f"tcp://{LOOPBACK}:{control_port}",
            "--zmq-info-addr", f"tcp://{LOOPBACK}:{info_port}",
            "--zmq-publish-console", "ON"]
-    process, log_path = _spawn("re-manager", cmd, _base_env(env),
+    manager_env = _base_env(env)
+    public_key = None
+    if encrypt:
+        from bluesky_queueserver import generate_zmq_keys
+
+        public_key, private_key = zmq_keys or generate_zmq_keys()
+        manager_env["QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"] = private_key
+    process, log_path = _spawn("re-manager", cmd, manager_env,
                                Path(log_dir) if log_dir else None)
     manager = ReManager(process, log_path, control_addr=f"tcp://{LOOPBACK}:{control_port}",
                         info_addr=f"tcp://{LOOPBACK}:{info_port}", redis_addr=redis_addr,
-                        redis_prefix=redis_prefix)
+                        redis_prefix=redis_prefix, public_key=public_key)
     try:
         manager.wait_until(manager.ready, timeout, "answering requests")
         if open_environment:
@@ -630,6 +660,132 @@ def start_re_manager(env: Mapping[str, str], *, startup_dir: str | Path = STARTU
         manager.stop()
         raise
     return manager
+
+
+# ----------------------------------------------------------------------------- HTTP server
+
+class HttpServer(Service):
+    """bluesky-httpserver in front of a :class:`ReManager`: logins, roles, groups.
+
+    Attributes
+    ----------
+    uri : str
+        ``http://127.0.0.1:<port>``.
+    provider : str
+        The login provider's name in the config (``/api/auth/provider/<provider>/token``).
+    """
+
+    def __init__(self, process: subprocess.Popen, log_path: Path, *, uri: str,
+                 provider: str) -> None:
+        super().__init__("http-server", process, log_path)
+        self.uri = uri
+        self.provider = provider
+
+    def ready(self) -> bool:
+        """True once the server answers (any HTTP status)."""
+        try:
+            with urllib.request.urlopen(f"{self.uri}/api", timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def api(self, username: str | None = None, password: str | None = None,
+            **kwargs: Any) -> Any:
+        """An HTTP ``REManagerAPI``, logged in as ``username`` (anonymous if None)."""
+        from bluesky_queueserver_api.http import REManagerAPI
+
+        kwargs.setdefault("timeout", 60.0)
+        rm = REManagerAPI(http_server_uri=self.uri,
+                          http_auth_provider=f"/{self.provider}/token", **kwargs)
+        if username is not None:
+            rm.login(username, password=password)
+        return rm
+
+
+def http_server_config(users: Mapping[str, tuple[str, str]] | None = None,
+                       config: str | Path = HTTP_SERVER_CONFIG) -> dict[str, Any]:
+    """The HTTP server's config, optionally with a dictionary login instead of PAM.
+
+    Parameters
+    ----------
+    users : mapping, optional
+        ``{username: (password, role)}``: replaces PAM by bluesky-httpserver's
+        ``DictionaryAuthenticator`` (provider ``toy``) and the config's user
+        table by these users (roles ``operator``, ``user`` or ``observer``).
+    config : path
+        The config to start from (the profile's).
+
+    Returns
+    -------
+    dict
+        The parsed YAML, changed as asked.
+    """
+    import yaml
+
+    data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    if users is not None:
+        data["authentication"]["providers"] = [{
+            "provider": "toy",
+            "authenticator": "bluesky_httpserver.authenticators:DictionaryAuthenticator",
+            "args": {"users_to_passwords": {name: pw for name, (pw, _) in users.items()}},
+        }]
+        table = {name: {"roles": role} for name, (_, role) in users.items()}
+        data["api_access"]["args"]["users"] = table
+        data["resource_access"]["args"]["users"] = table
+    return data
+
+
+def start_http_server(manager: ReManager, *, users: Mapping[str, tuple[str, str]] | None = None,
+                      config: str | Path = HTTP_SERVER_CONFIG, port: int | None = None,
+                      log_dir: str | Path | None = None, timeout: float = 120.0) -> HttpServer:
+    """Start ``start-bluesky-httpserver`` on 127.0.0.1 in front of ``manager``.
+
+    Parameters
+    ----------
+    manager : ReManager
+        Gives the control/info addresses and the control socket's public key.
+    users : mapping, optional
+        ``{username: (password, role)}`` for a dictionary login (tests, demos);
+        default the config's PAM login and user table.
+    config : path
+        The server config (default ``profile_collection/httpserver/config.yml``).
+    port : int, optional
+        Default: a free one.
+    log_dir : path, optional
+        Where ``http-server.log`` and the effective config (mode 0600) go.
+    timeout : float
+        Longest wait for the server, s.
+    """
+    import yaml
+
+    port = port or free_port()
+    log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="nvmri-http-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    data = http_server_config(users, config)
+    config_path = log_dir / "http-server-config.yml"
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(data, handle)
+    env = _base_env()
+    env.update(QSERVER_ZMQ_CONTROL_ADDRESS=manager.control_addr,
+               QSERVER_ZMQ_INFO_ADDRESS=manager.info_addr,
+               QSERVER_HTTP_SERVER_SERVER_SECRET_KEYS=secrets.token_hex(32),
+               QSERVER_HTTP_SERVER_DATABASE_URI=f"sqlite:///{log_dir / 'http-server.sqlite'}")
+    if manager.public_key:
+        env["QSERVER_ZMQ_PUBLIC_KEY"] = manager.public_key
+    cmd = [*_entry_point(_HTTP_SERVER), "--config_path", str(config_path),
+           "--host", LOOPBACK, "--port", str(port)]
+    process, log_path = _spawn("http-server", cmd, env, log_dir, cwd=log_dir)
+    provider = data["authentication"]["providers"][0]["provider"]
+    server = HttpServer(process, log_path, uri=f"http://{LOOPBACK}:{port}", provider=provider)
+    try:
+        server.wait_until(server.ready, timeout, f"answering at {server.uri}")
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 # ----------------------------------------------------------------------------- the plan list
@@ -778,6 +934,140 @@ def measure_catalog_overhead(prefix: str, catalogs: Mapping[str, str | None],
                                              if base_in_run is not None else {})}
 
 
+# ----------------------------------------------------------------------------- many writers
+
+def write_raster(shape: tuple[int, int], rf_frequency_hz: float, batch_size: int,
+                 go: str | Path | None = None, ordered: bool = True,
+                 env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One RunEngine writing one locked ``deer_raster`` to the profile's catalog.
+
+    The writer process of the concurrent-writers test and of
+    ``python -m nvmri_bluesky.facility write-raster``: devices at
+    ``$NVMRI_PREFIX`` (this process's CA environment must reach the IOC), the
+    catalog ``$NVMRI_CATALOG`` with ``$NVMRI_API_KEY``, the spool in
+    ``$NVMRI_SPOOL``. Prints ``ready`` and waits for the file ``go`` to
+    exist, so that several writers start together.
+
+    Parameters
+    ----------
+    shape : (nx, ny)
+        Raster points along x and y (at z = 30 nm), so ``nx * ny`` events.
+    rf_frequency_hz : float
+        RF carrier, Hz.
+    batch_size : int
+        Catalog writer batch (events per write).
+    go : path, optional
+        Start when this file exists (default: at once).
+    ordered : bool
+        False writes with the stock TiledWriter (reproduces issue #12).
+    env : mapping, optional
+        Default ``os.environ``.
+
+    Returns
+    -------
+    dict
+        ``{"uids": [...], "spool": path, "errors": [...]}``.
+    """
+    from bluesky import RunEngine
+
+    from nvmri_bluesky.catalog import default_api_key, default_location, open_catalog
+    from nvmri_bluesky.devices import make_devices
+    from nvmri_bluesky.profile import bound_plans
+
+    env = dict(os.environ if env is None else env)
+    devices = make_devices(env["NVMRI_PREFIX"], connection_timeout=120.0)  # a loaded machine
+    RE = RunEngine({})
+    catalog = open_catalog(default_location(env), api_key=default_api_key(env))
+    try:
+        catalog.subscribe(RE, env.get("NVMRI_SPOOL") or None, batch_size=batch_size,
+                          ordered=ordered)
+        raster = bound_plans(devices, ("deer_raster",))["deer_raster"]
+        print("ready", flush=True)
+        while go is not None and not Path(go).exists():
+            time.sleep(0.01)
+        uids = list(RE(raster((-10, 10, shape[0]), (-10, 10, shape[1]), 30.0,
+                              rf_frequency_hz)))
+        catalog.flush()
+        spool = catalog.spool_path(uids[0]) if uids else None
+        return {"uids": uids, "spool": str(spool), "errors": catalog.writer_errors}
+    finally:
+        catalog.close()
+        devices.destroy()
+
+
+# ----------------------------------------------------------------------------- the whole stack
+
+def _parse_users(text: str | None) -> dict[str, tuple[str, str]] | None:
+    """``"alice:PASSWORD:operator,bob:PASSWORD:user"`` -> ``{name: (password, role)}``."""
+    if not text:
+        return None
+    users = {}
+    for item in text.split(","):
+        name, password, role = item.split(":", 2)
+        users[name.strip()] = (password, role.strip())
+    return users
+
+
+def bring_up(workdir: str | Path, *, scenario: str = "default",
+             users: Mapping[str, tuple[str, str]] | None = None,
+             instrument: str = "nvmri") -> list[Service]:
+    """Start the deployment of ``docs/deployment.md`` in order; return its services.
+
+    The simulated IOC, the facility catalog server (fresh databases) with a
+    write key bound to ``instrument``, the 0MQ proxy, the RE Manager (CURVE
+    keys, the profile's catalog/spool/0MQ environment) and bluesky-httpserver
+    (PAM login, or ``users`` for a dictionary login). Everything on 127.0.0.1;
+    logs in ``workdir``. Stop them in reverse order (:func:`bring_down`).
+    """
+    from nvmri_bluesky.catalog import WRITE_SCOPES
+
+    workdir = Path(workdir)
+    started: list[Any] = []
+    try:
+        ioc = start_simulated_ioc(scenario)
+        started.append(ioc)
+        catalog = start_catalog_server(log_dir=workdir, data_dir=workdir / "tiled-data")
+        started.append(catalog)
+        key = catalog.create_api_key(WRITE_SCOPES, note=f"instrument {instrument}",
+                                     instrument=instrument)
+        proxy = start_zmq_proxy(log_dir=workdir)
+        started.append(proxy)
+        env = profile_env(ioc, catalog=catalog.uri, api_key=key, spool=workdir / "spool",
+                          zmq=proxy.in_address, figures=workdir / "figures")
+        manager = start_re_manager(env, log_dir=workdir)
+        started.append(manager)
+        started.append(start_http_server(manager, users=users, log_dir=workdir))
+    except BaseException:
+        bring_down(started)
+        raise
+    return started
+
+
+def bring_down(services: Sequence[Any]) -> None:
+    """Stop services in reverse order (the catalog server keeps its databases)."""
+    for service in reversed(list(services)):
+        with contextlib.suppress(Exception):
+            service.stop()
+
+
+def _describe(services: Sequence[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for service in services:
+        if isinstance(service, HttpServer):
+            out["http_server"] = service.uri
+        elif isinstance(service, ReManager):
+            out.update(zmq_control=service.control_addr, zmq_info=service.info_addr,
+                       zmq_public_key=service.public_key, redis_prefix=service.redis_prefix)
+        elif isinstance(service, CatalogServer):
+            out.update(catalog=service.uri, catalog_databases=f"{service.db_prefix}_*")
+        elif isinstance(service, ZmqProxy):
+            out.update(zmq_proxy_in=service.in_address, zmq_proxy_out=service.out_address)
+        else:
+            out.update(ioc_prefix=getattr(service, "prefix", None),
+                       ioc_port=getattr(service, "port", None))
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -795,10 +1085,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--catalog", default=None,
                    help="facility catalog URI (default: start one on fresh databases)")
     p.add_argument("--api-key", default=None)
+    p = sub.add_parser("write-raster", help="write one deer_raster to $NVMRI_CATALOG "
+                                            "(devices at $NVMRI_PREFIX); prints JSON")
+    p.add_argument("--shape", default="50,40", help="nx,ny (default 50,40: 2000 points)")
+    p.add_argument("--rf", type=float, default=3.4e9, help="RF carrier, Hz")
+    p.add_argument("--batch", type=int, default=None, help="catalog batch size")
+    p.add_argument("--go", default=None, help="start when this file exists")
+    p.add_argument("--stock-writer", action="store_true",
+                   help="the stock TiledWriter (reproduces issue #12)")
+    p = sub.add_parser("up", help="start IOC, catalog, 0MQ proxy, RE Manager and HTTP server "
+                                  "in order on 127.0.0.1; print their addresses; Ctrl-C stops")
+    p.add_argument("--dir", default=None, help="logs and data (default: a new temp dir)")
+    p.add_argument("--scenario", default="default")
+    p.add_argument("--users", default=None,
+                   help="dictionary login instead of PAM: name:password:role,... "
+                        "(roles operator, user, observer)")
     args = parser.parse_args(argv)
     try:
         if args.command == "regenerate":
             print(regenerate_existing_plans_and_devices(args.out))
+            return 0
+        if args.command == "up":
+            workdir = Path(args.dir or tempfile.mkdtemp(prefix="nvmri-up-"))
+            services = bring_up(workdir, scenario=args.scenario, users=_parse_users(args.users))
+            try:
+                print(json.dumps({"dir": str(workdir), **_describe(services)}, indent=1),
+                      flush=True)
+                while all(s.alive for s in services):
+                    time.sleep(1.0)
+                print("a service stopped; stopping the rest", file=sys.stderr)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                bring_down(services)
+            return 0
+        if args.command == "write-raster":
+            from nvmri_bluesky.catalog import DEFAULT_BATCH_SIZE
+
+            nx, ny = (int(v) for v in args.shape.split(","))
+            result = write_raster((nx, ny), args.rf, args.batch or DEFAULT_BATCH_SIZE,
+                                  go=args.go, ordered=not args.stock_writer)
+            print(json.dumps(result), flush=True)
             return 0
         server = None
         if args.catalog is None:

@@ -81,7 +81,6 @@ def subscribe_callbacks(RE: Any, env: dict[str, str] | None = None) -> dict[str,
         What was subscribed (``slices``, ``progress``, ``catalog``, ``publisher``).
     """
     import os
-    from pathlib import Path
 
     from nvmri_bluesky.callbacks import LiveSlices, Progress
 
@@ -92,16 +91,14 @@ def subscribe_callbacks(RE: Any, env: dict[str, str] | None = None) -> dict[str,
         out["progress"] = Progress()
         RE.subscribe(out["slices"])
         RE.subscribe(out["progress"])
-    location = env.get("NVMRI_CATALOG", str(Path.home() / ".local/share/nvmri/catalog"))
+    from nvmri_bluesky.catalog import default_api_key, default_location, default_spool_dir
+
+    location = default_location(env)
     if location.lower() != "none":
         from nvmri_bluesky.catalog import open_catalog
 
-        remote = location.startswith(("http://", "https://"))
-        spool = env.get("NVMRI_SPOOL") or (
-            str(Path.home() / ".local/share/nvmri/spool") if remote
-            else str(Path(location) / "spool"))
-        out["catalog"] = open_catalog(location, api_key=env.get("NVMRI_API_KEY"))
-        out["catalog"].subscribe(RE, spool)
+        out["catalog"] = open_catalog(location, api_key=default_api_key(env))
+        out["catalog"].subscribe(RE, default_spool_dir(location, env))
     if env.get("NVMRI_ZMQ"):
         from bluesky.callbacks.zmq import Publisher
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import numpy as np
@@ -38,10 +39,10 @@ from nvmri_bluesky.catalog import (
 )
 from nvmri_bluesky.errors import NvmriError
 
-pytestmark = pytest.mark.facility
+pytestmark = [pytest.mark.facility, pytest.mark.timeout(900)]  # a loaded machine
 
 PG = os.environ.get("NVMRI_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-STARTUP_TIMEOUT = 180.0
+STARTUP_TIMEOUT = 300.0  # s; a loaded 2-core machine
 
 
 def _free_port() -> int:
@@ -207,3 +208,45 @@ def test_write_key_writes_and_read_key_reads(facility, tmp_path):
         assert sum(n == "event" for n, _ in docs) == 9 and docs[-1][0] == "stop"
     table = cli_runs(facility.uri, api_key=facility.read_key)
     assert any(line.startswith(uid[:8]) and "single-spin" in line for line in table.splitlines())
+
+
+def _write_scan(uri: str, key: str, spool: Any, points: int = 5) -> str:
+    RE = RunEngine({})
+    with open_catalog(uri, key) as cat:
+        cat.subscribe(RE, spool)
+        (uid,) = RE(scan([det, _counts()], motor, 0, 1, points))
+        assert cat.writer_errors == []
+    return uid
+
+
+def test_instrument_keys_cannot_change_each_others_runs(facility, tmp_path):
+    from tiled.client.container import Container
+
+    key_a = create_api_key(facility.uri, WRITE_SCOPES, admin_password=facility.password,
+                           instrument="A", note="instrument A")
+    key_b = create_api_key(facility.uri, WRITE_SCOPES, admin_password=facility.password,
+                           instrument="B", note="instrument B")
+    uid_a = _write_scan(facility.uri, key_a, tmp_path / "spool-a")
+    uid_b = _write_scan(facility.uri, key_b, tmp_path / "spool-b")  # B writes its own runs
+
+    with open_catalog(facility.uri, key_b) as cat:
+        run_a = cat.run(uid_a)
+        assert run_a.metadata["stop"]["exit_status"] == "success"  # B may read A's run
+        with pytest.raises(Exception) as info:  # noqa: PT011 - tiled's client error
+            run_a.update_metadata({"stop": {**run_a.metadata["stop"], "exit_status": "abort",
+                                            "reason": "tampered by instrument B"}})
+        assert "403" in str(info.value) or "Not enough permissions" in str(info.value)
+        with pytest.raises(Exception) as info:  # noqa: PT011
+            cat.client.delete_contents(uid_a, recursive=True, external_only=False)
+        assert "403" in str(info.value) or "401" in str(info.value), str(info.value)
+        with pytest.raises(Exception):  # noqa: B017, PT011 - cannot write into A's run
+            Container.__getitem__(run_a, "primary").base.create_container(key="intruder")
+        run_b = cat.run(uid_b)
+        run_b.update_metadata({"nvmri_note": "B edits its own run"})  # allowed
+    with open_catalog(facility.uri, facility.read_key) as cat:
+        stop = cat.run(uid_a).metadata["stop"]
+        assert stop["exit_status"] == "success" and "reason" not in stop or not stop["reason"]
+        assert cat.run(uid_b).metadata["nvmri_note"] == "B edits its own run"
+        assert "intruder" not in list(cat.run(uid_a)["primary"].base)
+    with open_catalog(facility.uri, key_a) as cat:  # A still owns its run
+        cat.run(uid_a).update_metadata({"nvmri_note": "A edits its own run"})

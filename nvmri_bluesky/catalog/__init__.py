@@ -15,7 +15,9 @@ from ._catalog import (
     RunRow,
     cli_import,
     cli_runs,
+    default_api_key,
     default_location,
+    default_spool_dir,
     format_runs,
     import_spool,
     is_uri,
@@ -36,6 +38,8 @@ from ._facility import (
     serve_catalog,
 )
 from ._spool import SpoolWriter, read_spool, spool_files
+from ._verify import VerifyResult, cli_verify, find_spool, verify_all, verify_run
+from ._writer import EVENT_ORDER, make_ordered_tiled_writer
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -44,21 +48,28 @@ __all__ = [
     "IMPORT_SCOPES",
     "READ_SCOPES",
     "WRITE_SCOPES",
+    "EVENT_ORDER",
     "Catalog",
     "CatalogWriter",
     "EmbeddedServer",
     "ImportResult",
     "RunRow",
     "SpoolWriter",
+    "VerifyResult",
     "check_environment",
     "cli_import",
     "cli_runs",
+    "cli_verify",
     "create_api_key",
+    "default_api_key",
     "default_location",
+    "default_spool_dir",
+    "find_spool",
     "format_runs",
     "import_spool",
     "is_uri",
     "load_config",
+    "make_ordered_tiled_writer",
     "make_tiled_writer",
     "open_catalog",
     "probe",
@@ -66,4 +77,6 @@ __all__ = [
     "run_table",
     "serve_catalog",
     "spool_files",
+    "verify_all",
+    "verify_run",
 ]

@@ -27,6 +27,7 @@ from ._spool import (
     spool_gaps,
     synthesize_stop,
 )
+from ._writer import make_ordered_tiled_writer
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +37,37 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_STOP_TIMEOUT = 60.0
 #: Seconds to wait for a facility server to answer before calling it unreachable.
 CONNECT_TIMEOUT = 5.0
-#: Environment variables that name the default catalog and API key.
+#: Environment variables read by every part of the package (the profile, the CLI, the
+#: demo): the catalog (directory or URI), its API key, the spool directory.
 ENV_CATALOG = "NVMRI_CATALOG"
-ENV_API_KEY = "NVMRI_TILED_API_KEY"
-ENV_SPOOL = "NVMRI_SPOOL_DIR"
-#: Default embedded catalog directory (relative to the working directory).
-DEFAULT_CATALOG_DIR = "nvmri-catalog"
+ENV_API_KEY = "NVMRI_API_KEY"
+ENV_SPOOL = "NVMRI_SPOOL"
+#: Default embedded catalog directory (per user).
+DEFAULT_CATALOG_DIR = "~/.local/share/nvmri/catalog"
+#: Default spool directory for a facility (URI) catalog (per user).
+DEFAULT_SPOOL_DIR = "~/.local/share/nvmri/spool"
 
 
-def default_location() -> str:
-    """``$NVMRI_CATALOG`` if set, else ``./nvmri-catalog`` (an embedded catalog)."""
-    return os.environ.get(ENV_CATALOG) or DEFAULT_CATALOG_DIR
+def default_location(env: dict[str, str] | None = None) -> str:
+    """``$NVMRI_CATALOG`` if set, else ``~/.local/share/nvmri/catalog`` (embedded)."""
+    env = os.environ if env is None else env
+    return env.get(ENV_CATALOG) or str(Path(DEFAULT_CATALOG_DIR).expanduser())
+
+
+def default_api_key(env: dict[str, str] | None = None) -> str | None:
+    """``$NVMRI_API_KEY`` if set (tiled's own client also reads ``$TILED_API_KEY``)."""
+    env = os.environ if env is None else env
+    return env.get(ENV_API_KEY) or None
+
+
+def default_spool_dir(location: str, env: dict[str, str] | None = None) -> Path:
+    """``$NVMRI_SPOOL``; else ``<catalog dir>/spool`` (embedded) or the per-user spool."""
+    env = os.environ if env is None else env
+    if env.get(ENV_SPOOL):
+        return Path(env[ENV_SPOOL]).expanduser()
+    if is_uri(location):
+        return Path(DEFAULT_SPOOL_DIR).expanduser()
+    return Path(location).expanduser() / "spool"
 
 
 def is_uri(location: str | os.PathLike[str] | None) -> bool:
@@ -73,14 +94,29 @@ def _http_status(err: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def make_tiled_writer(client: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Any:
+def make_tiled_writer(
+    client: Any, batch_size: int = DEFAULT_BATCH_SIZE, *, ordered: bool = True
+) -> Any:
     """The TiledWriter this package uses.
 
     ``bluesky_tiled_plugins.TiledWriter`` (the maintained one; the copy in
     ``bluesky.callbacks.tiled_writer`` is older), with ``max_array_size=0`` so
     every array data key of an event (e.g. ``counter_counts``) is stored as a
-    zarr array (files) and every scalar as a table column.
+    zarr array (files) and every scalar as a table column, and with the event
+    tables ordered by ``seq_num`` (:mod:`nvmri_bluesky.catalog._writer`: without
+    it a PostgreSQL server may pair table rows with other events' arrays).
+
+    Parameters
+    ----------
+    client : tiled client
+        The catalog root.
+    batch_size : int
+        Events per write.
+    ordered : bool
+        False gives the stock TiledWriter (only for the test that shows the bug).
     """
+    if ordered:
+        return make_ordered_tiled_writer(client, batch_size=batch_size, max_array_size=0)
     from bluesky_tiled_plugins import TiledWriter
 
     return TiledWriter(client, batch_size=batch_size, max_array_size=0)
@@ -109,6 +145,8 @@ class CatalogWriter:
         Events TiledWriter caches before each write.
     stop_timeout : float
         Longest wait at a stop document, in seconds.
+    ordered : bool
+        See :func:`make_tiled_writer` (False only to reproduce issue #12).
     """
 
     def __init__(
@@ -116,9 +154,11 @@ class CatalogWriter:
         make_client: Callable[[], Any],
         batch_size: int = DEFAULT_BATCH_SIZE,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        ordered: bool = True,
     ) -> None:
         self._make_client = make_client
         self.batch_size = batch_size
+        self.ordered = ordered
         self.stop_timeout = stop_timeout
         self.errors: list[str] = []
         self.failed_runs: set[str] = set()
@@ -182,7 +222,9 @@ class CatalogWriter:
         if run not in self.failed_runs:
             try:
                 if self._writer is None:
-                    self._writer = make_tiled_writer(self._make_client(), self.batch_size)
+                    self._writer = make_tiled_writer(
+                        self._make_client(), self.batch_size, ordered=self.ordered
+                    )
                 self._writer(name, doc)
             except Exception as err:  # TiledWriter failures must not abort runs
                 msg = (
@@ -274,16 +316,17 @@ class Catalog:
         self.close()
 
     def __repr__(self) -> str:
-        kind = "embedded" if self.server is not None else "remote"
+        if self.server is not None:
+            kind = "embedded"
+        else:
+            kind = "remote" if is_uri(self.location) else "embedded, served by another process"
         return f"<Catalog {kind} {self.location}>"
 
     # -- writing -------------------------------------------------------------------------
 
     def default_spool_dir(self) -> Path:
-        """``<catalog dir>/spool`` when embedded; ``$NVMRI_SPOOL_DIR`` or ``./nvmri-spool``."""
-        if self.server is not None:
-            return Path(self.location) / "spool"
-        return Path(os.environ.get(ENV_SPOOL) or "nvmri-spool")
+        """See :func:`default_spool_dir` (``$NVMRI_SPOOL``, ``<dir>/spool``, per-user)."""
+        return default_spool_dir(self.location)
 
     def subscribe(
         self,
@@ -292,6 +335,7 @@ class Catalog:
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        ordered: bool = True,
     ) -> list[int]:
         """Subscribe the spool writer and the catalog writer to a RunEngine.
 
@@ -304,19 +348,59 @@ class Catalog:
             Events per catalog write (TiledWriter batching).
         stop_timeout : float
             Longest wait, at a stop document, for the catalog to be written.
+        ordered : bool
+            Event tables ordered by ``seq_num`` (default; see :func:`make_tiled_writer`).
 
         Returns
         -------
         list of int
             The RunEngine subscription tokens (spool first, then catalog).
+
+        Notes
+        -----
+        Also makes the RunEngine number its runs from the catalog
+        (``RE.scan_id_source = catalog.next_scan_id``), so scan_id does not
+        start again at 1 in every session or process.
         """
         spool = SpoolWriter(spool_dir if spool_dir is not None else self.default_spool_dir())
-        writer = CatalogWriter(self._make_client, batch_size=batch_size, stop_timeout=stop_timeout)
+        writer = CatalogWriter(
+            self._make_client, batch_size=batch_size, stop_timeout=stop_timeout, ordered=ordered
+        )
         tokens = [RE.subscribe(spool), RE.subscribe(writer)]
+        RE.scan_id_source = self.next_scan_id
         self._spools.append(spool)
         self._writers.append(writer)
         self._subscriptions.append((RE, tokens))
         return tokens
+
+    def max_scan_id(self) -> int:
+        """The largest ``start.scan_id`` in the catalog (0 if none)."""
+        from tiled.client.container import Container
+
+        try:
+            newest = Container.sort(self.client, ("start.scan_id", -1))
+            for _, node in newest.items().head(1):
+                scan_id = (node.metadata.get("start") or {}).get("scan_id")
+                return int(scan_id) if isinstance(scan_id, (int, float)) else 0
+        except Exception as err:  # a broken catalog must not stop a run from opening
+            logger.warning("cannot read scan_ids from %s: %s", self.location, _one_line(err))
+        return 0
+
+    def next_scan_id(self, md: dict[str, Any]) -> int:
+        """A RunEngine ``scan_id_source``: one more than any scan_id used so far.
+
+        The largest of the catalog's scan_ids, this RunEngine's last one and,
+        for a catalog directory, the directory's counter (``<dir>/scan_id``,
+        updated under a file lock, so processes sharing the directory never
+        draw the same number). Facility catalogs have no counter: two
+        processes opening runs at the same instant may draw the same number.
+        """
+        base = max(self.max_scan_id(), int(md.get("scan_id") or 0))
+        if is_uri(self.location):
+            return base + 1
+        from ._shared import next_counter
+
+        return next_counter(Path(self.location), "scan_id", base)
 
     @property
     def writer_errors(self) -> list[str]:
@@ -630,12 +714,14 @@ def open_catalog(
     ----------
     location : str or path, optional
         A directory: an embedded tiled server (SQLite catalog, DuckDB tables,
-        zarr arrays in files) on 127.0.0.1, free port, in a thread; created if
-        new, reopened if it exists. An ``http(s)://`` URI: a facility tiled
-        server (an ``?api_key=`` in the URI is taken as the key). Default:
-        ``$NVMRI_CATALOG`` or ``./nvmri-catalog``.
+        zarr arrays in files) on 127.0.0.1 in a thread of this process, created
+        if new, reopened if it exists; or, if another process already serves
+        that directory, that process's server (see ``_shared.py``). An
+        ``http(s)://`` URI: a facility tiled server (an ``?api_key=`` in the URI
+        is taken as the key). Default:
+        ``$NVMRI_CATALOG`` or ``~/.local/share/nvmri/catalog``.
     api_key : str, optional
-        Key for a facility server; default ``$NVMRI_TILED_API_KEY`` (tiled also
+        Key for a facility server; default ``$NVMRI_API_KEY`` (tiled also
         reads ``$TILED_API_KEY``). Ignored for a directory.
     timeout : float
         Seconds before a facility server that does not answer is unreachable.
@@ -656,30 +742,31 @@ def open_catalog(
         location = default_location()
     if is_uri(location):
         uri, key_in_uri = _split_key(str(location))
-        key = api_key or key_in_uri or os.environ.get(ENV_API_KEY) or None
+        key = api_key or key_in_uri or default_api_key()
         client, connect = _connect_remote(uri, key, timeout)
         return Catalog(client, uri, None, make_client=connect)
 
     from tiled.client import from_uri
 
-    from ._embedded import EmbeddedServer
+    from ._shared import serve_or_join
 
-    directory = Path(location).expanduser()
+    directory = Path(location).expanduser().resolve()
     if directory.exists() and not directory.is_dir():
         raise NvmriError(f"catalog location {directory} is a file, not a directory")
     if not create and not (directory / "catalog.db").is_file():
         raise NvmriError(f"no catalog at {directory} (give --catalog DIR|URI)")
-    server = EmbeddedServer(directory)
+    server, uri, key = serve_or_join(directory)
     try:
 
         def connect() -> Any:
-            return from_uri(server.uri, api_key=server.api_key, remember_me=False)
+            return from_uri(uri, api_key=key, remember_me=False)
 
         client = connect()
     except BaseException:
-        server.close()
+        if server is not None:
+            server.close()
         raise
-    return Catalog(client, str(server.directory), server, make_client=connect)
+    return Catalog(client, str(directory), server, make_client=connect)
 
 
 # --------------------------------------------------------------------------------------

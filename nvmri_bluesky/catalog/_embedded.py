@@ -66,6 +66,29 @@ def process_api_key() -> str:
     return settings.single_user_api_key
 
 
+def _own_settings(app: Any, api_key: str) -> None:
+    """Give one tiled app its own settings, so each embedded server keeps its own key.
+
+    tiled's ``build_app`` installs a settings dependency that writes the app's
+    key into the process-wide settings object: with two servers in one
+    process the last one built would lock out the first one's clients. The
+    override returns a private copy instead.
+    """
+    import functools
+
+    from tiled.server.settings import get_settings
+
+    shared = app.dependency_overrides[get_settings]
+
+    @functools.cache
+    def settings_of_this_app() -> Any:
+        own = shared().model_copy()
+        own.single_user_api_key = api_key
+        return own
+
+    app.dependency_overrides[get_settings] = settings_of_this_app
+
+
 def _run_in_fresh_thread(fn: Any) -> Any:
     """Run ``fn()`` in a new thread (its own event loop, its own SQLite handles)."""
     box: dict[str, Any] = {}
@@ -126,16 +149,18 @@ class EmbeddedServer:
         Where the catalog lives; created if missing, reopened if it exists.
     port : int
         0 (default) picks a free port.
+    api_key : str, optional
+        The key clients must give (default: :func:`process_api_key`).
 
     Attributes
     ----------
     uri : str
         ``http://127.0.0.1:PORT/api/v1`` (without the key).
     api_key : str
-        Random per process (see :func:`process_api_key`); loopback only.
+        Loopback only; see :func:`directory_key` for the one ``open_catalog`` uses.
     """
 
-    def __init__(self, directory: str | Path, port: int = 0) -> None:
+    def __init__(self, directory: str | Path, port: int = 0, api_key: str | None = None) -> None:
         import uvicorn
         from bluesky_tiled_plugins.routers.validator import router as validator_router
         from tiled.catalog import from_uri as catalog_from_uri
@@ -153,7 +178,7 @@ class EmbeddedServer:
         catalog_uri = f"sqlite:///{self.directory / CATALOG_DB}"
         init_catalog_database(catalog_uri)
         self._tables_uri = ensure_uri(f"duckdb:///{self.directory / TABLES_DB}")
-        self.api_key = process_api_key()
+        self.api_key = api_key or process_api_key()
 
         log_config = copy.deepcopy(LOGGING_CONFIG)
         for handler, filename in (("access", "access.log"), ("default", "error.log")):
@@ -174,6 +199,7 @@ class EmbeddedServer:
             serialization_registry=bluesky_serialization_registry(),
             include_routers=[validator_router],
         )
+        _own_settings(self.app, self.api_key)
         self._server = ThreadedServer(
             uvicorn.Config(
                 self.app, host="127.0.0.1", port=port, loop="asyncio", log_config=log_config
@@ -225,6 +251,10 @@ class EmbeddedServer:
         if self._closed:
             return
         self._closed = True
+        from ._shared import unpublish
+
+        with contextlib.suppress(OSError):
+            unpublish(self.directory)
         self._cm.__exit__(None, None, None)
         from tiled.storage import get_storage
 

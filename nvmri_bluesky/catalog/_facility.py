@@ -32,6 +32,8 @@ from ._embedded import init_catalog_database
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "profile_collection" / "tiled" / "config.yml"
 #: Scopes of the instrument's key: read, create runs, write their data and metadata.
 WRITE_SCOPES = ("read:metadata", "read:data", "create:node", "write:metadata", "write:data")
+#: Seconds an admin request (minting a key) may take on a busy server.
+ADMIN_TIMEOUT = 30.0
 #: Scopes of an analysis key.
 READ_SCOPES = ("read:metadata", "read:data")
 #: Scopes that also let ``nvmri import`` replace a partial run (deletes it first).
@@ -197,6 +199,7 @@ def create_api_key(
     note: str | None = None,
     expires_in: int | None = None,
     principal: str | None = None,
+    instrument: str | None = None,
 ) -> str:
     """Mint an API key with the given scopes on a facility server.
 
@@ -219,6 +222,10 @@ def create_api_key(
         Lifetime in seconds (default: no expiry).
     principal : str, optional
         Existing principal UUID to attach the key to.
+    instrument : str, optional
+        Bind the key to one instrument (access tag ``service:nvmri-instrument-<name>``): the
+        runs it creates are that instrument's, and it cannot change another
+        instrument's runs (:mod:`nvmri_bluesky.catalog._access`).
 
     Returns
     -------
@@ -235,7 +242,7 @@ def create_api_key(
     base = uri.rstrip("/")
     if not base.endswith("/api/v1"):
         base += "/api/v1"
-    probe(base)
+    probe(base, timeout=ADMIN_TIMEOUT)
     try:
         context = Context(base)
     except Exception as err:
@@ -258,8 +265,13 @@ def create_api_key(
         context.configure_auth(tokens, remember_me=False)
         if principal is None:
             principal = context.admin.create_service_principal("user")["uuid"]
+        tags = None
+        if instrument is not None:
+            from ._access import instrument_tag
+
+            tags = [instrument_tag(instrument)]
         info = context.admin.create_api_key(
-            principal, scopes=list(scopes), expires_in=expires_in, note=note
+            principal, scopes=list(scopes), expires_in=expires_in, note=note, access_tags=tags
         )
         return str(info["secret"])
     except NvmriError:

@@ -41,6 +41,7 @@ from caproto.server import PVGroup, PvpropertyInteger, SubGroup, pvproperty
 
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans.pulses import Program
+from nvmri_bluesky.sim import access
 from nvmri_bluesky.sim.engine import AXES, MAX_SHOTS, Engine
 from nvmri_bluesky.sim.scenario import Scenario, list_scenarios, load_scenario
 
@@ -843,15 +844,18 @@ def serve(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
     ioc = make_ioc(scenario, prefix, time_scale, autosave)
     _Context = _context_class()
 
+    policy = access.policy_from_env()  # CA access security: nvmri_bluesky/sim/access.py
+    access.install(ioc.pvdb, policy)
+
     async def run() -> None:
-        ctx = _Context(ioc.pvdb, ["127.0.0.1"])
+        ctx = _Context(ioc.pvdb, access.interfaces_from_env())
         ioc.context = ctx
 
         async def ready(async_lib) -> None:
             while ctx.port is None:
                 await asyncio.sleep(0.01)
-            print(f"NVMRI IOC ready prefix={prefix} port={ctx.port} pvs={len(ioc.pvdb)}",
-                  flush=True)
+            print(f"NVMRI IOC ready prefix={prefix} port={ctx.port} pvs={len(ioc.pvdb)}; "
+                  f"{policy.describe()}", flush=True)
 
         await ctx.run(startup_hook=ready)
 

@@ -1,0 +1,257 @@
+"""Compare a run in the catalog with its spool, event by event (``nvmri catalog verify``).
+
+Counting events is not enough: a catalog can hold the right number of rows and
+pair them with the wrong arrays (issue #12). :func:`verify_run` reads every
+stream of the run the way any reader does (:func:`run_table`: the server's
+table rows and arrays, joined by the server) and checks, for every event of
+the spool, that the catalog has one row with its ``seq_num`` whose time, every
+scalar and every array (``counter_counts``) equal the spooled document's, and
+that the catalog has no row the spool lacks. The start and stop documents are
+compared too (uid, plan, exit status, event counts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvmri_bluesky.errors import NvmriError
+
+from ._spool import read_spool, spool_files
+
+#: Mismatch lines kept per run (the count is always complete).
+MAX_REPORTED = 20
+
+
+@dataclass
+class VerifyResult:
+    """What :func:`verify_run` found for one run.
+
+    Attributes
+    ----------
+    uid : str
+        The run's start uid.
+    spool : str
+        The spool file compared against.
+    events : int
+        Spooled events compared.
+    mismatches : int
+        Events (or documents) that differ, counted completely.
+    details : list of str
+        The first :data:`MAX_REPORTED` differences, one line each.
+    """
+
+    uid: str
+    spool: str
+    events: int = 0
+    mismatches: int = 0
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True if every event and document matched."""
+        return self.mismatches == 0
+
+    def add(self, line: str) -> None:
+        """Record one difference."""
+        self.mismatches += 1
+        if len(self.details) < MAX_REPORTED:
+            self.details.append(line)
+
+    def summary(self) -> str:
+        """One line: uid, verdict, counts."""
+        verdict = "ok" if self.ok else f"{self.mismatches} MISMATCH(ES)"
+        return f"{self.uid[:8]}  {verdict}  {self.events} events  {Path(self.spool).name}"
+
+
+def _values_equal(stored: Any, spooled: Any) -> bool:
+    """Exact equality of a stored value and its spooled one (NaN equals NaN)."""
+    a = np.asarray(stored)
+    b = np.asarray(spooled)
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind in "fc" or b.dtype.kind in "fc":
+        try:
+            return bool(np.array_equal(a.astype(float), b.astype(float), equal_nan=True))
+        except (TypeError, ValueError):
+            return False
+    if a.dtype.kind in "US" or b.dtype.kind in "USO":
+        return a.astype(str).tolist() == b.astype(str).tolist()
+    return bool(np.array_equal(a, b))
+
+
+def _spooled_streams(docs: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[int, dict]]:
+    """``{stream: {seq_num: event}}`` from a spool's documents (event pages unpacked)."""
+    from event_model import unpack_event_page
+
+    names: dict[str, str] = {}
+    streams: dict[str, dict[int, dict]] = {}
+    for name, doc in docs:
+        if name == "descriptor":
+            names[doc["uid"]] = doc.get("name", "primary")
+            streams.setdefault(names[doc["uid"]], {})
+        elif name in ("event", "event_page"):
+            events = [doc] if name == "event" else unpack_event_page(doc)
+            for event in events:
+                stream = names.get(event["descriptor"], "?")
+                streams.setdefault(stream, {})[int(event["seq_num"])] = event
+    return streams
+
+
+def _compare_documents(result: VerifyResult, run: Any, docs: list[tuple[str, dict]]) -> None:
+    start = run.metadata.get("start") or {}
+    spooled_start = docs[0][1]
+    for key in ("uid", "plan_name", "scan_id", "time"):
+        if key in spooled_start and not _values_equal(start.get(key), spooled_start[key]):
+            result.add(f"start.{key}: catalog {start.get(key)!r} != spool {spooled_start[key]!r}")
+    spooled_stop = next((doc for name, doc in docs if name == "stop"), None)
+    stop = run.metadata.get("stop") or None
+    if spooled_stop is None:
+        return
+    if not stop:
+        result.add("stop: the spool has a stop document, the catalog none")
+        return
+    for key in ("uid", "exit_status", "num_events"):
+        if stop.get(key) != spooled_stop.get(key):
+            result.add(f"stop.{key}: catalog {stop.get(key)!r} != spool {spooled_stop.get(key)!r}")
+
+
+def _compare_stream(result: VerifyResult, run: Any, stream: str, events: dict[int, dict]) -> None:
+    from ._catalog import run_table
+
+    result.events += len(events)
+    if not events:
+        return
+    try:
+        ds = run_table(run, stream, rename=False)
+    except NvmriError as err:
+        result.add(f"{stream}: {err}")
+        return
+    if "seq_num" not in ds.coords:
+        result.add(f"{stream}: the catalog has no seq_num column")
+        return
+    seqs = [int(s) for s in ds["seq_num"].values]
+    rows: dict[int, int] = {}
+    for row, seq in enumerate(seqs):
+        if seq in rows:
+            result.add(f"{stream} seq {seq}: stored more than once")
+        rows[seq] = row
+    for seq in sorted(set(rows) - set(events)):
+        result.add(f"{stream} seq {seq}: in the catalog, not in the spool")
+    columns = {name: ds[name].values for name in ds.data_vars}
+    times = ds["time"].values
+    for seq, event in sorted(events.items()):
+        row = rows.get(seq)
+        if row is None:
+            result.add(f"{stream} seq {seq}: in the spool, not in the catalog")
+            continue
+        bad = [key for key, value in event["data"].items()
+               if key not in columns or not _values_equal(columns[key][row], value)]
+        if not math.isclose(float(times[row]), float(event["time"]), rel_tol=0, abs_tol=1e-6):
+            bad.append("time")
+        if bad:
+            shown = bad[0]
+            stored = columns[shown][row].tolist() if shown in columns else None
+            spooled = event["data"].get(shown, event["time"])
+            result.add(f"{stream} seq {seq}: {', '.join(bad)} differ "
+                       f"({shown}: catalog {stored!r} != spool {spooled!r})")
+
+
+def verify_run(catalog: Any, spool_path: str | Path) -> VerifyResult:
+    """Compare the run of one spool file with the catalog's copy, document by document.
+
+    Parameters
+    ----------
+    catalog : Catalog
+        An open catalog (:func:`open_catalog`).
+    spool_path : str or Path
+        The run's spool file.
+
+    Returns
+    -------
+    VerifyResult
+        ``ok`` only if every spooled event is in the catalog once, with equal
+        time, scalars and arrays, nothing else is, and start/stop agree.
+    """
+    docs = list(read_spool(spool_path))
+    if not docs or docs[0][0] != "start":
+        raise NvmriError(f"spool file {spool_path} does not begin with a start document")
+    result = VerifyResult(uid=docs[0][1]["uid"], spool=str(spool_path))
+    try:
+        run = catalog.run(result.uid)
+    except NvmriError as err:
+        result.add(str(err))
+        return result
+    _compare_documents(result, run, docs)
+    for stream, events in _spooled_streams(docs).items():
+        _compare_stream(result, run, stream, events)
+    return result
+
+
+def find_spool(uid: str, directories: Iterable[str | Path]) -> Path:
+    """The spool file of run ``uid`` (or a unique uid prefix) in ``directories``."""
+    matches = [path for directory in directories if Path(directory).is_dir()
+               for path in spool_files(directory)
+               if path.stem.partition("_")[2].startswith(uid)]
+    if not matches:
+        shown = ", ".join(str(d) for d in directories)
+        raise NvmriError(f"no spool file for run {uid!r} in {shown} (give --spool DIR)")
+    if len({p.stem.partition('_')[2] for p in matches}) > 1:
+        raise NvmriError(f"run uid prefix {uid!r} matches several spool files; give more of it")
+    return matches[0]
+
+
+def verify_all(catalog: Any, directories: Iterable[str | Path]) -> list[VerifyResult]:
+    """:func:`verify_run` for every spool file in ``directories`` (oldest first)."""
+    results = []
+    for directory in directories:
+        if Path(directory).is_dir():
+            results.extend(verify_run(catalog, path) for path in spool_files(directory))
+    return results
+
+
+def cli_verify(
+    uid: str | None,
+    location: str | None,
+    api_key: str | None = None,
+    spool_dirs: Iterable[str | Path] | None = None,
+) -> tuple[str, bool]:
+    """``nvmri catalog verify UID|--all``: the printable report and whether all matched.
+
+    Parameters
+    ----------
+    uid : str or None
+        One run (uid or unique prefix); None verifies every spooled run.
+    location : str or None
+        The catalog (default :func:`default_location`).
+    api_key : str, optional
+        For a facility catalog.
+    spool_dirs : iterable of path, optional
+        Where the spool files are (default :func:`default_spool_dir`).
+    """
+    from ._catalog import default_location, default_spool_dir, open_catalog
+
+    location = location or default_location()
+    dirs = [Path(d) for d in spool_dirs] if spool_dirs else [default_spool_dir(location)]
+    with open_catalog(location, api_key, create=False) as catalog:
+        if uid is None:
+            results = verify_all(catalog, dirs)
+        else:
+            results = [verify_run(catalog, find_spool(uid, dirs))]
+    if not results:
+        shown = ", ".join(str(d) for d in dirs)
+        return f"no spool files in {shown}", True
+    lines = []
+    for result in results:
+        lines.append(result.summary())
+        lines.extend(f"    {detail}" for detail in result.details)
+    bad = sum(not r.ok for r in results)
+    events = sum(r.events for r in results)
+    lines.append(f"{len(results)} run(s), {events} events compared: "
+                 + ("all match their spool" if not bad else f"{bad} run(s) differ"))
+    return "\n".join(lines), bad == 0
