@@ -59,6 +59,17 @@ def RE() -> Any:
 
 
 @pytest.fixture
+def nvRE() -> Any:
+    """The package's RunEngine (readable stop reasons), no callbacks."""
+    from nvmri_bluesky.run_engine import RunEngine
+
+    engine = RunEngine({})
+    yield engine
+    if engine.state != "idle":
+        engine.halt()
+
+
+@pytest.fixture
 def collect(RE: Any) -> Callable[[Any], list[tuple[str, dict]]]:
     """``collect(plan)`` runs ``plan`` on ``RE`` and returns its ``(name, doc)`` pairs."""
     def run(plan: Any) -> list[tuple[str, dict]]:

@@ -28,15 +28,6 @@ from nvmri_bluesky.sim import launch
 CW = pulses.cw_odmr((0.0,))
 
 
-@pytest.fixture
-def nvRE() -> Any:
-    """The package's RunEngine (readable stop reasons), no callbacks."""
-    from nvmri_bluesky.run_engine import RunEngine
-
-    engine = RunEngine({})
-    yield engine
-    if engine.state != "idle":
-        engine.halt()
 
 
 def _program(**changes: Any) -> str:

@@ -237,26 +237,16 @@ def _split(docs: list[tuple[str, dict]]) -> tuple[dict, list[dict], dict]:
     return start, events, stop
 
 
-def _collect(RE: Any, plan: Any) -> list[tuple[str, dict]]:
-    docs: list[tuple[str, dict]] = []
-    token = RE.subscribe(lambda name, doc: docs.append((name, doc)))
-    try:
-        RE(plan)
-    finally:
-        RE.unsubscribe(token)
-    return docs
-
-
 @pytest.mark.timeout(300)
 def test_psf_map_stops_descending_where_the_lock_could_not_follow(make_ioc: Any,
-                                                                    RE: Any) -> None:
+                                                                    collect: Any) -> None:
     """NV 8 nm deep, 20 nm lateral steps, planes 41..5 nm: the misses of the three planes
     above extrapolate beyond the lock's reach at apex 5 nm, so the map stops there; the
     run succeeds with that reason and every point measured is locked to the truth."""
     handle, nv = make_ioc({"name": "shallow", "seed": 8, "nv": {"depth_nm": 8.0}})
     inst = handle.scenario.instrument()
     x, y, z = (-60.0, 60.0, 7), (-24.0, 24.0, 3), (5.0, 41.0, 4)
-    docs = _collect(RE, plans.psf_map(nv, x=x, y=y, z=z, shots=300_000))
+    docs = collect(plans.psf_map(nv, x=x, y=y, z=z, shots=300_000))
     start, events, stop = _split(docs)
     assert stop["exit_status"] == "success"
     assert stop["reason"].startswith("map stopped at apex 5 nm: the planes above predict "

@@ -23,17 +23,6 @@ from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans import pulses
 
 
-@pytest.fixture
-def nvRE() -> Any:
-    """The package's RunEngine, no callbacks."""
-    from nvmri_bluesky.run_engine import RunEngine
-
-    engine = RunEngine({})
-    yield engine
-    if engine.state != "idle":
-        engine.halt()
-
-
 def _frequency_scan(devices: Any, n: int, per_step: Any = None) -> Any:
     """A CW frequency scan of ``n`` points (one acquisition each)."""
     devices.pulser.load(pulses.cw_odmr((0.0,)))
