@@ -17,7 +17,7 @@ from nvmri_bluesky.errors import NvmriError
 def _sim_ioc(args: argparse.Namespace) -> int:
     from nvmri_bluesky.sim import ioc
 
-    ioc.serve(args.scenario, prefix=args.prefix, time_scale=args.time_scale, port=args.port)
+    ioc.run_from_args(args)
     return 0
 
 
@@ -115,12 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api-key", default=None,
                        help="tiled API key for a facility URI (default: $NVMRI_API_KEY)")
 
-    p = command("sim-ioc", _sim_ioc, "serve the simulated instrument over Channel Access")
-    p.add_argument("--scenario", default="default", help="built-in name or JSON/YAML file")
-    p.add_argument("--prefix", default="NVMRI:", help="PV prefix (default NVMRI:)")
-    p.add_argument("--time-scale", type=float, default=0.0,
-                   help="acquisition wall time / real shot time (0 = as fast as possible)")
-    p.add_argument("--port", type=int, default=None, help="CA server port (default: EPICS env)")
+    from nvmri_bluesky.sim import ioc
+
+    ioc.add_arguments(command("sim-ioc", _sim_ioc,
+                              "serve the simulated instrument over Channel Access"))
 
     p = command("demo", _demo, "run the paper's experiment end to end and write a report")
     p.add_argument("--scenario", default=None,

@@ -874,29 +874,39 @@ def pv_names(prefix: str = "NVMRI:") -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m nvmri_bluesky.sim.ioc``: serve the simulated instrument."""
     parser = argparse.ArgumentParser(prog="nvmri-sim-ioc", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    try:
+        run_from_args(parser.parse_args(argv))
+    except NvmriError as exc:
+        print(f"nvmri sim-ioc: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``nvmri sim-ioc`` (and ``python -m nvmri_bluesky.sim.ioc``): one parser."""
     parser.add_argument("--scenario", default="default",
                         help=f"built-in name ({', '.join(list_scenarios())}) or a "
                              ".json/.yaml file")
     parser.add_argument("--prefix", default="NVMRI:", help="PV prefix (default NVMRI:)")
     parser.add_argument("--time-scale", type=float, default=0.0,
                         help="wall seconds per simulated second (default 0: instant)")
-    parser.add_argument("--port", type=int, default=None, help="CA server port")
+    parser.add_argument("--port", type=int, default=None,
+                        help="CA server port (default: EPICS env); a taken port is refused")
     parser.add_argument("--autosave", default=None,
                         help="file keeping stage positions and soft limits across restarts")
     parser.add_argument("--list-pvs", action="store_true", help="print the PV names and exit")
-    args = parser.parse_args(argv)
-    try:
-        if args.time_scale < 0:
-            raise NvmriError(f"--time-scale must be >= 0, got {args.time_scale}")
-        if args.list_pvs:
-            print("\n".join(pv_names(args.prefix)))
-            return 0
-        serve(load_scenario(args.scenario), args.prefix, args.time_scale, args.port,
-              args.autosave)
-    except NvmriError as exc:
-        print(f"nvmri sim-ioc: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """Serve (or list the PVs) as the parsed :func:`add_arguments` options say."""
+    if args.time_scale < 0:
+        raise NvmriError(f"--time-scale must be >= 0, got {args.time_scale}")
+    if args.list_pvs:
+        print("\n".join(pv_names(args.prefix)))
+        return
+    serve(load_scenario(args.scenario), args.prefix, args.time_scale, args.port,
+          args.autosave)
 
 
 if __name__ == "__main__":
