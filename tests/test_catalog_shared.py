@@ -72,7 +72,8 @@ def test_readers_share_the_catalog_while_a_raster_writes(tmp_path: Path) -> None
         # A lone raster has no PSF runs: reconstruct must say so (it read the catalog),
         # not fail on the storage lock.
         recon = _nvmri("reconstruct", uid[:8], "--catalog", str(directory), cwd=tmp_path)
-        assert recon.returncode == 2 and "the catalog has no psf_map or deer_spectrum" in recon.stderr, (
+        refusal = "the catalog has no psf_map or deer_spectrum"
+        assert recon.returncode == 2 and refusal in recon.stderr, (
             recon.stderr)
         verify = _nvmri("catalog", "verify", uid[:8], "--catalog", str(directory),
                         cwd=tmp_path)
