@@ -187,11 +187,30 @@ def _sample(source: str, steps: tuple[str, ...], *, catalog: str, api_key: str |
             uids, not_done = _measure(cat, out, sample_prefix, name, steps, quick,
                                       shared_terminal)
             wall_s = round(time.monotonic() - t0, 1)
-        _say(f"== {name}: reconstructing from the catalog")
-        part = {**analyse_sample(cat, name, uids, out), "sample_wall_s": {name: wall_s}}
+        try:
+            _check_stored(cat, out / "spool", uids.values(), name)
+            _say(f"== {name}: reconstructing from the catalog")
+            part = analyse_sample(cat, name, uids, out)
+        except NvmriError as error:        # the other samples are still reported
+            _say(f"== {name}: reconstruction not done: {error}")
+            part = {"runs": {f"{name}/{m}": u for m, u in uids.items()}}
+            not_done.append({"sample": name, "step": "reconstruction", "reason": str(error)})
+        part["sample_wall_s"] = {name: wall_s}
         if not_done:
             part["not_done"] = not_done
         return name, part
+
+
+def _check_stored(cat: Any, spool: Path, uids: Any, name: str) -> None:
+    """Every run of the sample in the catalog equal to its spool (rewritten from it if not)."""
+    from nvmri_bluesky.catalog import find_spool, repair_from_spool
+
+    for uid in uids:
+        ok, account = repair_from_spool(cat, find_spool(uid, [spool]))
+        if account:
+            _say(f"== {name}: {account}")
+        if not ok:
+            raise NvmriError(f"{name}: {account}")
 
 
 def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...],

@@ -24,6 +24,7 @@ from ._catalog import (
     make_tiled_writer,
     open_catalog,
     probe,
+    repair_from_spool,
     run_table,
 )
 from ._embedded import EmbeddedServer
@@ -60,6 +61,7 @@ __all__ = [
     "cli_import",
     "cli_runs",
     "cli_verify",
+    "repair_from_spool",
     "create_api_key",
     "default_api_key",
     "default_location",

@@ -880,6 +880,37 @@ def _import_file(file: Path, catalog: Catalog) -> ImportResult:
     return ImportResult(str(file), uid, action, events, detail)
 
 
+def repair_from_spool(catalog: Catalog, spool_path: str | Path) -> tuple[bool, str]:
+    """Make the catalog's copy of a spooled run equal to its spool, or say why not.
+
+    The spool is the write-ahead record of every document: a run whose stored
+    copy differs from it (:func:`~._verify.verify_run`; e.g. an event table that
+    a concurrent writer left empty) is deleted and written again from the
+    spool, then verified once more.
+
+    Returns
+    -------
+    (bool, str)
+        Whether the catalog now equals the spool, and a one-line account
+        (empty when it was right from the start).
+    """
+    from ._verify import verify_run
+
+    first = verify_run(catalog, spool_path)
+    if first.ok:
+        return True, ""
+    found = f"run {first.uid[:8]}: the catalog differed from the spool ({first.details[0]})"
+    try:
+        catalog.client.delete_contents(first.uid, recursive=True, external_only=False)
+        _write_documents(catalog.client, list(read_spool(spool_path)))
+    except Exception as err:
+        return False, f"{found}; not rewritten: {_one_line(err)}"
+    again = verify_run(catalog, spool_path)
+    if again.ok:
+        return True, f"{found}; rewritten from the spool and verified"
+    return False, f"{found}; rewritten from the spool but still differs ({again.details[0]})"
+
+
 # --------------------------------------------------------------------------------------
 # CLI helpers (the `nvmri` command prints what these return).
 
