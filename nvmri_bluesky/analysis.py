@@ -359,8 +359,8 @@ def merge(parts: dict[str, dict[str, Any]], location: str) -> dict[str, Any]:
                 report[key].update(value)
             elif key == "instrument_time_s":
                 _merge_instrument_time(report[key], value)
-            elif key in ("layers", "spins", "not_done"):
-                report.setdefault(key, []).extend(value)
+            elif key in ("layers", "spins"):
+                report[key] += value
             elif key == "samples":
                 report.setdefault(key, {}).update(value)
             else:

@@ -158,6 +158,7 @@ def test_demo_shallow_nv(tmp_path: Path) -> None:
     scenario, truth, layers = random_sample(1104, n_spins=1, layer=False, depth_nm=(6.0, 7.0))
     report = run_demo(tmp_path, scenario)
     grade(report, scenario, truth, layers)
+    assert report["not_done"] == [], report["not_done"]          # every step, no lost lock
 
 
 def test_demo_finds_two_spins(tmp_path: Path) -> None:
