@@ -142,3 +142,25 @@ def random_spin(rng: np.random.Generator, inst: physics.Instrument,
             continue
         if abs(physics.dipolar_coupling(off, inst.nv_axis)) >= min_coupling_hz:
             return off
+
+
+def exact_dark_detuning(points_nm: np.ndarray, inst: physics.Instrument = INST) -> np.ndarray:
+    """Exact Delta f_dark (Hz) of a tip at ``points_nm`` (..., 3), the NV's own dark line."""
+    return physics.dark_spin_frequency(inst.field_at(inst.nv_position_nm, points_nm)) - inst.f_dark0
+
+
+def map_spline_error_nm(grid: dict, lo: list[float], hi: list[float], seed: int,
+                        n: int = 2000) -> np.ndarray:
+    """Position error (nm) of a noise-free detuning map on ``grid`` at n random tips in [lo, hi]."""
+    import xarray as xr
+
+    from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
+
+    axes = [np.linspace(*grid[a]) for a in "xyz"]
+    tips = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+    coords = dict(zip("xyz", axes, strict=True))
+    det = DetuningInterpolant.from_map(
+        xr.DataArray(exact_dark_detuning(tips), dims=("x", "y", "z"), coords=coords))
+    pts = np.random.default_rng(seed).uniform(lo, hi, (n, 3))
+    value, grad = det.value_and_gradient(pts)
+    return np.abs(value - exact_dark_detuning(pts)) / np.linalg.norm(grad, axis=-1)

@@ -37,14 +37,7 @@ def psf_map() -> xr.Dataset:
 
 def test_protocol_map_grid_places_spins_to_picometres():
     """The protocol's (coarser) map grid: spline error in position units, noise-free."""
-    m = protocol.SPIN_PSF_MAP
-    axes = [np.linspace(*m[a]) for a in "xyz"]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
-    det = DetuningInterpolant.from_map(xr.DataArray(_exact_dark(grid), dims=("x", "y", "z"),
-                                                    coords=dict(zip("xyz", axes, strict=True))))
-    pts = np.random.default_rng(2).uniform([-25, -40, 28], [60, 40, 37], (2000, 3))
-    value, grad = det.value_and_gradient(pts)
-    err_nm = np.abs(value - _exact_dark(pts)) / np.linalg.norm(grad, axis=-1)
+    err_nm = syn.map_spline_error_nm(protocol.SPIN_PSF_MAP, [-25, -40, 28], [60, 40, 37], 2)
     assert np.sqrt(np.mean(err_nm**2)) < 0.01 and err_nm.max() < 0.03
 
 
@@ -53,29 +46,26 @@ def detuning(psf_map) -> DetuningInterpolant:
     return DetuningInterpolant.from_map(dark_detuning_map(psf_map))
 
 
-def _exact_dark(points):
-    b = INST.field_at(INST.nv_position_nm, points)
-    return physics.dark_spin_frequency(b) - INST.f_dark0
 
 
 def test_two_transitions_give_the_dark_frequency_exactly(psf_map):
     det = dark_detuning_map(psf_map)
     gx, gy, gz = xr.broadcast(det["x"], det["y"], det["z"])
     pts = np.stack([gx.values, gy.values, gz.values], -1)
-    err = det.values - _exact_dark(pts)
+    err = det.values - syn.exact_dark_detuning(pts)
     assert np.sqrt(np.mean(err**2)) < 60e3                      # lock noise is 30 kHz
     # the ms=0->+1 shift alone is far off near the tip (the reason for two transitions)
     with pytest.warns(UserWarning):
         approx = dark_detuning_map(psf_map.drop_vars("lock_f_minus"))
-    assert np.max(np.abs(approx.values - _exact_dark(pts))) > 20e6
+    assert np.max(np.abs(approx.values - syn.exact_dark_detuning(pts))) > 20e6
 
 
 def test_interpolant_values_gradient_and_domain(detuning):
     rng = np.random.default_rng(1)
     pts = rng.uniform([-20, -30, 27], [60, 30, 38], (500, 3))
-    assert np.sqrt(np.mean((detuning(pts) - _exact_dark(pts)) ** 2)) < 60e3
-    h = 1e-3
-    fd = np.stack([(_exact_dark(pts + h * e) - _exact_dark(pts - h * e)) / (2 * h)
+    assert np.sqrt(np.mean((detuning(pts) - syn.exact_dark_detuning(pts)) ** 2)) < 60e3
+    h, dark = 1e-3, syn.exact_dark_detuning
+    fd = np.stack([(dark(pts + h * e) - dark(pts - h * e)) / (2 * h)
                    for e in np.eye(3)], -1)
     g = detuning.gradient(pts)
     assert np.median(np.linalg.norm(g - fd, axis=-1) / np.linalg.norm(fd, axis=-1)) < 5e-3
@@ -103,7 +93,7 @@ def test_psf_equals_physics_and_feasible_box(detuning):
     psf = DarkSpinPSF(detuning, line, INST.f_dark0 + 300e6)
     rng = np.random.default_rng(2)
     pts = rng.uniform([0, -20, 28], [40, 20, 36], (2000, 3))
-    exact = physics.dark_spin_psf(_exact_dark(pts), 300e6)
+    exact = physics.dark_spin_psf(syn.exact_dark_detuning(pts), 300e6)
     assert np.max(np.abs(psf(pts) - exact)) < 0.02
     v, g = psf.value_and_gradient(pts)
     h = 1e-4

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reconstruct_synth as syn
-import xarray as xr
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.reconstruct import protocol
@@ -21,8 +20,6 @@ SPIN = np.array([4.0, 5.1, -3.65])                      # Fig. 4 offset from the
 FWHM_HZ = 11.95e6                                       # flip line of t_pi 100 ns, T2* 150 ns
 
 
-def _exact_dark(points):
-    return physics.dark_spin_frequency(INST.field_at(INST.nv_position_nm, points)) - INST.f_dark0
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +32,7 @@ def detuning() -> DetuningInterpolant:
 
 def test_map_spline_is_accurate_where_the_zoom_raster_looks():
     """Noise-free map on the protocol's grid: spline error in position units, z 17-30 nm."""
-    m = protocol.SPIN_PSF_MAP
-    axes = [np.linspace(*m[a]) for a in "xyz"]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
-    det = DetuningInterpolant.from_map(xr.DataArray(_exact_dark(grid), dims=("x", "y", "z"),
-                                                    coords=dict(zip("xyz", axes, strict=True))))
-    pts = np.random.default_rng(4).uniform([-25, -40, 17], [60, 40, 30], (2000, 3))
-    value, grad = det.value_and_gradient(pts)
-    err_nm = np.abs(value - _exact_dark(pts)) / np.linalg.norm(grad, axis=-1)
+    err_nm = syn.map_spline_error_nm(protocol.SPIN_PSF_MAP, [-25, -40, 17], [60, 40, 30], 4)
     assert np.sqrt(np.mean(err_nm**2)) < 0.02 and np.percentile(err_nm, 99) < 0.1
 
 
@@ -62,11 +52,11 @@ def test_zoom_raster_crosses_a_thin_slice_of_the_spin(detuning):
     gx, gy = np.meshgrid(xs, ys, indexing="ij")
     tips = np.stack([gx, gy, np.full_like(gx, z)], -1)
     rel = tips - SPIN
-    p = physics.dark_flip_probability(zoom.rf_offset_hz - _exact_dark(rel))
+    p = physics.dark_flip_probability(zoom.rf_offset_hz - syn.exact_dark_detuning(rel))
     on = p >= 0.5 * physics.dark_flip_probability(0.0)
     assert on.sum() >= 10                                           # the slice crosses it
-    h = 1e-3
-    grad = np.stack([(_exact_dark(rel + h * e) - _exact_dark(rel - h * e)) / (2 * h)
+    h, dark = 1e-3, syn.exact_dark_detuning
+    grad = np.stack([(dark(rel + h * e) - dark(rel - h * e)) / (2 * h)
                      for e in np.eye(3)], -1)
     lateral = FWHM_HZ / np.hypot(grad[..., 0], grad[..., 1])
     vertical = FWHM_HZ / np.abs(grad[..., 2])
