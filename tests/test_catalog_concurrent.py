@@ -14,7 +14,6 @@ Needs PostgreSQL at 127.0.0.1:5432; in CI its absence is a failure.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from services import require_service
 
 from nvmri_bluesky import facility
 from nvmri_bluesky.catalog import (
@@ -43,12 +43,7 @@ RF_HZ = 3.4e9
 
 
 def _require_postgres() -> None:
-    if facility.postgres_available():
-        return
-    message = f"PostgreSQL at {facility.POSTGRES_URI} is not reachable"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    require_service(facility.postgres_available(), f"PostgreSQL at {facility.POSTGRES_URI}")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from services import require_service
 
 from nvmri_bluesky import facility
 
@@ -30,15 +31,6 @@ pytestmark = [pytest.mark.facility, pytest.mark.timeout(900)]
 
 DEER_RF_HZ = 3.4e9
 """RF carrier of the test rasters (any value inside the RF source's range)."""
-
-
-def _require(ok: bool, what: str) -> None:
-    if ok:
-        return
-    message = f"{what} is not reachable; the facility tests need it"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 # ----------------------------------------------------------------------------- the deployment
@@ -51,7 +43,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def catalog_server(workdir: Path) -> Iterator[facility.CatalogServer]:
     """The facility tiled server, started early (it takes a while) and waited for on use."""
-    _require(facility.postgres_available(), f"PostgreSQL at {facility.POSTGRES_URI}")
+    require_service(facility.postgres_available(), f"PostgreSQL at {facility.POSTGRES_URI}")
     server = facility.start_catalog_server(wait=False, log_dir=workdir / "logs",
                                            data_dir=workdir / "tiled-data")
     yield server
@@ -78,7 +70,7 @@ def catalog(catalog_server: facility.CatalogServer) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def deployment(workdir: Path, catalog: SimpleNamespace) -> Iterator[SimpleNamespace]:
     """IOC + 0MQ proxy + RE Manager (environment closed) wired to the catalog."""
-    _require(facility.redis_available(), f"Redis at {facility.REDIS_ADDR}")
+    require_service(facility.redis_available(), f"Redis at {facility.REDIS_ADDR}")
     stack: list[Any] = []
     try:
         ioc = facility.start_simulated_ioc("default")

@@ -11,7 +11,6 @@ Every request goes over real HTTP through bluesky-queueserver-api's HTTP
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from services import require_service
 
 from nvmri_bluesky import facility
 
@@ -26,12 +26,7 @@ pytestmark = [pytest.mark.facility, pytest.mark.timeout(600)]
 
 
 def _require_redis() -> None:
-    if facility.redis_available():
-        return
-    message = f"Redis at {facility.REDIS_ADDR} is not reachable"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    require_service(facility.redis_available(), f"Redis at {facility.REDIS_ADDR}")
 
 
 @pytest.fixture(scope="module")
