@@ -1,11 +1,14 @@
 """One embedded catalog directory, several processes: readers while a raster writes.
 
-A writer process (its own simulated IOC) writes a small deer_raster and exits,
-then a second writer process writes a long one. While it writes, other
+``nvmri demo --scenario paper-fig2 --quick`` writes the Fig. 2 calibration
+runs, a writer process (its own simulated IOC) writes a small deer_raster and
+exits, then a second writer process writes a long one. While it writes, other
 processes use the same directory: ``nvmri runs``, ``nvmri replay`` and
-``nvmri reconstruct`` (the ``nvmri`` command), ``nvmri catalog verify``, and a
-stock tiled client through the profile the directory publishes
-(``catalog[-1]``, ``run.documents()``). None may hit DuckDB's file lock.
+``nvmri reconstruct`` (the ``nvmri`` command; it reconstructs the stored Ramsey
+fringes), ``nvmri catalog verify``, and a stock tiled client and databroker
+(``databroker.catalog['nvmri']``) through the profile the directory publishes
+(``catalog[-1]``, ``run.documents()``, a stream read). None
+may hit DuckDB's file lock.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def _nvmri(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_readers_share_the_catalog_while_a_raster_writes(tmp_path: Path) -> None:
     directory = tmp_path / "catalog"
+    calibration = _nvmri("demo", "--scenario", "paper-fig2", "--quick", "--out",
+                         str(tmp_path / "fig2"), "--catalog", str(directory), cwd=tmp_path)
+    assert calibration.returncode == 0, calibration.stderr[-3000:]
+    fig2 = json.loads((tmp_path / "fig2" / "report.json").read_text())
+    ramsey = fig2["runs"]["paper-fig2/ramsey_line"]
     ioc = facility.start_simulated_ioc("default")
     writer = None
     try:
@@ -69,8 +77,16 @@ def test_readers_share_the_catalog_while_a_raster_writes(tmp_path: Path) -> None
                         str(tmp_path / "replay"), cwd=tmp_path)
         assert replay.returncode == 0, replay.stderr
         assert any(Path(p).is_file() for p in replay.stdout.split())
-        # A lone raster has no PSF runs: reconstruct must say so (it read the catalog),
-        # not fail on the storage lock.
+        # The stored Ramsey line reconstructs to the demo's own fringe period ...
+        recon = _nvmri("reconstruct", ramsey[:8], "--json", "--catalog", str(directory),
+                       cwd=tmp_path)
+        assert recon.returncode == 0, recon.stderr[-3000:]
+        fringes = json.loads(recon.stdout)
+        period = fringes["ramsey_fringe_period_nm"]
+        assert period == fig2["ramsey_fringe_period_nm"], (period, fig2)
+        assert fringes["gradient_gauss_per_nm"] == fig2["gradient_gauss_per_nm"], fringes
+        assert abs(period["value"] - 0.33) <= 0.033 and 0 < period["sigma"] < 0.03, period
+        # ... and a lone raster, with no PSF runs of its instrument, is refused with why.
         recon = _nvmri("reconstruct", uid[:8], "--catalog", str(directory), cwd=tmp_path)
         refusal = "the catalog has no psf_map or deer_spectrum"
         assert recon.returncode == 2 and refusal in recon.stderr, (
@@ -86,8 +102,12 @@ def test_readers_share_the_catalog_while_a_raster_writes(tmp_path: Path) -> None
              "c = from_profile('nvmri')\n"
              "last = c[-1]\n"
              f"docs = list(c['{uid}'].documents())\n"
+             "import databroker\n"
+             "db = databroker.catalog['nvmri']\n"
+             f"table = db['{uid}']['primary'].read()\n"
              "print(json.dumps({'last': last.metadata['start']['uid'],\n"
-             "  'names': [n for n, _ in docs], 'cls': type(c).__name__}))"],
+             "  'names': [n for n, _ in docs], 'cls': type(c).__name__,\n"
+             "  'db_cls': type(db).__name__, 'db_points': int(table.sizes['time'])}))"],
             capture_output=True, text=True, timeout=300,
             env={**os.environ, "TILED_PROFILES": str(directory / "profiles")})
         assert stock.returncode == 0, stock.stderr[-3000:]
@@ -96,6 +116,7 @@ def test_readers_share_the_catalog_while_a_raster_writes(tmp_path: Path) -> None
         assert seen["last"] != uid  # catalog[-1] is the run being written now
         assert seen["names"][0] == "start" and seen["names"][-1] == "stop"
         assert seen["names"].count("event") == 30
+        assert seen["db_cls"] == "CatalogOfBlueskyRuns" and seen["db_points"] == 30  # databroker
         assert writer.poll() is None, "the long raster ended before the readers were done"
     finally:
         if writer is not None and writer.poll() is None:

@@ -8,7 +8,9 @@ Bluesky catalog needs and ``SimpleTiledServer`` does not register:
   ``BlueskyRun.documents()`` downloads (replay);
 - the run validation router of bluesky-tiled-plugins (``run.validate()``);
 - the root node carries the ``CatalogOfBlueskyRuns`` v3 spec, so clients get
-  the bluesky catalog client (partial-uid and scan_id lookup).
+  the bluesky catalog client (partial-uid and scan_id lookup);
+- one DuckDB connection that only one request thread uses at a time
+  (:func:`serialize_duckdb`).
 
 It also initialises a new catalog database in-process (``SimpleTiledServer``
 spawns ``python -m tiled catalog init`` on every open, which costs seconds).
@@ -64,6 +66,34 @@ def process_api_key() -> str:
     if not settings.single_user_api_key:
         settings.single_user_api_key = secrets.token_hex(32)
     return settings.single_user_api_key
+
+
+def serialize_duckdb(tables_uri: str, timeout_s: float = 300.0) -> None:
+    """Give the DuckDB table storage a pool of one connection, checked out exclusively.
+
+    tiled (0.2.x) hands DuckDB storage a ``sqlalchemy.pool.StaticPool``: one
+    ADBC connection shared by every request thread at the same time. The ADBC
+    DuckDB connection is not thread-safe, so a read (a reconstruction, a
+    replay) that overlaps appends from other writers can find its pending
+    result closed by another thread (``Invalid Input Error: Attempting to
+    execute an unsuccessful or closed pending query result``), come back
+    empty, or crash the serving process (SIGSEGV, seen in ``nvmri demo``
+    with three samples writing while a fourth reconstructed). A ``QueuePool``
+    of size one keeps tiled's one connection but lets a second thread wait
+    for it (up to ``timeout_s``) instead of using it concurrently. Upstream,
+    the same change belongs in ``tiled.storage.SQLStorage._connection_pool``.
+    """
+    import sqlalchemy.pool
+    from tiled.storage import get_storage
+
+    storage = get_storage(tables_uri)
+    old = storage.__dict__.get("_connection_pool")
+    if isinstance(old, sqlalchemy.pool.QueuePool):
+        return
+    storage.__dict__["_connection_pool"] = sqlalchemy.pool.QueuePool(
+        storage._adbc_connection.adbc_clone, pool_size=1, max_overflow=0, timeout=timeout_s)
+    if old is not None:
+        old.dispose()
 
 
 def _own_settings(app: Any, api_key: str) -> None:
@@ -193,6 +223,7 @@ class EmbeddedServer:
             init_if_not_exists=False,
             cache_config=StreamingCacheConfig(uri="memory").model_dump(),
         )
+        serialize_duckdb(self._tables_uri)
         self.app = build_app(
             self.adapter,
             authentication=Authentication(single_user_api_key=self.api_key),
