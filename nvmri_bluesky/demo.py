@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -143,8 +145,8 @@ def _in_parallel(samples: list[tuple[str, tuple[str, ...]]], common: dict[str, A
     # workers log like this process (the CLI quiets bluesky's tracebacks unless --debug)
     level = logging.getLogger("bluesky").level
     with ProcessPoolExecutor(min(jobs, len(samples)), mp_context=context,
-                             initializer=_log_level, initargs=(level,)) as pool:
-        futures = {i: pool.submit(_sample, *samples[i], **common) for i in order}
+                             initializer=_worker_init, initargs=(level,)) as pool:
+        futures = {i: pool.submit(_sample_in_worker, *samples[i], **common) for i in order}
         try:
             return dict(futures[i].result() for i in range(len(samples)))
         except KeyboardInterrupt:
@@ -154,8 +156,24 @@ def _in_parallel(samples: list[tuple[str, tuple[str, ...]]], common: dict[str, A
             raise
 
 
-def _log_level(level: int) -> None:
+def _worker_init(level: int) -> None:
+    """A worker logs like the main process and ends like it: on SIGTERM, or when it dies."""
+    from nvmri_bluesky.interrupts import end_with_parent, handle_sigterm
+
     logging.getLogger("bluesky").setLevel(level)
+    handle_sigterm()
+    end_with_parent()
+
+
+def _sample_in_worker(*args: Any, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """:func:`_sample` in a worker process, which ends (not takes the next sample) on SIGTERM."""
+    from nvmri_bluesky.interrupts import terminated
+
+    try:
+        return _sample(*args, **kwargs)
+    finally:
+        if terminated():              # runs closed and IOC stopped by now
+            os._exit(128 + signal.SIGTERM)
 
 
 def _sample(source: str, steps: tuple[str, ...], *, catalog: str, api_key: str | None,

@@ -247,7 +247,8 @@ def start_simulated_ioc(scenario: Any = "default", prefix: str | None = None,
         scenario_arg = str(workdir / f"{loaded.name}.json")
         Path(scenario_arg).write_text(json.dumps(loaded.to_dict()))
     cmd = [sys.executable, "-m", "nvmri_bluesky.sim.ioc", "--prefix", prefix, "--port",
-           str(port), "--scenario", scenario_arg, "--time-scale", repr(float(time_scale))]
+           str(port), "--scenario", scenario_arg, "--time-scale", repr(float(time_scale)),
+           "--exit-with-parent"]
     with open(workdir / "ioc.log", "wb") as log:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, env=launch.ioc_env(port),

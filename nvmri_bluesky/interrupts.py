@@ -10,13 +10,19 @@ worker processes are stopped) and forwards it to this process's
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 from types import FrameType
 
-__all__ = ["handle_sigterm", "reason"]
+__all__ = ["end_with_parent", "handle_sigterm", "reason", "terminated"]
 
 _received: list[int] = []
+
+
+def terminated() -> bool:
+    """Whether this process has received SIGTERM (with :func:`handle_sigterm` installed)."""
+    return signal.SIGTERM in _received
 
 
 def reason() -> str:
@@ -49,3 +55,22 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def handle_sigterm() -> None:
     """Handle SIGTERM like SIGINT (Ctrl-C) in this process (call from the main thread)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent() -> None:
+    """Have Linux send this process SIGTERM when its parent dies (a no-op elsewhere).
+
+    For worker processes: with :func:`handle_sigterm` installed, a parent that
+    was killed outright (SIGKILL, a crash) still ends its workers like Ctrl-C,
+    so their runs are closed and their simulated IOCs stopped.
+    """
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:          # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

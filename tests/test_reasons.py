@@ -154,9 +154,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_sigterm_to_nvmri_demo_leaves_no_process_behind(tmp_path: Path) -> None:
-    cmd = [os.path.join(os.path.dirname(sys.executable), "nvmri"), "demo", "--quick",
-           "--scenario", "paper-fig2", "--jobs", "1", "--out", str(tmp_path / "out")]
+def _demo_under_way(*args: str) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """``nvmri demo --quick ARGS`` in a new session, returned once a run is under way."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "nvmri"), "demo", "--quick", *args]
     demo = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     err: list[str] = []
@@ -168,6 +168,32 @@ def test_sigterm_to_nvmri_demo_leaves_no_process_behind(tmp_path: Path) -> None:
         assert demo.poll() is None, "".join(err)
         assert time.monotonic() < deadline, "".join(err)
         time.sleep(0.2)
+    return demo, err, reader
+
+
+def _gone(family: set[int], within_s: float) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in family if _alive(p)]
+
+
+def test_sigkill_to_nvmri_demo_leaves_no_process_behind(tmp_path: Path) -> None:
+    """Killed outright (no handler runs), the demo's workers and IOCs still end."""
+    demo, err, _ = _demo_under_way("--jobs", "2", "--out", str(tmp_path / "out"))
+    family = _descendants(demo.pid)
+    assert len(family) >= 4, family          # two workers and their IOCs at least
+    demo.kill()
+    demo.wait(30)
+    left = _gone(family, 60)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "".join(err)
+
+
+def test_sigterm_to_nvmri_demo_leaves_no_process_behind(tmp_path: Path) -> None:
+    demo, err, reader = _demo_under_way("--scenario", "paper-fig2", "--jobs", "1", "--out",
+                                        str(tmp_path / "out"))
     family = _descendants(demo.pid)
     assert family, "the demo should have started its simulated IOC"
     demo.send_signal(signal.SIGTERM)
@@ -177,10 +203,7 @@ def test_sigterm_to_nvmri_demo_leaves_no_process_behind(tmp_path: Path) -> None:
         os.killpg(demo.pid, signal.SIGKILL)
         raise
     reader.join(10)
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in family) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in family if _alive(p)], "".join(err)
+    assert not _gone(family, 30), "".join(err)
     assert rc == 130, "".join(err)
     assert "terminated (SIGTERM)" in "".join(err)
 

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -818,7 +819,7 @@ def _check_port_free(port: int) -> None:
 
 def serve(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
           time_scale: float = 0.0, port: int | None = None,
-          autosave: str | os.PathLike | None = None) -> None:
+          autosave: str | os.PathLike | None = None, exit_with_parent: bool = False) -> None:
     """Serve the simulated instrument on 127.0.0.1 until interrupted (blocking).
 
     Parameters
@@ -834,6 +835,9 @@ def serve(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
         A port that another process holds is refused (:class:`NvmriError`).
     autosave : str or Path, optional
         File that keeps stage positions and soft limits across restarts.
+    exit_with_parent : bool
+        Stop (as on Ctrl-C) when the process that started this one is gone, so
+        an IOC whose launcher was killed (SIGKILL, a crash) does not stay behind.
     """
     if port is not None:
         _check_port_free(port)
@@ -857,12 +861,22 @@ def serve(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
             print(f"NVMRI IOC ready prefix={prefix} port={ctx.port} pvs={len(ioc.pvdb)}; "
                   f"{policy.describe()}", flush=True)
 
+        if exit_with_parent:
+            asyncio.get_running_loop().create_task(_exit_with_parent(os.getppid()))
         await ctx.run(startup_hook=ready)
 
     try:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+
+
+async def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
+    """SIGINT to this process once its parent ``parent`` has gone (it is re-parented)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(period_s)
+    print(f"NVMRI IOC: parent process {parent} is gone; stopping", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def pv_names(prefix: str = "NVMRI:") -> list[str]:
@@ -895,6 +909,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CA server port (default: EPICS env); a taken port is refused")
     parser.add_argument("--autosave", default=None,
                         help="file keeping stage positions and soft limits across restarts")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop when the process that started this one is gone")
     parser.add_argument("--list-pvs", action="store_true", help="print the PV names and exit")
 
 
@@ -906,7 +922,7 @@ def run_from_args(args: argparse.Namespace) -> None:
         print("\n".join(pv_names(args.prefix)))
         return
     serve(load_scenario(args.scenario), args.prefix, args.time_scale, args.port,
-          args.autosave)
+          args.autosave, exit_with_parent=args.exit_with_parent)
 
 
 if __name__ == "__main__":

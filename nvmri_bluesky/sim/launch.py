@@ -511,7 +511,7 @@ def start_ioc(scenario: Any = "default", prefix: str | None = None, time_scale: 
         prefix = prefix or unique_prefix()
         cmd = [sys.executable, "-m", "nvmri_bluesky.sim.ioc", "--prefix", prefix,
                "--port", str(port), "--scenario", scenario_arg,
-               "--time-scale", repr(float(time_scale)), *extra_args]
+               "--time-scale", repr(float(time_scale)), "--exit-with-parent", *extra_args]
         with open(workdir / "ioc.log", "wb") as log:
             process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT, env=ioc_env(port),
