@@ -66,12 +66,11 @@ def calibration_report(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
         fringes = ramsey_report(ramsey_local_periods(ramsey["y"].values, p0),
                                 float(ramsey.attrs["tau_s"]))
         out["gradient_gauss_per_nm"] = fringes["gradient_gauss_per_nm"]
+        out["ramsey_fringe_period_nm"] = fringes["ramsey_fringe_period_nm"]
     if "gradient_line" in uids:
         line = load_run(cat, uids["gradient_line"], ["psf_map"])
         out["field_gradient_gauss_per_nm"] = gradient_report(
             field_gradient_map(line, along="y")["dbpar"].values)
-    if "ramsey_line" in uids:
-        out["ramsey_fringe_period_nm"] = fringes["ramsey_fringe_period_nm"]
     if "cw_slice" in uids:
         cw = load_run(cat, uids["cw_slice"], ["esr_raster"])
         fit = cw_slice_fwhm(cw["x"].values, np.ravel(cw["cw_0"].values),

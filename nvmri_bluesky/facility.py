@@ -233,36 +233,8 @@ def start_simulated_ioc(scenario: Any = "default", prefix: str | None = None,
     """
     from nvmri_bluesky.sim import launch
 
-    if not launch.ca_initialised():
-        return launch.start_ioc(scenario, prefix=prefix, time_scale=time_scale, timeout=timeout)
-    from nvmri_bluesky.sim.scenario import load_scenario
-
-    port = launch.find_free_port()
-    prefix = prefix or launch.unique_prefix()
-    workdir = Path(tempfile.mkdtemp(prefix="nvmri-ioc-"))
-    loaded = load_scenario(scenario)
-    if isinstance(scenario, str | os.PathLike):
-        scenario_arg = str(scenario)
-    else:
-        scenario_arg = str(workdir / f"{loaded.name}.json")
-        Path(scenario_arg).write_text(json.dumps(loaded.to_dict()))
-    cmd = [sys.executable, "-m", "nvmri_bluesky.sim.ioc", "--prefix", prefix, "--port",
-           str(port), "--scenario", scenario_arg, "--time-scale", repr(float(time_scale)),
-           "--exit-with-parent"]
-    with open(workdir / "ioc.log", "wb") as log:
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, env=launch.ioc_env(port),
-                                   start_new_session=True)
-    handle = launch.IocHandle(prefix=prefix, port=port, scenario=loaded,
-                              time_scale=float(time_scale), process=process, workdir=workdir)
-    deadline = time.monotonic() + timeout
-    while not launch.search_pv(f"{prefix}PG:STATUS", port, timeout=0.2):
-        if not handle.alive or time.monotonic() > deadline:
-            tail = handle.log_tail()
-            handle.stop()
-            raise NvmriError(f"simulated IOC on port {port} did not start: {tail}")
-        time.sleep(0.05)
-    return handle
+    return launch.start_ioc(scenario, prefix=prefix, time_scale=time_scale, timeout=timeout,
+                            configure_client=not launch.ca_initialised())
 
 
 def profile_env(ioc: Any = None, *, prefix: str | None = None, port: int | None = None,
