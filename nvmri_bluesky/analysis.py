@@ -89,11 +89,12 @@ def _psf_and_line(cat: Any, uids: dict[str, str], psf_name: str = "psf_map",
     from nvmri_bluesky.reconstruct.psf import (
         DetuningInterpolant,
         dark_detuning_map,
+        dark_detuning_sigma,
         fit_deer_spectrum,
     )
 
     psf = load_run(cat, uids[psf_name], ["psf_map"])
-    detuning = DetuningInterpolant.from_map(dark_detuning_map(psf))
+    detuning = DetuningInterpolant.from_map(dark_detuning_map(psf), dark_detuning_sigma(psf))
     _, line = fit_deer_spectrum(load_run(cat, uids[spectrum_name], ["deer_spectrum"]),
                                 model=model)
     return detuning, line
@@ -117,17 +118,12 @@ def _class_rasters(uids: dict[str, str]) -> list[list[str]]:
     return classes
 
 
-def _with_background(deer: Any, detuning: Any, line: Any, layer: Any) -> Any:
+def _with_background(deer: Any, detuning: Any, line: Any, layer: Any,
+                     fallback: Any = None) -> Any:
     """A spin raster with the fitted layer's expected contrast as a known background."""
-    from nvmri_bluesky.reconstruct.layers import layer_contrast
-    from nvmri_bluesky.reconstruct.localize import BACKGROUND
-    from nvmri_bluesky.reconstruct.psf import DarkSpinPSF
+    from nvmri_bluesky.reconstruct.localize import with_layer_background
 
-    d = deer.transpose("x", "y", "z", ...)
-    psf = DarkSpinPSF(detuning, line, float(d.attrs["rf_frequency_hz"]))
-    c = layer_contrast(psf, d["x"].values, d["y"].values, np.atleast_1d(d["z"].values),
-                       layer.height_nm, layer.density_per_nm2, float(d.attrs["tau_s"]))
-    return d.assign({BACKGROUND: (("x", "y", "z"), c)})
+    return with_layer_background(deer, detuning, line, layer, fallback=fallback)
 
 
 def _merge_spins(results: list[Any], min_sep_nm: float = 1.0) -> list[Any]:
@@ -142,7 +138,8 @@ def _merge_spins(results: list[Any], min_sep_nm: float = 1.0) -> list[Any]:
 
 
 def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
-                 content: Any = None) -> tuple[Any, Any, list[Any]]:
+                 content: Any = None, layer_detuning: Any = None
+                 ) -> tuple[Any, Any, list[Any]]:
     """Localisation of point spins: one joint fit per coupling class, merged.
 
     Parameters
@@ -157,6 +154,8 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
         the spins).
     content : EvolutionContent, optional
         The tip-free evolution's model choice (its coupling, for one spin).
+    layer_detuning : DetuningInterpolant, optional
+        The layer's PSF map: the layer's image where the spin map does not reach.
 
     Returns
     -------
@@ -179,7 +178,8 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
     for k, names in enumerate(_class_rasters(uids)):
         deer = [load_run(cat, uids[m], ["deer_raster"]) for m in names]
         if layer is not None:
-            deer = [_with_background(d, detuning, line, layer) for d in deer]
+            deer = [_with_background(d, detuning, line, layer, layer_detuning)
+                    for d in deer]
         single = len(_class_rasters(uids)) == 1
         results.append(localize_spins(deer, detuning, line,
                                       coupling_hint=coupling if single else None))
@@ -206,7 +206,24 @@ def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
     decay = fit_layer_decay(load_run(cat, uids["layer_decay"], ["deer_evolution"]),
                             image.height_nm, image.height_sigma_nm, line=line)
     return {"report": layer_report(image, decay), "deer": deer, "image": image,
-            "decay": decay, "line": line}
+            "decay": decay, "line": line, "detuning": detuning}
+
+
+def layer_with_spins(cat: Any, uids: dict[str, str], found: dict[str, Any],
+                     couplings_hz: list[float]) -> dict[str, Any]:
+    """The layer's report from the joint decay model: layer and the located point spins.
+
+    The tip-free decay flips every spin on the line, the point spins too: their
+    oscillations (couplings from the spin fit) enter the decay's model as known
+    factors, so they are not read as layer density.
+    """
+    from nvmri_bluesky.reconstruct.layers import fit_layer_decay
+
+    image = found["image"]
+    decay = fit_layer_decay(load_run(cat, uids["layer_decay"], ["deer_evolution"]),
+                            image.height_nm, image.height_sigma_nm, line=found["line"],
+                            spin_couplings_hz=couplings_hz)
+    return layer_report(image, decay)
 
 
 def instrument_time_part(cat: Any, sample: str, uids: dict[str, str]) -> dict[str, Any]:
@@ -280,9 +297,10 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
     """Spins and layers of one sample, each kept only with its evidence above threshold."""
     from nvmri_bluesky import figures
     from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN
+    from nvmri_bluesky.reconstruct.protocol import PRIOR_MIN_COUPLING_HZ
 
     part: dict[str, Any] = {"spins": [], "layers": []}
-    layer = layer_line = None
+    layer = layer_line = found = None
     if "layer_raster" in uids:
         found = layers_result(cat, uids)
         layer_line = found["line"]
@@ -299,9 +317,28 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
                           else (None, {}))
     part.update(evolution)
     if _class_rasters(uids):
-        result, deer, spins = spins_result(cat, uids, layer=layer, content=content)
+        result, deer, spins = spins_result(cat, uids, layer=layer, content=content,
+                                           layer_detuning=found["detuning"] if found else None)
         entries = spins_report(replace(result, spins=tuple(spins)))
-        part["spins"] = [{"sample": sample, **e} for e in entries if _located(e)]
+        # below the prior's coupling by more than 3 sigma (a true 50 kHz spin is kept)
+        weak = [abs(s.coupling_hz) + 3 * s.coupling_sigma_hz < PRIOR_MIN_COUPLING_HZ
+                for s in spins]
+        part["spins"] = [{"sample": sample, **e} for e, w in zip(entries, weak, strict=True)
+                         if _located(e) and not w]
+        part.setdefault("rejected", []).extend(
+            {"kind": "spin", "why": f"coupling more than 3 sigma below the searched prior's "
+             f"{PRIOR_MIN_COUPLING_HZ / 1e3:g} kHz (e.g. a layer spin near the NV)", **e}
+            for e, w in zip(entries, weak, strict=True) if _located(e) and w)
+        located = [s.coupling_hz for s, e, w in zip(spins, entries, weak, strict=True)
+                   if _located(e) and not w]
+        if layer is not None and located:       # the joint decay model: layer + spins
+            part["layers"] = [{"sample": sample,
+                               **layer_with_spins(cat, uids, found, located)}]
+        if layer is not None and part["layers"]:
+            # the joint spin fit's layer scale: the layer's density as the spin rasters see it
+            scale, scale_sigma = result.layer_scale
+            part["layers"][0]["density_in_spin_rasters_per_nm2"] = quantity(
+                scale * layer.density_per_nm2, scale_sigma * layer.density_per_nm2)
         part.setdefault("rejected", []).extend(
             {"kind": "spin", "why": "an offset ended on the search box's bound: an object "
              "outside the searched volume (e.g. a layer spin), not a located spin", **e}

@@ -30,16 +30,30 @@ def _grid(x, y, z) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def psf_map(inst: physics.Instrument, x, y, z, rng: np.random.Generator,
-            lock_noise_hz: float = 30e3) -> xr.Dataset:
-    """Both locked NV transitions on a tip grid, with Gaussian lock noise."""
+            lock_noise_hz: float = 30e3, noise_spread: float = 1.0) -> xr.Dataset:
+    """Both locked NV transitions on a tip grid, with Gaussian lock noise.
+
+    Every node's sigma is ``lock_noise_hz`` times a factor uniform in
+    [1, ``noise_spread``] (drawn per node and transition; the lock is noisier
+    off the line centre); the sigmas are stored as ``lock_frequency_sigma`` and
+    ``lock_f_minus_sigma``, as a lock reports them.
+    """
     x, y, z, tips = _grid(x, y, z)
     b = inst.field_at(inst.nv_position_nm, tips)
     fp, fm = physics.nv_transition_frequencies(b, inst.nv_axis)
     fp0, fm0 = physics.nv_transition_frequencies(inst.b0_vector, inst.nv_axis)
-    fp = fp + rng.normal(0.0, lock_noise_hz, fp.shape)
-    fm = fm + rng.normal(0.0, lock_noise_hz, fm.shape)
+    def node_sigma() -> np.ndarray:          # no draw for one sigma: seeds keep their maps
+        if noise_spread == 1.0:
+            return np.full(fp.shape, float(lock_noise_hz))
+        return lock_noise_hz * rng.uniform(1.0, noise_spread, fp.shape)
+
+    sp, sm = node_sigma(), node_sigma()
+    fp = fp + sp * rng.normal(0.0, 1.0, fp.shape)
+    fm = fm + sm * rng.normal(0.0, 1.0, fm.shape)
+    dims = ("x", "y", "z")
     return xr.Dataset(
-        {"lock_frequency": (("x", "y", "z"), fp), "lock_f_minus": (("x", "y", "z"), fm)},
+        {"lock_frequency": (dims, fp), "lock_f_minus": (dims, fm),
+         "lock_frequency_sigma": (dims, sp), "lock_f_minus_sigma": (dims, sm)},
         coords={"x": x, "y": y, "z": z},
         attrs={"f_nv0_hz": float(fp0) + rng.normal(0.0, lock_noise_hz / 5),
                "f_minus0_hz": float(fm0) + rng.normal(0.0, lock_noise_hz / 5)})

@@ -97,3 +97,20 @@ def test_no_false_precision(value: float, sigma: float, bound: str | None) -> No
 
 def test_a_determined_quantity_keeps_value_and_sigma() -> None:
     assert quantity(2.5, 0.1) == {"value": 2.5, "sigma": 0.1}
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_two_comparable_couplings_are_two_spins_not_a_layer(seed: int) -> None:
+    """test_demo's two spins (117 and 176 kHz): their beat looks like a decay to either
+    one-component step (one spin or a layer); the pair is found, and no layer."""
+    offsets = np.array([[4.0, 5.1, -3.65], [2.0, -6.0, -2.0]])
+    nus = sorted((abs(float(physics.dipolar_coupling(o, INST.nv_axis))) for o in offsets),
+                 reverse=True)
+    content = classify_evolution(_evolution(offsets, seed))
+    assert not content.layer, content
+    assert len(content.couplings_hz) == 2, content
+    for found, sig, true in zip(content.couplings_hz, content.coupling_sigmas_hz, nus,
+                                strict=True):
+        assert abs(found - true) <= max(3 * sig, 0.05 * true), (content, true)
+    assert min(content.spin_evidence) >= DELTA_DEVIANCE_MIN
+    assert coupling_classes(content.couplings_hz) == [content.couplings_hz[0]]

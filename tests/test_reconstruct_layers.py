@@ -69,3 +69,23 @@ def test_decay_integral_limits():
     assert j[1] / j[0] == pytest.approx(4.0, rel=1e-3)
     c = layer_decay(np.array([0.1e-6, 1e-6, 10e-6]), 10.0, 0.5, 0.53)
     assert np.all(np.diff(c) > 0) and c[-1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_decay_density_with_a_point_spin_on_the_same_nv():
+    """The joint decay model: a located spin's oscillation is not read as layer density."""
+    from nvmri_bluesky import physics
+
+    rng = np.random.default_rng(31)
+    depth, density = 11.4, 0.86
+    inst = syn.instrument(depth)
+    spin = np.array([3.9, 1.3, -4.6])                          # 216 kHz, as seed 1103 of test_demo
+    nu = physics.dipolar_coupling(spin, inst.nv_axis)
+    offsets = np.vstack([syn.layer_offsets(rng, depth, density, 40.0), spin])
+    evo = syn.deer_evolution(inst, offsets, protocol.LAYER_EVOLUTION_TAUS_S,
+                             protocol.LAYER_EVOLUTION_SHOTS, rng)
+    line = FlipLine(centre_hz=inst.f_dark0)
+    alone = fit_layer_decay(evo, depth, 0.0, line=line)
+    joint = fit_layer_decay(evo, depth, 0.0, line=line, spin_couplings_hz=[nu])
+    assert abs(joint.density_per_nm2 - density) <= 3 * joint.density_sigma_per_nm2
+    assert abs(joint.density_per_nm2 / density - 1) <= 0.3
+    assert alone.density_per_nm2 > joint.density_per_nm2 + joint.density_sigma_per_nm2

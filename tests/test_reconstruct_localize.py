@@ -145,3 +145,34 @@ def test_joint_rasters_at_two_rf_offsets():
     assert result.nuisance.shape == (2, 3)
     err = result.spins[0].offset_nm - spin
     assert np.all(np.abs(err) <= 0.3) and np.all(np.abs(err) <= 3 * result.spins[0].offset_sigma_nm)
+
+
+def test_spin_under_a_layer_with_its_image_as_a_fitted_background():
+    """A spin under a dense surface layer (0.86 spins/nm^2, 11.4 nm up): the survey's spin
+    is found with the layer's expected image as a background whose scale is fitted
+    jointly (the image density given 10 % low), and the layer's ring is no spin."""
+    from nvmri_bluesky.reconstruct.layers import LayerFit
+    from nvmri_bluesky.reconstruct.localize import with_layer_background
+
+    rng = np.random.default_rng(1103)
+    depth, density = 11.4, 0.86
+    inst = syn.instrument(depth)
+    spin = np.array([3.9, 1.3, -4.6])
+    layer = syn.layer_offsets(rng, depth, density, 40.0)
+    det = _detuning(depth, 1103)
+    line = FlipLine(centre_hz=inst.f_dark0, centre_sigma_hz=200e3)
+    tau = protocol.choose_tau(protocol.HIDDEN_SPIN_COUPLING_HZ)
+    design = protocol.design_spin_raster(det, line.centre_hz, tau,
+                                         step_nm=protocol.SPIN_SURVEY_STEP_NM)
+    ds = syn.deer_raster(inst, np.vstack([layer, spin]), *design.axes(),
+                         design.rf_frequency_hz, tau, design.shots, rng)
+    image = LayerFit(height_nm=depth, height_sigma_nm=0.05, density_per_nm2=0.9 * density,
+                     density_sigma_per_nm2=0.05, chi2_reduced=1.0, method="image")
+    result = localize_spins(with_layer_background(ds, det, line, image), det, line)
+    assert len(result.spins) == 1
+    fit = result.spins[0]
+    err = fit.offset_nm - spin
+    assert np.all(np.abs(err) <= 0.3), (fit.offset_nm, spin)
+    assert np.all(np.abs(err) <= 3 * fit.offset_sigma_nm + 0.02), (err, fit.offset_sigma_nm)
+    scale, scale_sigma = result.layer_scale
+    assert scale_sigma > 0 and 0.8 < scale * 0.9 < 1.3

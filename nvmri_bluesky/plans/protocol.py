@@ -232,8 +232,8 @@ def _raster_name(base: str, k: int) -> str:
 
 def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ...],
                  quick: bool = False, md: dict | None = None,
-                 coherence: Any = None, line: Any = None
-                 ) -> Generator[Any, Any, dict[str, str]]:
+                 coherence: Any = None, line: Any = None, layer: Any = None,
+                 layer_detuning: Any = None) -> Generator[Any, Any, dict[str, str]]:
     """DEER spectrum, then a survey and a fine raster per coupling class.
 
     The spectrum is taken at the tau of the strongest coupling; each class of
@@ -258,6 +258,12 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         Coherence a layer leaves at tau (weighs the choice of tau).
     line : FlipLine, optional
         A dark-spin line measured already (a layer's spectrum): no spectrum run.
+    layer : LayerFit, optional
+        A layer imaged on the same NV: the survey's spins are found with its
+        expected image as a known background (``localize.with_layer_background``),
+        so the layer's resonant ring is not taken for a spin.
+    layer_detuning : DetuningInterpolant, optional
+        The layer's PSF map (where the spin map does not reach the layer plane).
 
     Yields
     ------
@@ -270,7 +276,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     """
     from nvmri_bluesky.reconstruct import protocol as design
     from nvmri_bluesky.reconstruct.evidence import coupling_classes
-    from nvmri_bluesky.reconstruct.localize import localize_spins
+    from nvmri_bluesky.reconstruct.localize import localize_spins, with_layer_background
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
     detuning, f_plus0, f_line = ingredients
@@ -289,6 +295,9 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         name = _raster_name("deer_survey", k)
         uids[name], survey_data = yield from take(_deer_raster(
             devices, survey, f_plus0, {"measurement": name, **(md or {})}))
+        if layer is not None:
+            survey_data = with_layer_background(survey_data, detuning, line, layer,
+                                                fallback=layer_detuning)
         found = localize_spins(survey_data, detuning, line)
         if not found.spins:
             continue
@@ -316,12 +325,15 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
        (:func:`~nvmri_bluesky.reconstruct.evidence.classify_evolution`):
        oscillations (point spins with couplings nu_k), a decay (a layer),
        both, or nothing.
-    3. A layer: :func:`surface_layers`' runs (its own PSF map reaching lower).
+    3. A layer: :func:`surface_layers`' runs (its own PSF map reaching lower),
+       and its height and density from its image (``fit_layer_image``).
     4. Point spins: :func:`spin_rasters` (a survey per coupling class).  A
        layer's decay can hide point spins from the evolution, so with a layer
        the spin survey runs anyway, designed for
-       :data:`~nvmri_bluesky.reconstruct.protocol.HIDDEN_SPIN_COUPLING_HZ` and
-       the coherence the layer leaves; the reconstruction's evidence decides.
+       :data:`~nvmri_bluesky.reconstruct.protocol.HIDDEN_SPIN_COUPLINGS_HZ` (one
+       survey per coupling class); the survey's spins are found with the
+       layer's expected image as a known background (the joint model), and
+       the reconstruction's evidence decides.
     5. Nothing: no more runs (the report gives the detection limit).
 
     Parameters
@@ -342,21 +354,29 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
         measurement -> uid (every name unique).
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import classify_evolution
+    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN, classify_evolution
+    from nvmri_bluesky.reconstruct.layers import fit_layer_image
 
     uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
     content = classify_evolution(evolution)
-    line = None
+    line = layer = layer_detuning = None
     if content.layer:
-        layer_uids, line = yield from _layer_runs(devices, quick, md)
+        layer_uids, line, (layer_raster, layer_detuning) = yield from _layer_runs(
+            devices, quick, md)
         uids.update(layer_uids)
+        image = fit_layer_image(layer_raster, layer_detuning, line)
+        layer = image if image.delta_deviance >= DELTA_DEVIANCE_MIN else None
+    # an imaged layer is the rasters' fitted background (only its resonant slice flips
+    # there): its tip-free decay, where every layer spin flips, does not weigh the tau
+    joint = {"coherence": content.layer_coherence if layer is None else None,
+             "layer": layer, "layer_detuning": layer_detuning}
     if content.couplings_hz:            # seen in the evolution: their own spectrum
         uids.update((yield from spin_rasters(devices, ingredients, content.couplings_hz,
-                                             quick, md, coherence=content.layer_coherence)))
+                                             quick, md, **joint)))
     elif content.layer:                 # hidden by the layer's decay? the layer's line
         uids.update((yield from spin_rasters(
-            devices, ingredients, (design.HIDDEN_SPIN_COUPLING_HZ,), quick, md,
-            coherence=content.layer_coherence, line=line)))
+            devices, ingredients, design.HIDDEN_SPIN_COUPLINGS_HZ, quick, md,
+            line=line, **joint)))
     return uids
 
 
@@ -397,13 +417,14 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
     dict
         measurement -> uid.
     """
-    uids, _ = yield from _layer_runs(devices, quick, md)
+    uids, _, _ = yield from _layer_runs(devices, quick, md)
     return uids
 
 
 def _layer_runs(devices: Any, quick: bool, md: dict | None
-                ) -> Generator[Any, Any, tuple[dict[str, str], Any]]:
-    """:func:`surface_layers`' runs; (measurement -> uid, the fitted dark-spin line)."""
+                ) -> Generator[Any, Any, tuple[dict[str, str], Any, tuple[Any, Any]]]:
+    """:func:`surface_layers`' runs; (measurement -> uid, the fitted dark-spin line,
+    (the layer raster's data, the layer PSF map's Delta f_dark interpolant))."""
     from nvmri_bluesky.reconstruct import protocol as design
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
@@ -417,13 +438,13 @@ def _layer_runs(devices: Any, quick: bool, md: dict | None
         md={"measurement": "layer_spectrum", **(md or {})}))
     _, line = fit_deer_spectrum(spectrum, model="bath")
     raster = design.design_layer_raster(detuning, line.centre_hz)
-    uids["layer_raster"], _ = yield from take(_deer_raster(
+    uids["layer_raster"], raster_data = yield from take(_deer_raster(
         devices, raster, f_plus0, {"measurement": "layer_raster", **(md or {})}))
     uids["layer_decay"], _ = yield from take(sweeps.deer_evolution(
         devices, design.LAYER_EVOLUTION_TAUS_S, rf_frequency_hz=line.centre_hz,
         mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
         md={"measurement": "layer_decay", **(md or {})}))
-    return uids, line
+    return uids, line, (raster_data, detuning)
 
 
 STEPS = {"calibration": calibration, "sample": any_sample, "spins": single_spins,

@@ -276,8 +276,8 @@ def psf_map(devices: Any, x: Axis, y: Axis, z: Axis | float,
     check_frequency(devices.mw, mw_frequency_hz, "mw_frequency_hz")
     # A PSF map records the lock's estimate itself: any fine estimate (inside the
     # pair's capture range) is a measurement; the MW need not sit on the line.
-    plus = FrequencyLock(name="lock", tolerance_hz=0.5 / TAU_CW_S)
-    minus = FrequencyLock(name="lock_minus", tolerance_hz=0.5 / TAU_CW_S)
+    plus = FrequencyLock(name="lock", tolerance_hz=0.3 / TAU_CW_S)
+    minus = FrequencyLock(name="lock_minus", tolerance_hz=0.3 / TAU_CW_S)
     program = lock_program(plus.fwhm_hz)
     args, grid = _grid(devices.stage, axes, snake)
     motors = [devices.stage.x, devices.stage.y, devices.stage.z]

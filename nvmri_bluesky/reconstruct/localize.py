@@ -17,7 +17,25 @@ Noise model: independent Poisson counts.  The fit is the Poisson maximum
 likelihood over *all* gates of all points (Fisher scoring with
 Levenberg-Marquardt damping and box bounds); uncertainties are the inverse
 Fisher information at the optimum (the Cramer-Rao bound of this model),
-inflated by sqrt(Pearson chi^2 / dof) when that exceeds 1 (model mismatch).
+inflated by sqrt(Pearson chi^2 / dof) when that exceeds 1 (model mismatch),
+plus the measured PSF map's own noise when the map carries it
+(``DetuningInterpolant.sigma``, :func:`~.psf.dark_detuning_sigma`) and the
+map's interpolation error.
+
+Map noise: every node v_n of the map is one lock estimate with sigma s_n, and
+the PSF uses the spline through them, linear in v.  A node error dv moves the
+optimum by dtheta = -F^-1 J^T W G dv (first order; F the Fisher matrix with
+the priors, J = dmu/dtheta, W = diag(1/mu), G = dmu/dv from the spline's node
+weights, :meth:`~.psf.DetuningInterpolant.node_weights`), so the sigmas add
+C_map = A diag(s^2) A^T, A = -F^-1 J^T W G, to the counts' covariance
+(:func:`_map_covariance`).  On the fine zoom raster a single node near the
+imaged slice carries most of the lateral information, which the counts'
+covariance alone cannot know.  The spline's interpolation error (a smooth,
+deterministic bias of even a noise-free map: ~7 pm in dx for the Fig. 4 spin's
+zoom raster, 0.6 of its counts-only sigma) enters as a systematic of the size
+of its estimate, the quartic-minus-cubic spline difference
+(:meth:`~.psf.DetuningInterpolant.interpolation_error`), propagated the same
+way (:func:`_map_covariance`).
 
 Initial guesses need no prior knowledge of where spins are: the contrast map
 is deconvolved (Richardson-Lucy with the discrepancy stop,
@@ -82,6 +100,7 @@ __all__ = [
     "PRIOR_BOX", "SpinFit", "LocalizationResult", "localize_spins", "deconvolve_deer",
     "shift_operator",
     "spin_model_counts", "fisher_information", "fit_deer_evolution", "CouplingFit",
+    "with_layer_background",
 ]
 
 PRIOR_BOX = np.array([[-8.0, 8.0], [-8.0, 8.0], [-6.0, 2.0]])
@@ -107,11 +126,47 @@ class _Raster:
     background: NDArray    # (P,) known contrast of other sources (a layer), 0 if none
 
 
+LAYER_SCALE_MAX = 5.0
+"""Upper bound of the layer's scale in the joint spin fit (1: the layer image's density)."""
 MIN_DELTA_DEVIANCE = 40.0
 """Deviance drop (2 delta log L) a spin must bring to be kept (module doc)."""
 BACKGROUND = "background_contrast"
 """Optional data variable of a DEER raster: the contrast of a source already fitted
 (e.g. a layer's expected image); the spins' coherence multiplies its 1 - c."""
+
+
+class _EitherMap:
+    """Delta f_dark from a first map, from a second where the first does not reach."""
+
+    def __init__(self, first: DetuningInterpolant, second: DetuningInterpolant) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, points: ArrayLike) -> NDArray:
+        f = self.first(points)
+        miss = ~np.isfinite(f)
+        if miss.any():
+            f = np.where(miss, self.second(points), f)
+        return f
+
+
+def with_layer_background(deer: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine,
+                          layer: object, fallback: DetuningInterpolant | None = None
+                          ) -> xr.Dataset:
+    """A spin raster with a fitted layer's expected contrast as its :data:`BACKGROUND`.
+
+    The layer's expected image (``layers.layer_contrast``, height and density of
+    ``layer``, a :class:`~.layers.LayerFit`) on the raster, from the measured map
+    ``detuning`` (and ``fallback``, e.g. the layer's own PSF map, where the
+    layer plane's t - r' leaves it).
+    """
+    from nvmri_bluesky.reconstruct.layers import layer_contrast
+
+    d = deer.transpose("x", "y", "z", ...)
+    det = detuning if fallback is None else _EitherMap(detuning, fallback)
+    psf = DarkSpinPSF(det, line, float(d.attrs["rf_frequency_hz"]))
+    c = layer_contrast(psf, d["x"].values, d["y"].values, np.atleast_1d(d["z"].values),
+                       layer.height_nm, layer.density_per_nm2, float(d.attrs["tau_s"]))
+    return d.assign({BACKGROUND: (("x", "y", "z"), c)})
 
 
 def _prepare(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine) -> _Raster:
@@ -189,13 +244,20 @@ def _contrast_and_grad(psf: DarkSpinPSF, tips: NDArray, spins: NDArray, shift_hz
 
 @dataclass(frozen=True)
 class _Layout:
-    """Parameter vector: per dataset (a, C, E), then the line shift (MHz), then spins."""
+    """Parameter vector: per dataset (a, C, E), the line shift (MHz), with a background
+    the layer's scale s (its image's -log(1 - b) times s: the layer's density as the
+    spin rasters see it, fitted with the spins), then the spins."""
 
     n_sets: int
     n_spins: int
+    layer: bool = False
 
     @property
     def n_global(self) -> int:
+        return _N_NUIS * self.n_sets + 1 + int(self.layer)
+
+    @property
+    def scale(self) -> int:
         return _N_NUIS * self.n_sets + 1
 
     @property
@@ -208,10 +270,15 @@ class _Layout:
     def nuisance(self, theta: NDArray) -> NDArray:
         return theta[:_N_NUIS * self.n_sets].reshape(self.n_sets, _N_NUIS)
 
+    def layer_scale(self, theta: NDArray) -> float:
+        return float(theta[self.scale]) if self.layer else 1.0
+
     def bounds(self, box: NDArray) -> tuple[NDArray, NDArray]:
-        lo = np.r_[np.tile([1e-12, 0.0, 0.0], self.n_sets), -np.inf,
+        extra = [0.0] if self.layer else []
+        lo = np.r_[np.tile([1e-12, 0.0, 0.0], self.n_sets), -np.inf, extra,
                    np.tile(np.r_[box[:, 0], 0.0], self.n_spins)]
         hi = np.r_[np.tile([np.inf, 1.0, 1.0], self.n_sets), np.inf,
+                   [LAYER_SCALE_MAX] if self.layer else [],
                    np.tile(np.r_[box[:, 1], 2.0], self.n_spins)]
         return lo, hi
 
@@ -219,17 +286,21 @@ class _Layout:
 def _model_fn(rasters: Sequence[_Raster], lay: _Layout):
     """``fun(theta, want_jac)`` for :func:`_poisson.poisson_ml` over all rasters' gates."""
     sizes = [r.tips.shape[0] for r in rasters]
+    logs = [-np.log(np.clip(1.0 - r.background, 1e-12, 1.0)) for r in rasters]
 
     def fun(theta: NDArray, want: bool):
         nuis = lay.nuisance(theta)
         spins = lay.spins(theta)
         shift = theta[lay.shift] * 1e6
+        scale = lay.layer_scale(theta)
         mus, jacs = [], []
         for i, r in enumerate(rasters):
             a, copt, e = nuis[i]
             c, dc, dshift = _contrast_and_grad(r.psf, r.tips, spins, shift, want)
-            keep = 1.0 - r.background                        # coherence the background leaves
+            keep = np.exp(-scale * logs[i])                  # coherence the background leaves
             mu, da, dco, de, dmu_dc = gate_means(r.shots, a, copt, e, 1.0 - keep * (1.0 - c))
+            if want and lay.layer:
+                dmu_ds = dmu_dc * logs[i] * keep * (1.0 - c)
             dmu_dc = dmu_dc * keep
             mus.append(mu.ravel())
             if want:
@@ -237,6 +308,8 @@ def _model_fn(rasters: Sequence[_Raster], lay: _Layout):
                 base = _N_NUIS * i
                 jac[:, :, base], jac[:, :, base + 1], jac[:, :, base + 2] = da, dco, de
                 jac[0, :, lay.shift] = dmu_dc * dshift * 1e6
+                if lay.layer:
+                    jac[0, :, lay.scale] = dmu_ds
                 if lay.n_spins:
                     jac[0, :, lay.n_global:] = (dmu_dc[:, None, None] * dc).reshape(
                         sizes[i], 4 * lay.n_spins)
@@ -244,6 +317,103 @@ def _model_fn(rasters: Sequence[_Raster], lay: _Layout):
         return np.concatenate(mus), (np.concatenate(jacs) if want else None)
 
     return fun
+
+
+def _map_sensitivity(r: _Raster, spins: NDArray, shift_hz: float
+                     ) -> tuple[NDArray, NDArray]:
+    """The raster's contrast against the map: per node and along the interpolation error.
+
+    PSF_j = p(off - shift - Delta f(t - r_j)) and Delta f = sum_n K_n v_n, so
+    dc/dv_n = sum_j [prod_{l != j} (1 - w_l PSF_l)] w_j (-p'_j) K_n(t - r_j);
+    the same with K_n replaced by the estimated interpolation error e(t - r_j)
+    (:meth:`~.psf.DetuningInterpolant.interpolation_error`) is the change of c
+    if the spline were off by e.
+
+    Returns
+    -------
+    (dc_dv, dc_err) : ndarrays (P, n_nodes) in 1/Hz and (P,) dimensionless
+    """
+    det = r.psf.detuning
+    n_nodes = int(np.prod(det.values.shape))
+    p_n = r.tips.shape[0]
+    out, along = np.zeros((p_n, n_nodes)), np.zeros(p_n)
+    if spins.shape[0] == 0:
+        return out, along
+    off = r.psf.rf_offset_hz - shift_hz
+    vals, dvals, weights, errs = [], [], [], []
+    for j in range(spins.shape[0]):
+        pts = r.tips - spins[j, :3]
+        det_j = off - det(pts)
+        vals.append(np.nan_to_num(r.psf.line.probability(det_j)))
+        dvals.append(np.nan_to_num(-r.psf.line.derivative(det_j)))
+        weights.append([np.nan_to_num(w) for w in det.node_weights(pts)])
+        errs.append(np.nan_to_num(det.interpolation_error(pts)))
+    fac = 1.0 - spins[:, 3][None, :] * np.stack(vals, -1)          # (P, K)
+    for j in range(spins.shape[0]):
+        others = np.prod(np.delete(fac, j, axis=1), axis=1)
+        coef = others * spins[j, 3] * dvals[j]
+        a, b, c = weights[j]
+        out += (coef[:, None, None, None] * a[:, :, None, None] * b[:, None, :, None]
+                * c[:, None, None, :]).reshape(p_n, n_nodes)
+        along += coef * errs[j]
+    return out, along
+
+
+def _map_covariance(rasters: Sequence[_Raster], theta: NDArray, fisher: NDArray,
+                    lay: _Layout) -> NDArray:
+    """Parameter covariance from the PSF map, linearised at the optimum.
+
+    Two terms: the nodes' noise, A diag(s^2) A^T with A = -F^-1 J^T W G
+    (module doc; needs ``detuning.sigma``, else 0), and the spline's
+    interpolation error as a systematic, d d^T with d = -F^-1 J^T W g_e, g_e
+    the change of the means if the spline were off by its estimated error
+    (:meth:`~.psf.DetuningInterpolant.interpolation_error`).
+
+    Parameters
+    ----------
+    rasters : sequence of _Raster
+        The fitted rasters (one PSF map).
+    theta : ndarray (p,)
+        Optimum, order as :func:`fisher_information`.
+    fisher : ndarray (p, p)
+        Fisher matrix at ``theta`` including the priors.
+    lay : _Layout
+        The fit's parameter layout (spins, and a layer scale if fitted).
+
+    Returns
+    -------
+    ndarray (p, p)
+        In theta's units.
+    """
+    node_sigma = rasters[0].psf.detuning.sigma
+    sigma = (np.zeros(rasters[0].psf.detuning.values.size) if node_sigma is None
+             else np.ravel(node_sigma))
+    mu, jac = _model_fn(rasters, lay)(theta, True)
+    spins = lay.spins(theta)
+    shift = float(theta[lay.shift]) * 1e6
+    scale = lay.layer_scale(theta)
+    b = np.zeros((theta.size, sigma.size))
+    b_err = np.zeros(theta.size)
+    start = 0
+    for i, r in enumerate(rasters):
+        p_n = r.tips.shape[0]
+        a, copt, e = lay.nuisance(theta)[i]
+        c = _contrast_and_grad(r.psf, r.tips, spins, shift, False)[0]
+        keep = np.clip(1.0 - r.background, 1e-12, 1.0) ** scale      # as in _model_fn
+        dmu_dc = gate_means(r.shots, a, copt, e, 1.0 - keep * (1.0 - c))[4] * keep
+        dc_dv, dc_err = _map_sensitivity(r, spins, shift)
+        rows = slice(start, start + p_n)                                # signal: first P
+        weight = 1.0 / np.maximum(mu[rows], 1e-12)
+        if node_sigma is not None:
+            b += jac[rows].T @ ((dmu_dc * weight)[:, None] * dc_dv)
+        b_err += jac[rows].T @ (dmu_dc * weight * dc_err)
+        start += 4 * p_n
+    try:
+        amat = np.linalg.solve(fisher, np.column_stack([b, b_err]))
+    except np.linalg.LinAlgError:
+        amat = np.linalg.pinv(fisher) @ np.column_stack([b, b_err])
+    nodes, err = amat[:, :-1], amat[:, -1]
+    return (nodes * sigma**2) @ nodes.T + np.outer(err, err)
 
 
 def _observed(rasters: Sequence[_Raster]) -> NDArray:
@@ -326,9 +496,15 @@ def _shift_prior_mhz(line: FlipLine) -> float:
     return line.centre_sigma_hz / 1e6 if line.centre_sigma_hz > 0 else 1e-9
 
 
+def _has_layer(rasters: Sequence[_Raster]) -> bool:
+    return any(bool(np.any(r.background > 0)) for r in rasters)
+
+
 def _fit(rasters: Sequence[_Raster], theta0: NDArray, box: NDArray, line: FlipLine,
          max_iter: int = 200) -> PoissonFit:
-    lay = _Layout(len(rasters), (theta0.size - _N_NUIS * len(rasters) - 1) // 4)
+    layer = _has_layer(rasters)
+    lay = _Layout(len(rasters), (theta0.size - _N_NUIS * len(rasters) - 1 - int(layer)) // 4,
+                  layer)
     lo, hi = lay.bounds(box)
     ps = np.full(theta0.size, np.inf)
     ps[lay.shift] = _shift_prior_mhz(line)
@@ -532,7 +708,9 @@ class LocalizationResult:
     nuisance : ndarray (n_datasets, 3)
         Fitted (a, a C, E) per dataset.
     covariance : ndarray
-        Parameter covariance (sigma-inflated), order as :func:`fisher_information`.
+        Parameter covariance (sigma-inflated, plus the PSF map's noise when the
+        map has sigmas and its interpolation error), order as
+        :func:`fisher_information`.
     deviance : float
         Poisson deviance of the final model.
     pearson_chi2_reduced : float
@@ -547,6 +725,10 @@ class LocalizationResult:
         Offset box actually searched (prior box cut to PSF-map coverage).
     line_shift_hz : float
         Fitted shift of the dark-spin line centre (prior: the spectrum fit).
+    layer_scale : (float, float)
+        With a layer background: its fitted scale s and sigma (the layer's
+        density as the spin rasters see it, in units of the background's),
+        fitted jointly with the spins; (1, 0) without one.
     """
 
     spins: tuple[SpinFit, ...]
@@ -559,6 +741,7 @@ class LocalizationResult:
     density: xr.DataArray = field(repr=False)
     search_box: NDArray = field(default_factory=lambda: PRIOR_BOX.copy())
     line_shift_hz: float = 0.0
+    layer_scale: tuple[float, float] = (1.0, 0.0)
 
 
 def _coupling(offset: NDArray, w: float, sw: float, tau: float, axis: NDArray,
@@ -653,10 +836,12 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
     for r in rasters:
         a0, c0, e0 = initial_nuisance(r.counts, r.shots)
         nuis0 += [a0, c0, float(np.median(e0))]
-    fit = _fit(rasters, np.r_[nuis0, 0.0], box, line)
+    layer = _has_layer(rasters)
+    fit = _fit(rasters, np.r_[nuis0, 0.0, [1.0] if layer else []], box, line)
     devs = [fit.deviance]
     op = shift_operator(sets[0], rasters[0].psf, box, dz_step)
-    density = deconvolve_deer(sets[0], rasters[0].psf, box, dz_step, operator=op)
+    density = _residual_density(sets[0], rasters[0], np.zeros((0, 4)), 0.0, box, dz_step, op,
+                                _Layout(n_sets, 0, layer).layer_scale(fit.theta))
     source = density
     n_spins = 0
     gains: list[float] = []
@@ -672,7 +857,7 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         best = _fit(rasters, best.theta, box, line)
         cov = best.covariance(inflate=False)
         w_snr = best.theta[-1] / np.sqrt(max(cov[-1, -1], 1e-300))
-        lay = _Layout(n_sets, n_spins + 1)
+        lay = _Layout(n_sets, n_spins + 1, layer)
         new = lay.spins(best.theta)
         dup = any(np.linalg.norm(new[-1, :3] - s[:3]) < 0.5 for s in new[:-1])
         if fit.deviance - best.deviance < min_delta_deviance or w_snr < min_weight_snr or dup:
@@ -682,10 +867,13 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         devs.append(fit.deviance)
         if n_spins < max_spins:
             source = _residual_density(sets[0], rasters[0], lay.spins(fit.theta),
-                                       float(fit.theta[lay.shift]) * 1e6, box, dz_step, op)
+                                       float(fit.theta[lay.shift]) * 1e6, box, dz_step, op,
+                                       lay.layer_scale(fit.theta))
 
-    lay = _Layout(n_sets, n_spins)
+    lay = _Layout(n_sets, n_spins, layer)
     cov = fit.covariance(inflate=True)
+    if n_spins:
+        cov = cov + _map_covariance(rasters, fit.theta, fit.fisher, lay)
     sig = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     spins = lay.spins(fit.theta)
     fits = []
@@ -710,21 +898,31 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
                               pearson_chi2_reduced=fit.chi2_reduced, deviance_by_k=tuple(devs),
                               n_points=int(sum(r.tips.shape[0] for r in rasters)),
                               density=density, search_box=box,
-                              line_shift_hz=float(fit.theta[lay.shift]) * 1e6)
+                              line_shift_hz=float(fit.theta[lay.shift]) * 1e6,
+                              layer_scale=(lay.layer_scale(fit.theta),
+                                           float(sig[lay.scale]) if layer else 0.0))
 
 
 def _residual_density(ds: xr.Dataset, r0: _Raster, spins: NDArray, shift_hz: float,
-                      box: NDArray, dz_step: float, op: ShiftOperator) -> xr.DataArray:
-    """Deconvolution of the contrast the current spins leave unexplained."""
+                      box: NDArray, dz_step: float, op: ShiftOperator,
+                      layer_scale: float = 1.0) -> xr.DataArray:
+    """Deconvolution of the contrast the current spins (and the known background) leave.
+
+    With a background contrast b (a layer's expected image) the spins' own
+    contrast is 1 - (1 - c) / (1 - b), its sigma scaled by 1 / (1 - b): the
+    deconvolution then sees the spins' rings, not the layer's.
+    """
     d = ds.transpose("x", "y", "z", ...)
     con = deer_contrast_dataset(d)
     c_data = con["contrast"].transpose("x", "y", "z").values
+    s_data = con["contrast_sigma"].transpose("x", "y", "z").values
     ok = valid_points(d).transpose("x", "y", "z").values
     c_model = _contrast_and_grad(r0.psf, r0.tips, spins, shift_hz, False)[0]
+    keep = np.ones(c_data.shape)
+    keep[ok] = np.clip(np.clip(1.0 - r0.background, 1e-12, 1.0) ** layer_scale, 1e-3, 1.0)
     resid = np.full(c_data.shape, np.nan)
-    resid[ok] = c_data[ok] - c_model
-    return deconvolve_deer(d, r0.psf, box, dz_step, contrast=resid,
-                           sigma=con["contrast_sigma"].transpose("x", "y", "z").values,
+    resid[ok] = 1.0 - (1.0 - c_data[ok]) / keep[ok] - c_model
+    return deconvolve_deer(d, r0.psf, box, dz_step, contrast=resid, sigma=s_data / keep,
                            operator=op)
 
 

@@ -54,6 +54,11 @@ __all__ = [
 
 PRIOR_LATERAL_NM = 8.0
 PRIOR_DZ_NM = (-6.0, 2.0)
+PRIOR_MIN_COUPLING_HZ = 50e3
+"""Weakest coupling of the spins searched (issue #11's envelope), Hz.  A fit weaker than
+this is outside the prior, like one on the box's bound: under a layer, its strongest
+spins (up to ~2 x 52 MHz nm^3 / h^3, 70 kHz at 11 nm) image like a weak spin near
+the box's top (seed 1103 of test_demo: 38 kHz at dz = 1.8 nm in the 8.3 us survey)."""
 
 SPIN_PSF_MAP = {"x": (-32.0, 68.0, 11), "y": (-50.0, 50.0, 11), "z": (15.0, 40.0, 6)}
 """PSF map for single spins: (start, stop, num) per axis, nm (10 nm lateral, 5 nm vertical).
@@ -120,8 +125,13 @@ LAYER_SHOTS = 100_000
 LAYER_EVOLUTION_SHOTS = 1_000_000
 LAYER_EVOLUTION_TAUS_S = tuple(np.round(np.geomspace(0.1e-6, 10e-6, 40), 10))
 HIDDEN_SPIN_COUPLING_HZ = 150e3
-"""Coupling the spin survey is designed for when a layer's decay hides any point spin
-from the tip-free evolution (its tau also weighs the layer's coherence), Hz."""
+"""Coupling the (first) spin survey is designed for when a layer's decay hides any point
+spin from the tip-free evolution, Hz."""
+HIDDEN_SPIN_COUPLINGS_HZ = (HIDDEN_SPIN_COUPLING_HZ, 60e3)
+"""Couplings the spin surveys are designed for under a layer that hides point spins: one
+survey each (tau 3.3 and 8.3 us), so a spin of the envelope's 50 kHz still gets
+w = 1 - cos(pi nu tau) >= 1 in one of them (a 91.5 kHz spin, seed 1123 of test_demo, gave
+w = 0.12 at the 1.7 us that the tip-free layer decay's coherence chose), Hz."""
 
 
 LOCKABLE_FRACTION = 0.5

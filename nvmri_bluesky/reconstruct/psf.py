@@ -45,7 +45,7 @@ from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.reconstruct.counts import check_gates, deer_contrast_dataset, valid_points
 
 __all__ = [
-    "dark_detuning_map", "DetuningInterpolant", "FlipLine", "LorentzianFit",
+    "dark_detuning_map", "dark_detuning_sigma", "DetuningInterpolant", "FlipLine", "LorentzianFit",
     "fit_lorentzian", "fit_flip_line", "fit_deer_spectrum", "DarkSpinPSF",
     "feasible_offset_box",
 ]
@@ -99,6 +99,101 @@ def dark_detuning_map(psf_map: xr.Dataset, d_hz: float = physics.D_ZFS,
     return out
 
 
+def _pair_offset_sigma(u: NDArray, ref: NDArray, contrast: float) -> NDArray:
+    """Photon-noise sigma (FWHM units) of the lock pair's offset estimate at offset ``u``.
+
+    The pair gates at f_mw -/+ FWHM/2 count ref (1 - C L(-/+1/2 - u)) on average
+    (``ref`` the far-off reference gate's counts, C the CW contrast); the
+    estimate :func:`physics.odmr_pair_offset` of the three Poisson counts is
+    propagated linearly (central differences of 1e-3 of each count's sigma).
+    Shapes broadcast; NaN where the estimate is undefined.
+    """
+    u = np.asarray(u, float)
+    ref = np.maximum(np.asarray(ref, float), 1.0)
+    counts = [ref * (1.0 - contrast * physics.lorentzian(-0.5 - u, 1.0)),
+              ref * (1.0 - contrast * physics.lorentzian(0.5 - u, 1.0)), ref]
+
+    def estimate(c: list[NDArray]) -> NDArray:
+        return physics.odmr_pair_offset(1.0 - c[0] / c[2], 1.0 - c[1] / c[2])[0]
+
+    var = np.zeros(np.broadcast(u, ref).shape)
+    for k in range(3):
+        h = 1e-3 * np.sqrt(counts[k])
+        up, dn = list(counts), list(counts)
+        up[k], dn[k] = counts[k] + h, counts[k] - h
+        var = var + ((estimate(up) - estimate(dn)) / (2.0 * h)) ** 2 * counts[k]
+    return np.sqrt(var)
+
+
+def dark_detuning_sigma(psf_map: xr.DataArray | xr.Dataset, d_hz: float = physics.D_ZFS,
+                        fwhm_hz: float | None = None) -> xr.DataArray:
+    """One-sigma photon noise of every node of :func:`dark_detuning_map`, Hz.
+
+    Each node's f+ and f- is one frequency-lock estimate.  Their sigmas are
+    taken from data variables ``lock_frequency_sigma`` and
+    ``lock_f_minus_sigma`` (Hz) when the map has them; otherwise from the
+    lock's own record (:mod:`nvmri_bluesky.plans.lock`): the pair estimate's
+    photon noise (:func:`_pair_offset_sigma`) at the offset it measured,
+    ``lock_error`` / FWHM for f+, and for f- the offset the recorded lock gates
+    ``lock_0``, ``lock_1``, ``lock_2`` give (the map's event holds the counts of
+    the last acquisition at the point, the ms=0->-1 lock's); the reference
+    counts are ``lock_2`` and the CW contrast is the map's median pair contrast.
+    The two sigmas are propagated through
+    :func:`physics.dark_spin_frequency_from_transitions` (central differences).
+    The retracted-tip reference (common to all nodes) is not included: a
+    common offset of the map is the line shift the localisation fits.
+
+    Validated on the simulator's paper-fig4 map against the exact physics:
+    errors / sigma have a MAD-sd of 1.0 (f+) and 1.07 (f-), with a few
+    5-6 sigma outliers of locks far (|u| ~ 0.45 FWHM) off the line.
+
+    Parameters
+    ----------
+    psf_map : xarray.Dataset
+        As :func:`dark_detuning_map`, plus the sigmas or the lock record.
+    d_hz : float
+        Zero-field splitting of the inversion, Hz.
+    fwhm_hz : float, optional
+        CW line width of the lock, Hz (default 1 / ``tau_cw_s`` attr, else the
+        lock's default probe width).
+
+    Returns
+    -------
+    xarray.DataArray
+        sigma of Delta f_dark on the map's grid, Hz, name ``dark_detuning_sigma``.
+    """
+    fp = np.asarray(psf_map["lock_frequency"].values, float)
+    fm = np.asarray(psf_map["lock_f_minus"].values, float)
+    if "lock_frequency_sigma" in psf_map and "lock_f_minus_sigma" in psf_map:
+        sp = np.asarray(psf_map["lock_frequency_sigma"].values, float)
+        sm = np.asarray(psf_map["lock_f_minus_sigma"].values, float)
+    elif all(k in psf_map for k in ("lock_error", "lock_0", "lock_1", "lock_2")):
+        if fwhm_hz is None:
+            from nvmri_bluesky.plans.lock import TAU_CW_S
+            fwhm_hz = 1.0 / float(psf_map.attrs.get("tau_cw_s", TAU_CW_S))
+        ref = np.asarray(psf_map["lock_2"].values, float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            u_minus, contrast = physics.odmr_pair_offset(
+                1.0 - psf_map["lock_0"].values / ref, 1.0 - psf_map["lock_1"].values / ref)
+        c = float(np.nanmedian(np.where(np.isfinite(u_minus), contrast, np.nan)))
+        u_plus = np.asarray(psf_map["lock_error"].values, float) / fwhm_hz
+        sp = fwhm_hz * _pair_offset_sigma(u_plus, ref, c)
+        sm = fwhm_hz * _pair_offset_sigma(np.nan_to_num(u_minus), ref, c)
+    else:
+        raise NvmriError("the PSF map carries neither lock sigmas nor the lock record "
+                         "(lock_error, lock_0..2) to derive them")
+    h = 1e3
+    dfp = (physics.dark_spin_frequency_from_transitions(fp + h, fm, d_hz)
+           - physics.dark_spin_frequency_from_transitions(fp - h, fm, d_hz)) / (2 * h)
+    dfm = (physics.dark_spin_frequency_from_transitions(fp, fm + h, d_hz)
+           - physics.dark_spin_frequency_from_transitions(fp, fm - h, d_hz)) / (2 * h)
+    da = psf_map["lock_frequency"]
+    out = xr.DataArray(np.hypot(dfp * sp, dfm * sm), dims=da.dims, coords=da.coords,
+                       name="dark_detuning_sigma")
+    out.attrs["units"] = "Hz"
+    return out
+
+
 def _attr(ds: xr.Dataset, key: str) -> float:
     if key not in ds.attrs:
         raise NvmriError(f"dataset attrs lack {key!r}")
@@ -116,14 +211,14 @@ def _fill_nans(values: NDArray, max_fraction: float = 0.05) -> NDArray:
     return values[tuple(idx)]
 
 
-def _complete_planes(da: xr.DataArray, max_missing: float = 0.05) -> xr.DataArray:
-    """The map's z planes that were measured: a map that stopped descending (see
-    :func:`nvmri_bluesky.plans.rasters.psf_map`) leaves its lowest planes empty or cut
-    short; planes with more than ``max_missing`` of their points missing are dropped."""
+def _complete_planes(da: xr.DataArray, max_missing: float = 0.05) -> NDArray:
+    """Indices of the map's z planes that were measured: a map that stopped descending
+    (see :func:`nvmri_bluesky.plans.rasters.psf_map`) leaves its lowest planes empty or
+    cut short; planes with more than ``max_missing`` of their points missing are dropped."""
     if da.sizes["z"] < 2:
-        return da
+        return np.arange(da.sizes["z"])
     missing = (~np.isfinite(da)).mean(dim=("x", "y"))
-    return da.isel(z=np.flatnonzero(missing.values <= max_missing))
+    return np.flatnonzero(missing.values <= max_missing)
 
 
 _PAD = 4     # cells of cubic extrapolation around the map before spline filtering
@@ -160,13 +255,22 @@ class DetuningInterpolant:
     (exact at the nodes; between them it differs from the value spline's
     derivative by ~ 840 (step / tip distance)^4, ~3e-3 relative for 3 nm
     steps at 70 nm from the tip).  Uniform steps are required.
+
+    ``sigma`` (optional, the nodes' shape, Hz) is the one-sigma noise of every
+    node (:func:`dark_detuning_sigma`); the interpolant is linear in the node
+    values, value(t) = sum_ijk a_i(x) b_j(y) c_k(z) v_ijk, and
+    :meth:`node_weights` gives the per-axis weights a, b, c, so a fit can
+    propagate the nodes' noise into what it derives from the map.
     """
 
     axes: tuple[NDArray, NDArray, NDArray]
     values: NDArray = field(repr=False)
+    sigma: NDArray | None = field(default=None, repr=False)
     _coef: tuple[NDArray, ...] = field(init=False, repr=False, compare=False)
     _origin: NDArray = field(init=False, repr=False, compare=False)
     _step: NDArray = field(init=False, repr=False, compare=False)
+    _cardinal: list = field(init=False, repr=False, compare=False)
+    _quartic: list = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         steps = []
@@ -191,21 +295,41 @@ class DetuningInterpolant:
         object.__setattr__(self, "_coef", (coef, *grads))
         object.__setattr__(self, "_origin", np.array([a[0] for a in self.axes]))
         object.__setattr__(self, "_step", np.array(steps, float))
+        object.__setattr__(self, "_cardinal", [None, None, None])
+        object.__setattr__(self, "_quartic", [])
+        if self.sigma is not None and np.shape(self.sigma) != np.shape(self.values):
+            raise NvmriError("the PSF map's sigma must have the nodes' shape")
 
     @classmethod
-    def from_map(cls, detuning: xr.DataArray) -> DetuningInterpolant:
+    def from_map(cls, detuning: xr.DataArray, sigma: xr.DataArray | None = None
+                 ) -> DetuningInterpolant:
         """From a DataArray on coords ``x``, ``y``, ``z`` (any dim order), Hz.
 
-        Every axis needs >= 4 points (cubic spline).
+        Every axis needs >= 4 points (cubic spline).  ``sigma``: the nodes'
+        noise on the same coords (:func:`dark_detuning_sigma`), optional; a
+        gap filled from its nearest node gets the largest sigma of the map
+        times 10 (its value is that far from being measured).
         """
         missing = [a for a in AXES if a not in detuning.dims]
         if missing:
             raise NvmriError(f"detuning map needs dims x, y, z (missing {missing})")
-        da = _complete_planes(detuning.transpose(*AXES).sortby(list(AXES)))
+        da = detuning.transpose(*AXES).sortby(list(AXES))
+        planes = _complete_planes(da)
+        da = da.isel(z=planes)
         axes = tuple(np.asarray(da[a].values, float) for a in AXES)
         if min(len(a) for a in axes) < 4:
             raise NvmriError("the PSF map needs at least 4 points along x, y and z")
-        return cls(axes=axes, values=_fill_nans(np.asarray(da.values, float)))
+        raw = np.asarray(da.values, float)
+        sig = None
+        if sigma is not None:
+            sig = np.asarray(sigma.transpose(*AXES).sortby(list(AXES)).isel(z=planes).values,
+                             float)
+            if sig.shape != raw.shape:
+                raise NvmriError("the PSF map's sigma must be on the map's grid")
+            bad = ~np.isfinite(raw) | ~np.isfinite(sig)
+            top = float(np.max(sig[~bad])) if (~bad).any() else 0.0
+            sig = np.where(bad, 10.0 * top, sig)
+        return cls(axes=axes, values=_fill_nans(raw), sigma=sig)
 
     @property
     def bounds(self) -> NDArray:
@@ -245,6 +369,73 @@ class DetuningInterpolant:
         v = self._eval(self._coef[0], idx, inside).reshape(shape)
         g = np.stack([self._eval(c, idx, inside) for c in self._coef[1:]], axis=-1)
         return v, g.reshape(shape + (3,))
+
+    def interpolation_error(self, points: ArrayLike) -> NDArray:
+        """Estimated interpolation error of the spline at ``points`` (..., 3), Hz.
+
+        The difference between a quartic and this cubic B-spline through the
+        same nodes (same padding).  On the protocol's single-spin grid it
+        tracks the cubic spline's error against the exact physics (where the
+        zoom raster images the Fig. 4 spin: 138 kHz against the true 155 kHz;
+        the quartic's own error is 18 kHz there), so it serves as the scale of
+        the interpolation error a fit should carry as a systematic.  NaN
+        outside the map.
+        """
+        if not self._quartic:
+            padded = _extrapolate_pad(np.asarray(self.values, float), _PAD)
+            self._quartic.append(ndimage.spline_filter(padded, order=4, mode="mirror"))
+        idx, inside, shape = self._index(points)
+        out = np.full(idx.shape[1], np.nan)
+        if inside.any():
+            quartic = ndimage.map_coordinates(self._quartic[0], idx[:, inside], order=4,
+                                              prefilter=False, mode="mirror")
+            out[inside] = quartic - self._eval(self._coef[0], idx, inside)[inside]
+        return out.reshape(shape)
+
+    def _axis_cardinal(self, ax: int) -> NDArray:
+        """B-spline coefficients (n + 2 pad, n) of the unit node vectors along axis ``ax``.
+
+        The interpolant is a tensor product of one linear operator per axis
+        (cubic extrapolation pad, then the B-spline filter), so column i is
+        the 1-D spline coefficients of the node vector e_i.
+        """
+        cached = self._cardinal[ax]
+        if cached is None:
+            n = len(self.axes[ax])
+            eye = np.eye(n)
+            cols = []
+            for i in range(n):
+                padded = _extrapolate_pad(eye[i], _PAD)
+                cols.append(ndimage.spline_filter1d(padded, order=3, mode="mirror"))
+            cached = np.stack(cols, axis=-1)
+            self._cardinal[ax] = cached
+        return cached
+
+    def node_weights(self, points: ArrayLike) -> tuple[NDArray, NDArray, NDArray]:
+        """Per-axis weights of the nodes in the value at ``points`` (P, 3).
+
+        Returns
+        -------
+        (a, b, c) : ndarrays (P, nx), (P, ny), (P, nz)
+            value(p) = sum_ijk a[p, i] b[p, j] c[p, k] values[i, j, k] (to
+            rounding); rows of points outside the map are NaN.
+        """
+        idx, inside, _ = self._index(np.asarray(points, float).reshape(-1, 3))
+        out = []
+        for ax in range(3):
+            coef = self._axis_cardinal(ax)
+            x = idx[ax]
+            base = np.floor(x).astype(int)
+            w = np.zeros((x.size, coef.shape[1]))
+            for k in range(-1, 3):
+                j = np.clip(base + k, 0, coef.shape[0] - 1)
+                t = np.abs(x - (base + k))
+                b3 = np.where(t < 1.0, 2.0 / 3.0 - t**2 + 0.5 * t**3,
+                              np.where(t < 2.0, (2.0 - t) ** 3 / 6.0, 0.0))
+                w += b3[:, None] * coef[j]
+            w[~inside] = np.nan
+            out.append(w)
+        return out[0], out[1], out[2]
 
 
 # --------------------------------------------------------------------------- #
