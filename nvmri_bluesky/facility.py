@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.sim.launch import ProcessHandle
+from nvmri_bluesky.sim.launch import ProcessHandle, stoppable_by_sigint
 
 __all__ = [
     "PROFILE_DIR", "STARTUP_DIR", "EXISTING_PLANS_AND_DEVICES", "USER_GROUP_PERMISSIONS",
@@ -200,7 +200,7 @@ def _spawn(name: str, cmd: Sequence[str], env: Mapping[str, str], log_dir: Path 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log,
+        process = subprocess.Popen(stoppable_by_sigint(cmd), stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, env=dict(env),
                                    cwd=str(cwd) if cwd else None, start_new_session=True)
     return process, log_path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,21 @@ def test_stop_is_clean_and_idempotent(make_ioc: Any) -> None:
     assert handle.stop() == handle.process.returncode
     assert not launch.search_pv(handle.pv("PG:STATUS"), handle.port)
 
+
+
+def test_ioc_stops_on_sigint_even_if_its_launcher_ignores_sigint(make_ioc: Any) -> None:
+    """A launcher started in the background without job control (``cmd &`` in a script,
+    nohup, some CI runners) has SIGINT ignored, and its children inherit that: the IOC
+    must still stop on the SIGINT of ``stop()`` (exit code 0), not on the SIGTERM after it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        handle, _ = make_ioc("paper-fig2", connect=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    ignored = int(next(line for line in open(f"/proc/{handle.process.pid}/status")
+                       if line.startswith("SigIgn:")).split()[1], 16)
+    assert not ignored & (1 << (signal.SIGINT - 1))
+    assert handle.stop() == 0
 
 # ---------------------------------------------------------------- bench harness
 

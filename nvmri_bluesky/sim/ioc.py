@@ -838,7 +838,15 @@ def serve(scenario: Scenario | str | None = None, prefix: str = "NVMRI:",
     exit_with_parent : bool
         Stop (as on Ctrl-C) when the process that started this one is gone, so
         an IOC whose launcher was killed (SIGKILL, a crash) does not stay behind.
+
+    Notes
+    -----
+    Call from the main thread: SIGINT stops the IOC even where the process
+    inherited it ignored.
     """
+    # SIGINT is how launchers stop an IOC, also when this process inherited it
+    # ignored (started in the background by a shell without job control, nohup, CI)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if port is not None:
         _check_port_free(port)
         os.environ["EPICS_CA_SERVER_PORT"] = os.environ["EPICS_CAS_SERVER_PORT"] = str(port)

@@ -302,6 +302,23 @@ def search_pv(pvname: str, port: int, timeout: float = 0.25) -> bool:
 
 # ---------------------------------------------------------------- the IOC process
 
+_SIGINT_RESTORED = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                    "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def stoppable_by_sigint(cmd: Sequence[str]) -> list[str]:
+    """``cmd``, run so that SIGINT stops it even where this process ignores SIGINT.
+
+    A process started in the background without job control (``cmd &`` in a
+    script, nohup, some CI runners) has SIGINT ignored, and its children
+    inherit that; :class:`ProcessHandle` stops them with SIGINT first. Then
+    ``cmd`` is started through a Python that resets SIGINT before it execs.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return list(cmd)
+    return [sys.executable, "-c", _SIGINT_RESTORED, *cmd]
+
+
 class ProcessHandle:
     """A subprocess started here with its output in a log file; a context manager
     that stops it on exit.
