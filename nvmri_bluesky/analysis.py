@@ -258,9 +258,12 @@ def _empty_report(location: str) -> dict[str, Any]:
             "sample_wall_s": {}}
 
 
-def evolution_report(cat: Any, uids: dict[str, str], line: Any = None
-                     ) -> tuple[Any, dict[str, Any]]:
+def evolution_report(cat: Any, uids: dict[str, str], line: Any = None,
+                     layer_refuted: bool = False) -> tuple[Any, dict[str, Any]]:
     """The tip-free evolution's model choice and the sample's detection limit.
+
+    With ``layer_refuted`` (the layer's own image refuted it) the evolution is
+    read again without a layer, as the protocol did (``without_refuted_layer``).
 
     Returns
     -------
@@ -272,10 +275,13 @@ def evolution_report(cat: Any, uids: dict[str, str], line: Any = None
         NOMINAL_FLIP_PROBABILITY,
         classify_evolution,
         detection_limit_hz,
+        without_refuted_layer,
     )
 
     ds = load_run(cat, uids["deer_evolution"], ["deer_evolution"])
     content = classify_evolution(ds)
+    if layer_refuted:
+        content = without_refuted_layer(ds, content)
     p = float(line.peak) if line is not None else NOMINAL_FLIP_PROBABILITY
     limit = detection_limit_hz(ds, flip_probability=p)
     return content, {
@@ -313,8 +319,9 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
     line = layer_line
     if _class_rasters(uids):
         _, line = _spin_psf_and_line(cat, uids)
-    content, evolution = (evolution_report(cat, uids, line) if "deer_evolution" in uids
-                          else (None, {}))
+    refuted = any(r["kind"] == "layer" for r in part.get("rejected", []))
+    content, evolution = (evolution_report(cat, uids, line, layer_refuted=refuted)
+                          if "deer_evolution" in uids else (None, {}))
     part.update(evolution)
     if _class_rasters(uids):
         result, deer, spins = spins_result(cat, uids, layer=layer, content=content,

@@ -17,6 +17,7 @@ from nvmri_bluesky.reconstruct.evidence import (
     classify_evolution,
     coupling_classes,
     detection_limit_hz,
+    without_refuted_layer,
 )
 from nvmri_bluesky.reconstruct.report import quantity
 
@@ -114,3 +115,22 @@ def test_two_comparable_couplings_are_two_spins_not_a_layer(seed: int) -> None:
         assert abs(found - true) <= max(3 * sig, 0.05 * true), (content, true)
     assert min(content.spin_evidence) >= DELTA_DEVIANCE_MIN
     assert coupling_classes(content.couplings_hz) == [content.couplings_hz[0]]
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_weak_spins_that_beat_beside_a_strong_one_once_the_layer_is_refuted(seed: int) -> None:
+    """validate seed 7: 1449 kHz with 70 and 60 kHz.  The weak pair beats like a decay,
+    so the evolution takes a layer after the strong spin; once the layer's image refutes
+    it, the evolution read without a layer gives a weak coupling class of its own."""
+    inst = instrument(8.6)
+    offsets = np.array([[2.32, 1.88, 1.56], [3.07, -7.65, -0.27], [-5.66, 5.59, -4.01]])
+    ds = deer_evolution(inst, offsets, TAUS, design.SPIN_SHOTS, np.random.default_rng(seed))
+    content = classify_evolution(ds)
+    assert content.layer and len(content.couplings_hz) == 1, content
+    reread = without_refuted_layer(ds, content)
+    assert not reread.layer, reread
+    assert len(reread.couplings_hz) == 2 and 55e3 <= reread.couplings_hz[1] <= 80e3, reread
+    assert min(reread.spin_evidence) >= DELTA_DEVIANCE_MIN
+    assert len(coupling_classes(reread.couplings_hz)) == 2
+    one = classify_evolution(_evolution(random_spin(np.random.default_rng(7), INST), 2))
+    assert without_refuted_layer(ds, one) is one            # no layer: nothing to re-read

@@ -326,7 +326,9 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
        oscillations (point spins with couplings nu_k), a decay (a layer),
        both, or nothing.
     3. A layer: :func:`surface_layers`' runs (its own PSF map reaching lower),
-       and its height and density from its image (``fit_layer_image``).
+       and its height and density from its image (``fit_layer_image``).  A
+       layer its image refutes is dropped and the evolution read again
+       without one (``without_refuted_layer``: weak spins that beat).
     4. Point spins: :func:`spin_rasters` (a survey per coupling class).  A
        layer's decay can hide point spins from the evolution, so with a layer
        the spin survey runs anyway, designed for
@@ -354,7 +356,11 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
         measurement -> uid (every name unique).
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN, classify_evolution
+    from nvmri_bluesky.reconstruct.evidence import (
+        DELTA_DEVIANCE_MIN,
+        classify_evolution,
+        without_refuted_layer,
+    )
     from nvmri_bluesky.reconstruct.layers import fit_layer_image
 
     uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
@@ -366,6 +372,8 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
         uids.update(layer_uids)
         image = fit_layer_image(layer_raster, layer_detuning, line)
         layer = image if image.delta_deviance >= DELTA_DEVIANCE_MIN else None
+        if layer is None:               # refuted by its image: spins that beat?
+            content = without_refuted_layer(evolution, content)
     # an imaged layer is the rasters' fitted background (only its resonant slice flips
     # there): its tip-free decay, where every layer spin flips, does not weigh the tau
     joint = {"coherence": content.layer_coherence if layer is None else None,

@@ -50,7 +50,7 @@ from nvmri_bluesky.reconstruct.layers import layer_decay_integral
 
 __all__ = ["DELTA_DEVIANCE_MIN", "LAYER_HEIGHTS_NM", "NOMINAL_FLIP_PROBABILITY",
            "EvolutionContent", "classify_evolution", "detection_limit_hz", "evidence",
-           "periodogram_peak", "coupling_classes"]
+           "periodogram_peak", "coupling_classes", "without_refuted_layer"]
 
 DELTA_DEVIANCE_MIN = 25.0
 """Likelihood-ratio threshold 2 Delta log L for adding a spin or a layer."""
@@ -281,8 +281,8 @@ def _layer_candidate(ev: _Evolution, model: _Model, fit: SweepFit
 
 
 def classify_evolution(ds: xr.Dataset, max_spins: int = 3,
-                       threshold: float = DELTA_DEVIANCE_MIN, coord: str = "tau"
-                       ) -> EvolutionContent:
+                       threshold: float = DELTA_DEVIANCE_MIN, coord: str = "tau",
+                       layers: bool = True) -> EvolutionContent:
     """Point spins, a layer, both or nothing, from a tip-free DEER evolution.
 
     Parameters
@@ -295,6 +295,9 @@ def classify_evolution(ds: xr.Dataset, max_spins: int = 3,
     threshold : float
         Deviance drop a component must bring (module doc).
     coord : str
+        The free-time coordinate.
+    layers : bool
+        Whether a layer component is tried (False: point spins or nothing).
 
     Returns
     -------
@@ -312,7 +315,7 @@ def classify_evolution(ds: xr.Dataset, max_spins: int = 3,
         if model.n_spins < max_spins:
             one, one_fit = _spin_candidate(ev, model, fit)
             candidates.append(("spin", one, one_fit, (fit.fit.deviance - one_fit.fit.deviance,)))
-        if model.layer_height_nm is None:
+        if layers and model.layer_height_nm is None:
             new, trial = _layer_candidate(ev, model, fit)
             candidates.append(("layer", new, trial, (fit.fit.deviance - trial.fit.deviance,)))
         if (candidates and min(candidates, key=lambda c: c[2].fit.deviance)[0] == "layer"
@@ -351,6 +354,20 @@ def classify_evolution(ds: xr.Dataset, max_spins: int = 3,
         layer_height_nm=model.layer_height_nm,
         layer_rate=float(fit.theta[-1]) if model.layer_height_nm is not None else 0.0,
         tau_max_s=float(np.max(ev.taus)), deviance_trail=tuple(trail))
+
+
+def without_refuted_layer(ds: xr.Dataset, content: EvolutionContent) -> EvolutionContent:
+    """``content`` once the layer it found was refuted by its own image.
+
+    A decay that is no layer may be point spins that beat (e.g. two weak
+    couplings beside a strong one, which one layer fits a little better than
+    one more spin).  The evolution is classified again with no layer allowed;
+    if that finds couplings, they are the content, else ``content`` stays.
+    """
+    if not content.layer:
+        return content
+    reread = classify_evolution(ds, layers=False)
+    return reread if reread.couplings_hz else content
 
 
 def coupling_classes(couplings_hz: tuple[float, ...], ratio: float = 2.5) -> list[float]:
