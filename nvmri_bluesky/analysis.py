@@ -118,14 +118,6 @@ def _class_rasters(uids: dict[str, str]) -> list[list[str]]:
     return classes
 
 
-def _with_background(deer: Any, detuning: Any, line: Any, layer: Any,
-                     fallback: Any = None) -> Any:
-    """A spin raster with the fitted layer's expected contrast as a known background."""
-    from nvmri_bluesky.reconstruct.localize import with_layer_background
-
-    return with_layer_background(deer, detuning, line, layer, fallback=fallback)
-
-
 def _merge_spins(results: list[Any], min_sep_nm: float = 1.0) -> list[Any]:
     """Spins of every class's fit; one found in several classes kept where it is best known."""
     spins = sorted((s for r in results for s in r.spins),
@@ -165,6 +157,7 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
         CouplingFit,
         fit_deer_evolution,
         localize_spins,
+        with_layer_background,
     )
 
     detuning, line = _spin_psf_and_line(cat, uids)
@@ -178,7 +171,7 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
     for k, names in enumerate(_class_rasters(uids)):
         deer = [load_run(cat, uids[m], ["deer_raster"]) for m in names]
         if layer is not None:
-            deer = [_with_background(d, detuning, line, layer, layer_detuning)
+            deer = [with_layer_background(d, detuning, line, layer, fallback=layer_detuning)
                     for d in deer]
         single = len(_class_rasters(uids)) == 1
         results.append(localize_spins(deer, detuning, line,
