@@ -162,7 +162,8 @@ def spins(deer: xr.Dataset, result: Any, path: Path, zoom: xr.Dataset | None = N
         if fine is None:
             ax.set_aspect("auto")
             ax.plot(0, 0, "wx", ms=8, mew=2) if (h, v) == ("x", "y") else None
-        ax.plot(spin["xyz".index(h)], spin["xyz".index(v)], "r+", ms=10, mew=1)
+        if result.spins:
+            ax.plot(spin["xyz".index(h)], spin["xyz".index(v)], "r+", ms=10, mew=1)
         ax.set_xlabel(f"d{h} (nm)")
         ax.set_ylabel(f"d{v} (nm)")
         ax.set_title(f"deconvolved, d{fixed} = {spin[k]:.2f} nm", fontsize=9)
