@@ -482,6 +482,7 @@ class PointOperator:
 
     @property
     def image_shape(self) -> tuple[int]:
+        """(P,): one value per kept tip."""
         return (self.matrix.shape[0],)
 
     @classmethod
@@ -514,6 +515,11 @@ class PointOperator:
             overall largest are dropped (tips that do not image the box).
         chunk : int
             Kernel values computed at once (bounds the temporary memory).
+
+        Returns
+        -------
+        PointOperator
+            ``matrix`` (P, nx ny nz) float32 over the P kept tips (``rows``).
         """
         t = np.asarray(tips, float).reshape(-1, 3)
         axes = [np.atleast_1d(np.asarray(a, float)) for a in (dx, dy, dz)]
