@@ -151,7 +151,7 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
 
     Returns
     -------
-    (LocalizationResult of class 1, its first raster, merged list of SpinFit)
+    (LocalizationResult of class 1, its rasters (fine first), merged list of SpinFit)
     """
     from nvmri_bluesky.reconstruct.localize import (
         CouplingFit,
@@ -167,7 +167,7 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
     elif len(content.couplings_hz) == 1:
         coupling = CouplingFit(content.couplings_hz[0], content.coupling_sigmas_hz[0],
                                content.amplitudes[0], 0.0, float("nan"))
-    results, first = [], None
+    results, first_class = [], []
     for k, names in enumerate(_class_rasters(uids)):
         deer = [load_run(cat, uids[m], ["deer_raster"]) for m in names]
         if layer is not None:
@@ -176,8 +176,8 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
         single = len(_class_rasters(uids)) == 1
         results.append(localize_spins(deer, detuning, line,
                                       coupling_hint=coupling if single else None))
-        first = deer[0] if k == 0 else first
-    return results[0], first, _merge_spins(results)
+        first_class = deer if k == 0 else first_class
+    return results[0], first_class, _merge_spins(results)
 
 
 def snr_gain_part(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
@@ -291,6 +291,18 @@ def _located(spin: dict[str, Any]) -> bool:
     return all(spin[a]["value"] is not None for a in ("dx_nm", "dy_nm", "dz_nm"))
 
 
+def _fine_map(result: Any, rasters: list[Any], detuning: Any, line: Any) -> Any:
+    """Fig. 4's fine-voxel density around the strongest spin from all the class's rasters
+    (``localize.fine_density``; None without a spin)."""
+    from nvmri_bluesky.reconstruct.localize import fine_density
+
+    if not result.spins:
+        return None
+    return fine_density(rasters, detuning, line, result.spins[0].offset_nm,
+                        spins=[[*s.offset_nm, s.weight] for s in result.spins],
+                        shift_hz=result.line_shift_hz, layer_scale=result.layer_scale[0])
+
+
 def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
                     ) -> dict[str, Any]:
     """Spins and layers of one sample, each kept only with its evidence above threshold."""
@@ -311,14 +323,14 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
             part["rejected"] = [{"kind": "layer", **found["report"]}]
     line = layer_line
     if _class_rasters(uids):
-        _, line = _spin_psf_and_line(cat, uids)
+        spin_detuning, line = _spin_psf_and_line(cat, uids)
     refuted = any(r["kind"] == "layer" for r in part.get("rejected", []))
     content, evolution = (evolution_report(cat, uids, line, layer_refuted=refuted)
                           if "deer_evolution" in uids else (None, {}))
     part.update(evolution)
     if _class_rasters(uids):
-        result, deer, spins = spins_result(cat, uids, layer=layer, content=content,
-                                           layer_detuning=found["detuning"] if found else None)
+        result, rasters, spins = spins_result(cat, uids, layer=layer, content=content,
+                                              layer_detuning=found["detuning"] if found else None)
         entries = spins_report(replace(result, spins=tuple(spins)))
         # below the prior's coupling by more than 3 sigma (a true 50 kHz spin is kept)
         weak = [abs(s.coupling_hz) + 3 * s.coupling_sigma_hz < PRIOR_MIN_COUPLING_HZ
@@ -347,7 +359,8 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
             part["resolution_nm"] = resolution_report(result)
             part.update(snr_gain_part(cat, uids))
         zoom = load_run(cat, uids["deer_zoom"], ["deer_raster"]) if "deer_zoom" in uids else None
-        figures.spins(deer, result, out / f"fig4_spins_{sample}.png", zoom=zoom)
+        figures.spins(rasters[0], result, out / f"fig4_spins_{sample}.png", zoom=zoom,
+                      fine=_fine_map(result, rasters, spin_detuning, line))
     return part
 
 
@@ -535,7 +548,8 @@ def reconstruct_run(cat: Any, uid: str) -> dict[str, Any]:
         if layer:
             out["layers"] = [layers_result(cat, uids)["report"]]
         else:
-            result, deer, _ = spins_result(cat, uids)
+            result, rasters, _ = spins_result(cat, uids)
+            deer = rasters[0]
             out["spins"] = spins_report(result)
             out["resolution_nm"] = resolution_report(result)
             if not deer.attrs.get("complete", True):

@@ -4,7 +4,8 @@
   Ramsey fringes there, and the CW-ESR resonant slice, each with its fit.
 * Fig. 3: DEER contrast maps of a layer, one panel per plane.
 * Fig. 4: the DEER contrast map of the single-spin raster and orthogonal cuts
-  through the deconvolved object map at the fitted spin, position marked.
+  at the fitted spin (marked) through the fine-voxel deconvolution of all the
+  class's rasters (``reconstruct.localize.fine_density``).
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ def layer(deer: xr.Dataset, path: Path, fit: Any | None = None) -> Path:
 
 def _image(fig: Figure, ax: Axes, values: np.ndarray, h: np.ndarray, v: np.ndarray,
            cmap: str, label: str, bar_nm: float) -> None:
-    """One image panel (extent in nm) with its colour bar and a scale bar."""
+    """One image panel (pixel centres h, v in nm) with its colour bar and a scale bar."""
+    dh = (h[-1] - h[0]) / max(h.size - 1, 1) / 2
+    dv = (v[-1] - v[0]) / max(v.size - 1, 1) / 2
     im = ax.imshow(values, origin="lower", cmap=cmap, aspect="equal",
-                   extent=(h[0], h[-1], v[0], v[-1]))
+                   extent=(h[0] - dh, h[-1] + dh, v[0] - dv, v[-1] + dv))
     fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     scale_bar(ax, bar_nm)
 
@@ -121,17 +124,19 @@ def _zoom_panel(fig: Figure, ax: Axes, zoom: xr.Dataset) -> None:
     x, y = c["x"].values, c["y"].values
     _image(fig, ax, c.isel(z=0).transpose("y", "x").values, x, y, "magma", "DEER contrast",
            1.0)
-    ax.set_title(f"zoom across the ring, apex {float(c['z'][0]):.1f} nm "
+    ax.set_title(f"zoom across the ring, apex {float(c['z'][0]):.1f} nm\n"
                  f"({x[1] - x[0]:.2g} nm steps)", fontsize=9)
     ax.set_xlabel("tip x (nm)")
     ax.set_ylabel("tip y (nm)")
 
 
-def spins(deer: xr.Dataset, result: Any, path: Path, zoom: xr.Dataset | None = None) -> Path:
+def spins(deer: xr.Dataset, result: Any, path: Path, zoom: xr.Dataset | None = None,
+          fine: xr.DataArray | None = None) -> Path:
     """Fig. 4: contrast map, cuts of the deconvolved map at the spin, the zoom raster.
 
-    Every image has a colour bar and a scale bar.  The deconvolved object
-    grid has the raster's lateral step (``reconstruct.localize.deconvolve_deer``).
+    Every image has a colour bar and a scale bar.  ``fine``: the fine-voxel
+    density around the spin (``reconstruct.localize.fine_density``); without
+    it the localisation's coarse one (``result.density``, the raster's step).
     """
     c = _contrast(deer)
     panels = 4 if zoom is None else 5
@@ -143,17 +148,22 @@ def spins(deer: xr.Dataset, result: Any, path: Path, zoom: xr.Dataset | None = N
     axes[0].set_title(f"DEER contrast, apex {float(c['z'][0]):.0f} nm", fontsize=9)
     axes[0].set_xlabel("tip x (nm)")
     axes[0].set_ylabel("tip y (nm)")
-    density = result.density
+    density = result.density if fine is None else fine
+    bar = 2.0 if fine is None else 1.0
+    unit = ("w per voxel" if fine is None
+            else f"w per ({float(fine.attrs['step_nm']):.2g} nm)$^3$ voxel")
     spin = result.spins[0].offset_nm if result.spins else np.zeros(3)
     cuts = (("x", "y", "z"), ("x", "z", "y"), ("y", "z", "x"))
     for ax, (h, v, fixed) in zip(axes[1:4], cuts, strict=True):
         k = "xyz".index(fixed)
         plane = density.sel({f"d{fixed}": spin[k]}, method="nearest").transpose(f"d{v}", f"d{h}")
         hx, vx = plane[f"d{h}"].values, plane[f"d{v}"].values
-        _image(fig, ax, plane.values, hx, vx, "viridis", "w per voxel", 2.0)
-        ax.set_aspect("auto")
-        ax.plot(spin["xyz".index(h)], spin["xyz".index(v)], "r+", ms=14, mew=2)
-        ax.plot(0, 0, "wx", ms=8, mew=2) if (h, v) == ("x", "y") else None
+        _image(fig, ax, plane.values, hx, vx, "viridis", unit, bar)
+        if fine is None:
+            ax.set_aspect("auto")
+            ax.plot(0, 0, "wx", ms=8, mew=2) if (h, v) == ("x", "y") else None
+        if result.spins:
+            ax.plot(spin["xyz".index(h)], spin["xyz".index(v)], "r+", ms=10, mew=1)
         ax.set_xlabel(f"d{h} (nm)")
         ax.set_ylabel(f"d{v} (nm)")
         ax.set_title(f"deconvolved, d{fixed} = {spin[k]:.2f} nm", fontsize=9)

@@ -763,7 +763,11 @@ class DarkSpinPSF:
 
     def __call__(self, points: ArrayLike) -> NDArray:
         """PSF at tip positions ``points`` (..., 3) nm; NaN outside the PSF map."""
-        return self.line.probability(self.rf_offset_hz - self.detuning(points))
+        return self.of_detuning(self.detuning(points))
+
+    def of_detuning(self, detuning_hz: ArrayLike) -> NDArray:
+        """PSF where the map gives Delta f_dark = ``detuning_hz`` (any shape, Hz)."""
+        return self.line.probability(self.rf_offset_hz - np.asarray(detuning_hz, float))
 
     def value_and_gradient(self, points: ArrayLike) -> tuple[NDArray, NDArray]:
         """PSF (...) and dPSF/dt (..., 3) in 1/nm at ``points`` (..., 3)."""
