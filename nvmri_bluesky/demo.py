@@ -206,9 +206,10 @@ def _sample(source: str, steps: tuple[str, ...], *, catalog: str, api_key: str |
                                       shared_terminal)
             wall_s = round(time.monotonic() - t0, 1)
         try:
-            _check_stored(cat, out / "spool", uids.values(), name)
-            _say(f"== {name}: reconstructing from the catalog")
-            part = analyse_sample(cat, name, uids, out)
+            with cat.remembering_documents():        # each run read once: verified, then used
+                _check_stored(cat, out / "spool", uids.values(), name)
+                _say(f"== {name}: reconstructing from the catalog")
+                part = analyse_sample(cat, name, uids, out)
         except NvmriError as error:        # the other samples are still reported
             _say(f"== {name}: reconstruction not done: {error}")
             part = {"runs": {f"{name}/{m}": u for m, u in uids.items()}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -289,6 +290,7 @@ class Catalog:
         self._writers: list[CatalogWriter] = []
         self._spools: list[SpoolWriter] = []
         self._subscriptions: list[tuple[Any, list[int]]] = []
+        self._remembered: dict[str, list[tuple[str, dict[str, Any]]]] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -509,16 +511,43 @@ class Catalog:
         and falls back to rebuilding the documents from the stored data.
         Event uids are synthetic; data, timestamps and metadata round-trip.
         """
-        run = self.run(uid)
-        try:
-            docs = [(name, dict(doc)) for name, doc in run.documents()]
-        except Exception as err:  # older server without the exporter
-            logger.info("json-seq export unavailable (%s); rebuilding documents", _one_line(err))
-            docs = list(_documents_from_nodes(run))
+        docs = None if self._remembered is None else self._remembered.get(uid)
+        if docs is None:
+            run = self.run(uid)
+            try:
+                docs = [(name, dict(doc)) for name, doc in run.documents()]
+            except Exception as err:  # older server without the exporter
+                logger.info("json-seq export unavailable (%s); rebuilding documents",
+                            _one_line(err))
+                docs = list(_documents_from_nodes(run))
+            if self._remembered is not None and any(name == "stop" and doc
+                                                    for name, doc in docs):
+                self._remembered[uid] = docs
         for name, doc in docs:
             if name == "stop" and not doc:
                 continue  # the run never stopped
             yield name, doc
+
+    @contextlib.contextmanager
+    def remembering_documents(self) -> Iterator[None]:
+        """Within this block, a stopped run's documents are read from the server once.
+
+        For a reader that verifies runs and then reconstructs them
+        (``nvmri demo``): :meth:`documents` keeps what it read, keyed by the
+        uid as given, until the block ends; a run rewritten meanwhile
+        (:func:`repair_from_spool`) is read again.
+        """
+        self._remembered = {}
+        try:
+            yield
+        finally:
+            self._remembered = None
+
+    def forget(self, uid: str) -> None:
+        """Drop a run remembered by :meth:`remembering_documents` (it was rewritten)."""
+        if self._remembered is not None:
+            self._remembered = {k: v for k, v in self._remembered.items()
+                                if not uid.startswith(k) and not k.startswith(uid)}
 
     def table(self, uid: str, stream: str = "primary") -> Any:
         """Shortcut for ``run_table(self.run(uid), stream)``."""
@@ -901,6 +930,7 @@ def repair_from_spool(catalog: Catalog, spool_path: str | Path) -> tuple[bool, s
         return True, ""
     found = f"run {first.uid[:8]}: the catalog differed from the spool ({first.details[0]})"
     try:
+        catalog.forget(first.uid)
         catalog.client.delete_contents(first.uid, recursive=True, external_only=False)
         _write_documents(catalog.client, list(read_spool(spool_path)))
     except Exception as err:

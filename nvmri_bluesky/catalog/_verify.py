@@ -1,13 +1,14 @@
 """Compare a run in the catalog with its spool, event by event (``nvmri catalog verify``).
 
 Counting events is not enough: a catalog can hold the right number of rows and
-pair them with the wrong arrays (issue #12). :func:`verify_run` reads every
-stream of the run the way any reader does (:func:`run_table`: the server's
-table rows and arrays, joined by the server) and checks, for every event of
-the spool, that the catalog has one row with its ``seq_num`` whose time, every
-scalar and every array (``counter_counts``) equal the spooled document's, and
-that the catalog has no row the spool lacks. The start and stop documents are
-compared too (uid, plan, exit status, event counts).
+pair them with the wrong arrays (issue #12). :func:`verify_run` reads the run
+the way replay and reconstruction do (:meth:`Catalog.documents`: the server's
+``json-seq`` export, built from its table rows and arrays, or the same
+rebuilt from the stored streams) and checks, for every event of the spool,
+that the catalog has one event with its stream and ``seq_num`` whose time,
+every scalar and every array (``counter_counts``) equal the spooled
+document's, and that the catalog has no event the spool lacks. The start and
+stop documents are compared too (uid, plan, exit status, event counts).
 """
 
 from __future__ import annotations
@@ -85,8 +86,13 @@ def _values_equal(stored: Any, spooled: Any) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def _spooled_streams(docs: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[int, dict]]:
-    """``{stream: {seq_num: event}}`` from a spool's documents (event pages unpacked)."""
+def _streams(docs: list[tuple[str, dict[str, Any]]], result: VerifyResult | None = None
+             ) -> dict[str, dict[int, dict]]:
+    """``{stream: {seq_num: event}}`` from a run's documents (event pages unpacked).
+
+    With ``result``, an event whose stream and ``seq_num`` came before is
+    recorded there as stored more than once.
+    """
     from event_model import unpack_event_page
 
     names: dict[str, str] = {}
@@ -98,19 +104,24 @@ def _spooled_streams(docs: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[i
         elif name in ("event", "event_page"):
             events = [doc] if name == "event" else unpack_event_page(doc)
             for event in events:
-                stream = names.get(event["descriptor"], "?")
-                streams.setdefault(stream, {})[int(event["seq_num"])] = event
+                stream = streams.setdefault(names.get(event["descriptor"], "?"), {})
+                seq = int(event["seq_num"])
+                if result is not None and seq in stream:
+                    result.add(f"{names.get(event['descriptor'], '?')} seq {seq}: "
+                               "stored more than once")
+                stream[seq] = event
     return streams
 
 
-def _compare_documents(result: VerifyResult, run: Any, docs: list[tuple[str, dict]]) -> None:
-    start = run.metadata.get("start") or {}
+def _compare_documents(result: VerifyResult, stored: list[tuple[str, dict]],
+                       docs: list[tuple[str, dict]]) -> None:
+    start = next((doc for name, doc in stored if name == "start"), {})
     spooled_start = docs[0][1]
     for key in ("uid", "plan_name", "scan_id", "time"):
         if key in spooled_start and not _values_equal(start.get(key), spooled_start[key]):
             result.add(f"start.{key}: catalog {start.get(key)!r} != spool {spooled_start[key]!r}")
     spooled_stop = next((doc for name, doc in docs if name == "stop"), None)
-    stop = run.metadata.get("stop") or None
+    stop = next((doc for name, doc in stored if name == "stop"), None)
     if spooled_stop is None:
         return
     if not stop:
@@ -121,45 +132,27 @@ def _compare_documents(result: VerifyResult, run: Any, docs: list[tuple[str, dic
             result.add(f"stop.{key}: catalog {stop.get(key)!r} != spool {spooled_stop.get(key)!r}")
 
 
-def _compare_stream(result: VerifyResult, run: Any, stream: str, events: dict[int, dict]) -> None:
-    from ._catalog import run_table
-
+def _compare_stream(result: VerifyResult, stream: str, stored: dict[int, dict],
+                    events: dict[int, dict]) -> None:
     result.events += len(events)
-    if not events:
-        return
-    try:
-        ds = run_table(run, stream, rename=False)
-    except NvmriError as err:
-        result.add(f"{stream}: {err}")
-        return
-    if "seq_num" not in ds.coords:
-        result.add(f"{stream}: the catalog has no seq_num column")
-        return
-    seqs = [int(s) for s in ds["seq_num"].values]
-    rows: dict[int, int] = {}
-    for row, seq in enumerate(seqs):
-        if seq in rows:
-            result.add(f"{stream} seq {seq}: stored more than once")
-        rows[seq] = row
-    for seq in sorted(set(rows) - set(events)):
+    for seq in sorted(set(stored) - set(events)):
         result.add(f"{stream} seq {seq}: in the catalog, not in the spool")
-    columns = {name: ds[name].values for name in ds.data_vars}
-    times = ds["time"].values
     for seq, event in sorted(events.items()):
-        row = rows.get(seq)
+        row = stored.get(seq)
         if row is None:
             result.add(f"{stream} seq {seq}: in the spool, not in the catalog")
             continue
+        data = row["data"]
         bad = [key for key, value in event["data"].items()
-               if key not in columns or not _values_equal(columns[key][row], value)]
-        if not math.isclose(float(times[row]), float(event["time"]), rel_tol=0, abs_tol=1e-6):
+               if key not in data or not _values_equal(data[key], value)]
+        if not math.isclose(float(row["time"]), float(event["time"]), rel_tol=0, abs_tol=1e-6):
             bad.append("time")
         if bad:
             shown = bad[0]
-            stored = columns[shown][row].tolist() if shown in columns else None
+            stored_value = data.get(shown, row["time"])
             spooled = event["data"].get(shown, event["time"])
             result.add(f"{stream} seq {seq}: {', '.join(bad)} differ "
-                       f"({shown}: catalog {stored!r} != spool {spooled!r})")
+                       f"({shown}: catalog {stored_value!r} != spool {spooled!r})")
 
 
 def verify_run(catalog: Any, spool_path: str | Path) -> VerifyResult:
@@ -183,13 +176,14 @@ def verify_run(catalog: Any, spool_path: str | Path) -> VerifyResult:
         raise NvmriError(f"spool file {spool_path} does not begin with a start document")
     result = VerifyResult(uid=docs[0][1]["uid"], spool=str(spool_path))
     try:
-        run = catalog.run(result.uid)
+        stored = list(catalog.documents(result.uid))
     except NvmriError as err:
         result.add(str(err))
         return result
-    _compare_documents(result, run, docs)
-    for stream, events in _spooled_streams(docs).items():
-        _compare_stream(result, run, stream, events)
+    _compare_documents(result, stored, docs)
+    catalog_streams = _streams(stored, result)
+    for stream, events in _streams(docs).items():
+        _compare_stream(result, stream, catalog_streams.get(stream, {}), events)
     return result
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import scipy.fft as sfft
@@ -228,9 +229,20 @@ def layer_decay_integral(tau_s: ArrayLike, height_nm: float, axis: ArrayLike | N
     ndarray, shape of ``tau_s``.
     """
     taus = np.asarray(tau_s, float)
-    nu, area = _decay_quadrature(height_nm, axis, rho_max_nm)
-    w = physics.deer_weight(nu[None, :], taus.reshape(-1, 1))
-    return (w @ area).reshape(taus.shape)
+    j = _decay_integral(taus.tobytes(), float(height_nm), tuple(_axis(axis)), rho_max_nm)
+    return j.reshape(taus.shape)
+
+
+@lru_cache(maxsize=256)
+def _decay_integral(taus: bytes, height_nm: float, axis: tuple[float, ...],
+                    rho_max_nm: float | None) -> NDArray:
+    """:func:`layer_decay_integral` on flat taus (their bytes), remembered: the model choice
+    and the layer fits ask for the same (taus, height) many times.  Read-only."""
+    nu, area = _decay_quadrature(height_nm, np.array(axis), rho_max_nm)
+    w = physics.deer_weight(nu[None, :], np.frombuffer(taus).reshape(-1, 1))
+    out = w @ area
+    out.flags.writeable = False
+    return out
 
 
 def layer_decay(tau_s: ArrayLike, height_nm: float, density_per_nm2: float,
