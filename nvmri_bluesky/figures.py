@@ -175,4 +175,7 @@ def spins(deer: xr.Dataset, result: Any, path: Path, zoom: xr.Dataset | None = N
             f"{v:.2f} +/- {e:.2f}" for v, e in zip(s.offset_nm, s.offset_sigma_nm, strict=True))
             + f") nm;  resolution lateral {s.resolution_lateral_nm[0]:.2f}, "
               f"vertical {s.resolution_vertical_nm[0]:.2f} nm")
+    else:
+        fig.suptitle("no point spin located: the survey's deconvolved density on its own "
+                     "raster step (what the search saw)")
     return _save(fig, path)

@@ -35,7 +35,6 @@ from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans.lock import (
     LOCK_REACH_HZ,
     PLANE_GROWTH,
-    TAU_CW_S,
     LockLost,
     Predictor,
     next_plane_miss_hz,
@@ -225,39 +224,6 @@ def test_the_protocol_maps_follow_the_line_over_the_envelope(depth_nm: float) ->
     else:                  # three planes: one short of a cubic spline (known gap)
         assert layer.reason.startswith("map stopped at apex 9 nm: miss"), layer.reason
         assert len(layer.misses) == design.LAYER_PSF_MAP["z"][2] - 1
-
-
-class _LinearOnly(Predictor):
-    """The predictor without its quadric (the linear extrapolation alone)."""
-
-    def _quadratic(self, p: np.ndarray) -> None:
-        return None
-
-
-def _hits(predict: Predictor, points: np.ndarray, f: np.ndarray, within_hz: float) -> int:
-    """Points whose prediction lies within ``within_hz`` of the truth (each locked after)."""
-    hits = 0
-    for p, fi in zip(points, f, strict=True):
-        hits += abs(predict(p) - fi) < within_hz
-        predict.add(p, fi)
-    return hits
-
-
-@pytest.mark.parametrize("depth_nm", (8.0, 12.0))
-def test_the_quadric_predicts_more_points_within_the_lock_tolerance(depth_nm: float) -> None:
-    """On the protocol's spin PSF map (exact physics, top down) the predictor with its
-    quadric puts at least 30 % more points within the map's lock tolerance (one
-    acquisition each) than the linear extrapolation alone."""
-    inst = syn.instrument(depth_nm)
-    grid = design.SPIN_PSF_MAP
-    z_lo, z_hi = sorted(grid["z"][:2])
-    points = _grid_points(grid["x"], grid["y"], (z_hi, z_lo, grid["z"][2]))
-    f = physics.nv_transition_frequencies(inst.field_at(inst.nv_position_nm, points),
-                                          inst.nv_axis)[0]
-    tolerance = 0.3 / TAU_CW_S                                  # psf_map's lock tolerance
-    linear = _hits(_LinearOnly(float(f[0])), points, f, tolerance)
-    both = _hits(Predictor(float(f[0])), points, f, tolerance)
-    assert both >= 1.3 * linear, (both, linear, len(points))
 
 
 # ---------------------------------------------------------------- against the IOC

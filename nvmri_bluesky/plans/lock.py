@@ -30,7 +30,6 @@ The lock is an ophyd ``Device`` of soft signals (``lock_frequency``,
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Generator, Sequence
 from functools import lru_cache
 from typing import Any
@@ -378,40 +377,18 @@ def _record(lock: FrequencyLock, f_mw: float, offset: float,
 class Predictor:
     """Predict the NV line at the next raster point from the points locked so far.
 
-    Two predictions, and the one that has done better lately:
-
-    - linear: the nearest locked point q, extrapolated along the step
-      s = p - q when q - s was locked too, 2 f(q) - f(q - s).  On a grid this
-      follows the fast axis, turns at line ends and enters a new plane from
-      the two planes above, without a field model; with nothing to
-      extrapolate from, a least-squares plane through the nearest points.
-    - quadratic: a weighted least-squares quadric through the
-      :attr:`QUADRATIC_POINTS` nearest locked points, evaluated at p.  It
-      follows the curvature of the tip field, which the linear one misses
-      on coarse maps (10 nm steps over a line that moves by 25-50 MHz a step);
-      none where the points do not determine one (entering a new plane).
-
-    Each prediction's error is recorded when the point is locked
-    (:meth:`add`); the quadric is used once its median error over the last
-    :attr:`SCORE_POINTS` points is the smaller, and only where it agrees with
-    the linear prediction to :attr:`AGREE_HZ` (about five line widths: a
-    quadric extrapolated off its points can be far out, and the map's
-    descent judges the next plane by the largest miss).  A prediction inside the
-    lock's tolerance costs one acquisition, a miss one or more re-centring
-    acquisitions, so a better predictor saves instrument time, not accuracy.
+    Takes the nearest locked point q and extrapolates linearly along the step
+    s = p - q when the point q - s was locked too: 2 f(q) - f(q - s).  On a
+    grid this follows the fast axis, turns at line ends (from the previous
+    line) and enters a new plane (from the two planes below), without a
+    field model.  With nothing to extrapolate from it returns f(q).
     """
-
-    QUADRATIC_POINTS = 12
-    SCORE_POINTS = 16
-    AGREE_HZ = 40e6
 
     def __init__(self, start_hz: float, resolution_nm: float = 1e-3) -> None:
         self.start_hz = start_hz
         self.resolution_nm = resolution_nm
         self._points = np.empty((0, 3))
         self._freqs: dict[tuple[int, ...], float] = {}
-        self._pending: dict[tuple[int, ...], dict[str, float]] = {}
-        self._errors = {name: deque(maxlen=self.SCORE_POINTS) for name in ("linear", "quadratic")}
 
     def _key(self, position: np.ndarray) -> tuple[int, ...]:
         return tuple(np.round(position / self.resolution_nm).astype(int))
@@ -419,8 +396,6 @@ class Predictor:
     def add(self, position: Sequence[float], frequency_hz: float) -> None:
         """Record the locked frequency (Hz) at a tip position (nm)."""
         p = np.asarray(position, float)
-        for name, guess in self._pending.pop(self._key(p), {}).items():
-            self._errors[name].append(abs(guess - frequency_hz))
         if self._key(p) not in self._freqs:
             self._points = np.vstack([self._points, p])
         self._freqs[self._key(p)] = float(frequency_hz)
@@ -429,18 +404,6 @@ class Predictor:
         if not len(self._points):
             return self.start_hz
         p = np.asarray(position, float)
-        guesses = {"linear": self._linear(p)}
-        quadric = self._quadratic(p) if len(self._points) >= 2 * self.QUADRATIC_POINTS else None
-        if quadric is not None:
-            guesses["quadratic"] = quadric
-        self._pending[self._key(p)] = guesses
-        scores = {name: float(np.median(e)) for name, e in self._errors.items() if len(e) >= 4}
-        use_quadric = ("quadratic" in guesses
-                       and abs(guesses["quadratic"] - guesses["linear"]) < self.AGREE_HZ
-                       and scores.get("quadratic", np.inf) < scores.get("linear", np.inf))
-        return guesses["quadratic" if use_quadric else "linear"]
-
-    def _linear(self, p: np.ndarray) -> float:
         d2 = np.sum((self._points - p) ** 2, axis=1)
         nearest = np.flatnonzero(d2 <= d2.min() * (1 + 1e-6) + self.resolution_nm**2)
         for i in nearest[::-1]:                       # newest first
@@ -449,31 +412,6 @@ class Predictor:
             if f_r is not None:
                 return 2 * self._freqs[self._key(q)] - f_r
         return self._local_plane(p, np.argsort(d2)[:8])
-
-    def _quadratic(self, p: np.ndarray) -> float | None:
-        """Weighted least-squares quadric through the nearest locked points, at p.
-
-        An axis along which the points lie on two levels (entering a new
-        plane) gets a linear term only, one on a single level none; None
-        where the points still do not determine the fit.
-        """
-        k = self.QUADRATIC_POINTS
-        d = self._points - p
-        d2 = np.einsum("ij,ij->i", d, d)
-        idx = np.argpartition(d2, k)[:k]
-        u = d[idx] / np.sqrt(max(d2[idx].max(), self.resolution_nm**2))
-        levels = [np.unique(np.round(d[idx, a] / self.resolution_nm)).size for a in range(3)]
-        varying = [a for a in range(3) if levels[a] > 1]
-        columns = [np.ones(k)] + [u[:, a] for a in varying]
-        columns += [u[:, a] ** 2 for a in varying if levels[a] > 2]
-        columns += [u[:, a] * u[:, b] for i, a in enumerate(varying) for b in varying[i + 1:]]
-        design = np.column_stack(columns)
-        f = np.array([self._freqs[self._key(q)] for q in self._points[idx]])
-        w = 1.0 / (0.2 + np.einsum("ij,ij->i", u, u))     # the nearest weigh most
-        coef, _, _, sv = np.linalg.lstsq(design * w[:, None], f * w, rcond=None)
-        if design.shape[1] >= k or sv[-1] < 1e-3 * sv[0]:
-            return None
-        return float(coef[0])
 
     def _local_plane(self, p: np.ndarray, idx: np.ndarray) -> float:
         """Least-squares plane through the nearest locked points, evaluated at p."""
