@@ -104,12 +104,11 @@ def _streams(docs: list[tuple[str, dict[str, Any]]], result: VerifyResult | None
         elif name in ("event", "event_page"):
             events = [doc] if name == "event" else unpack_event_page(doc)
             for event in events:
-                stream = streams.setdefault(names.get(event["descriptor"], "?"), {})
+                stream = names.get(event["descriptor"], "?")
                 seq = int(event["seq_num"])
-                if result is not None and seq in stream:
-                    result.add(f"{names.get(event['descriptor'], '?')} seq {seq}: "
-                               "stored more than once")
-                stream[seq] = event
+                if result is not None and seq in streams.get(stream, {}):
+                    result.add(f"{stream} seq {seq}: stored more than once")
+                streams.setdefault(stream, {})[seq] = event
     return streams
 
 

@@ -89,6 +89,7 @@ from nvmri_bluesky.reconstruct._poisson import (
 from nvmri_bluesky.reconstruct.counts import check_gates, deer_contrast_dataset, valid_points
 from nvmri_bluesky.reconstruct.deconvolve import (
     PointOperator,
+    RichardsonLucyResult,
     ShiftOperator,
     richardson_lucy_operator,
 )
@@ -590,11 +591,16 @@ def deconvolve_deer(ds: xr.Dataset, psf: DarkSpinPSF, box: ArrayLike = PRIOR_BOX
     c = np.where(bad, 0.0, c)
     op = operator if operator is not None else shift_operator(d, psf, box, dz_step)
     res = richardson_lucy_operator(c, op, sigma=s, max_iter=max_iter)
+    return _density(res, (np.arange(-kx, kx + 1) * hx, np.arange(-ky, ky + 1) * hy, z_obj))
+
+
+def _density(res: RichardsonLucyResult, axes: Sequence[NDArray], **attrs: float
+             ) -> xr.DataArray:
+    """An RL result on offset axes (dx, dy, dz nm) as the density DataArray, w per voxel."""
     out = xr.DataArray(res.image, dims=("dx", "dy", "dz"),
-                       coords={"dx": np.arange(-kx, kx + 1) * hx,
-                               "dy": np.arange(-ky, ky + 1) * hy, "dz": z_obj},
+                       coords=dict(zip(("dx", "dy", "dz"), axes, strict=True)),
                        name="spin_density",
-                       attrs={"rl_iterations": res.num_iter, "rl_chi2": res.chi2,
+                       attrs={"rl_iterations": res.num_iter, "rl_chi2": res.chi2, **attrs,
                               "units": "w per voxel"})
     for a in ("dx", "dy", "dz"):
         out[a].attrs["units"] = "nm"
@@ -1004,15 +1010,7 @@ def fine_density(deer: Sequence[xr.Dataset], detuning: DetuningInterpolant, line
     bad = ~np.isfinite(y) | ~np.isfinite(s)
     res = richardson_lucy_operator(np.where(bad, 0.0, y), PointOperator.stack(ops),
                                    sigma=np.where(bad, np.inf, s), max_iter=max_iter)
-    out = xr.DataArray(res.image, dims=("dx", "dy", "dz"),
-                       coords=dict(zip(("dx", "dy", "dz"), axes, strict=True)),
-                       name="spin_density",
-                       attrs={"rl_iterations": res.num_iter, "rl_chi2": res.chi2,
-                              "step_nm": float(step_nm), "n_points": int((~bad).sum()),
-                              "units": "w per voxel"})
-    for a in ("dx", "dy", "dz"):
-        out[a].attrs["units"] = "nm"
-    return out
+    return _density(res, axes, step_nm=float(step_nm), n_points=int((~bad).sum()))
 
 
 # --------------------------------------------------------------------------- #
