@@ -71,6 +71,24 @@ def test_the_stop_reason_of_an_ioc_kill_names_the_lost_pv(make_ioc: Any, nvRE: A
     assert "Status(" not in stop["reason"]
 
 
+def test_a_put_or_trigger_after_the_ioc_is_gone_says_the_connection_was_lost(
+        make_ioc: Any, nvRE: Any) -> None:
+    """The other order of the race above: the disconnect is seen before the put starts."""
+    handle, devices = make_ioc("paper-fig2")
+    f0 = devices.mw.frequency.get()
+    handle.process.kill()
+    handle.process.wait(10)
+    deadline = time.monotonic() + 30
+    while devices.mw.frequency.connected or devices.counter.acquire.connected:
+        assert time.monotonic() < deadline, "pyepics did not see the IOC go"
+        time.sleep(0.05)
+    with pytest.raises(NvmriError, match=r"lost the connection to \S+MW:FREQ_RBV during the "
+                                         r"put to \S+MW:FREQ .*IOC stopped"):
+        nvRE(bps.mv(devices.mw.frequency, f0 + 1e6))
+    with pytest.raises(NvmriError, match="lost the connection to .*counter.*IOC stopped"):
+        devices.counter.trigger()
+
+
 def test_the_stop_reason_of_a_ctrl_c_reaches_the_catalog(devices: Any, nvRE: Any,
                                                          tmp_path: Path) -> None:
     from nvmri_bluesky.catalog import open_catalog

@@ -30,8 +30,10 @@ from nvmri_bluesky.devices.signals import (
     ConciseRepr,
     EpicsSignalROU,
     WaveformSignalRO,
+    _put_checked,
     _watch_disconnect,
     call_later,
+    lost_connection,
     put_flush_only,
 )
 from nvmri_bluesky.errors import NvmriError
@@ -91,8 +93,7 @@ class PhotonCounter(ConciseRepr, Device):
         missing = [s.pvname for s in (self.acquire, self.counts, self.acq_id)
                    if not s.connected]
         if missing:
-            raise NvmriError(f"counter: {', '.join(missing)} not connected "
-                             "(IOC stopped or unreachable)")
+            raise lost_connection(", ".join(missing), "the trigger of the counter")
         status = Status(self, timeout=self.acquire_timeout)
         start_id = self.acq_id.get()
         lock = threading.Lock()
@@ -173,13 +174,9 @@ class PhotonCounter(ConciseRepr, Device):
                 cancel()
 
         status.add_callback(cleanup)
-        try:
-            with put_flush_only():
-                self.acquire.put(1, use_complete=True, callback=on_put)
-        except Exception as exc:
-            error = NvmriError(f"counter: cannot start the acquisition: {exc}")
-            status.set_exception(error)
-            raise error from None
+        with put_flush_only():
+            _put_checked(self.acquire, status, "the acquisition", 1,
+                         use_complete=True, callback=on_put)
         return status
 
     def describe(self) -> dict[str, dict[str, Any]]:

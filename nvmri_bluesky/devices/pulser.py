@@ -35,6 +35,7 @@ from nvmri_bluesky.devices.signals import (
     EpicsSignalROU,
     EpicsSignalU,
     VerifiedSetpoint,
+    lost_connection,
     watch_disconnect,
 )
 from nvmri_bluesky.errors import NvmriError
@@ -131,8 +132,7 @@ class Pulser(Device):
             threading.Thread(target=verdict, name="pulser-verdict", daemon=True).start()
 
         if not self.connected:
-            raise NvmriError(f"pulser: {self.prefix}PROGRAM is not connected "
-                             "(IOC stopped or unreachable)")
+            raise lost_connection(self.program.pvname, "loading the pulse program")
         self.program.put(text, use_complete=True, callback=on_put)
         return status
 

@@ -36,7 +36,7 @@ class LimitExceeded(NvmriError, LimitError):
 
 __all__ = ["LimitExceeded", "UnitsMixin", "EpicsSignalU", "EpicsSignalROU", "WaveformSignalRO",
            "SetpointWithReadback", "VerifiedSetpoint", "ConciseRepr", "call_later", "fill_units",
-           "put_flush_only", "watch_disconnect"]
+           "lost_connection", "put_flush_only", "watch_disconnect"]
 
 logger = logging.getLogger(__name__)
 
@@ -253,14 +253,37 @@ def watch_disconnect(signal: Any, status: Any, what: str) -> None:
     status.add_callback(lambda _st: signal.unsubscribe(cid))
 
 
+def lost_connection(pvname: str, what: str) -> NvmriError:
+    """The one-line error of a PV whose IOC went away during ``what``."""
+    return NvmriError(f"lost the connection to {pvname} during {what} "
+                      "(IOC stopped or unreachable)")
+
+
+def _put_checked(signal: Any, status: Any, what: str, value: Any, **kwargs: Any) -> None:
+    """``signal.put(value, **kwargs)``; a failure fails ``status`` too and is raised.
+
+    A PV that is already disconnected when the put starts makes ophyd wait
+    for it and raise ``TimeoutError``; that becomes :func:`lost_connection`,
+    the same line as a disconnect seen while the put is pending.
+    """
+    try:
+        signal.put(value, **kwargs)
+    except Exception as exc:
+        error = (lost_connection(signal.pvname, what)
+                 if isinstance(exc, TimeoutError) and not signal.connected else exc)
+        if not status.done:
+            status.set_exception(error)
+        if error is exc:
+            raise
+        raise error from exc
+
+
 def _watch_disconnect(signal: Any, status: Any, what: str) -> int:
     """:func:`watch_disconnect` without the clean-up: return the subscription id."""
     def on_meta(*, connected: bool = True, **_: Any) -> None:
         if not connected and not status.done:
             try:
-                status.set_exception(NvmriError(
-                    f"lost the connection to {signal.pvname} during {what} "
-                    "(IOC stopped or unreachable)"))
+                status.set_exception(lost_connection(signal.pvname, what))
             except Exception:  # noqa: BLE001 - finished meanwhile: nothing to fail
                 pass
 
@@ -375,11 +398,8 @@ class VerifiedSetpoint(_CheckedSetting):
             # a CA get must not run on the put-callback thread
             threading.Thread(target=verdict, name=f"{self.name}-verdict", daemon=True).start()
 
-        try:
-            self.put(value, use_complete=True, callback=on_put)
-        except Exception as exc:
-            status.set_exception(exc)
-            raise
+        _put_checked(self, status, f"the put to {self.setpoint_pvname}", value,
+                     use_complete=True, callback=on_put)
         return status
 
 
@@ -494,10 +514,7 @@ class SetpointWithReadback(_CheckedSetting):
 
         status.add_callback(cleanup)
         on_readback(value=self._readback)   # already there (setting the same value)
-        try:
-            with put_flush_only():
-                self.put(value, use_complete=True, callback=on_put)
-        except Exception as exc:
-            status.set_exception(exc)
-            raise
+        with put_flush_only():
+            _put_checked(self, status, f"the put to {self.setpoint_pvname}", value,
+                         use_complete=True, callback=on_put)
         return status
