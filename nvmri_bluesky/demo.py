@@ -281,6 +281,9 @@ def _measure(cat: Any, out: Path, prefix: str, name: str, steps: tuple[str, ...]
                 not_done.append({"sample": name, "step": step, "reason": str(error)})
                 continue
             uids.update(result.plan_result or {})
+            for why in getattr(result.plan_result, "not_done", ()):   # a part of the step
+                _say(f"== {name}: {step}: not done: {why}")
+                not_done.append({"sample": name, "step": step, "reason": why})
     except KeyboardInterrupt:
         _say(f"interrupted during {name}; runs so far are stored in the catalog")
         raise

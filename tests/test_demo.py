@@ -167,3 +167,30 @@ def test_demo_finds_two_spins(tmp_path: Path) -> None:
                 "dark_spins": {"points": [{"x_nm": x, "y_nm": y, "z_nm": z - depth}
                                           for x, y, z in truth]}}
     grade(run_demo(tmp_path, scenario), scenario, truth, [])
+
+
+def test_demo_a_layer_map_whose_lock_cannot_follow_leaves_the_spin_reported(
+        tmp_path: Path) -> None:
+    """The spin and layer of ``test_demo_spin_and_layer_on_one_nv``, with the counter
+    dropping out for 3 acquisitions on the first plane of the layer's PSF map (its
+    acquisitions start at 3337 on this sample): the lock loses the line there, the layer
+    runs end with that reason in ``not_done``, and the protocol goes on to the spin
+    surveys (the decay now unexplained, for the couplings a layer would hide too): the
+    spin is found as without the fault, and no layer is reported."""
+    scenario, truth, _ = random_sample(1103, n_spins=1, layer=True, depth_nm=(10.0, 16.0))
+    scenario["faults"] = [{"kind": "counter_dropout", "after_acquisitions": 3337 + 60,
+                           "count": 3}]
+    report = run_demo(tmp_path, scenario)
+    grade_spins(report, truth)
+    assert report["layers"] == []
+    assert [(e["sample"], e["step"]) for e in report["not_done"]] == [("sample-1103",
+                                                                         "sample")]
+    reason = report["not_done"][0]["reason"]
+    assert reason.startswith("layer: ") and "frequency lock lost near" in reason, reason
+    assert {f"sample-1103/{m}" for m in ("layer_psf_map", "deer_survey", "deer_raster")} \
+        <= set(report["runs"])
+    from nvmri_bluesky.catalog import open_catalog
+
+    with open_catalog(str(tmp_path / "out" / "catalog")) as cat:
+        stop = cat.run(report["runs"]["sample-1103/layer_psf_map"]).metadata["stop"]
+    assert stop["reason"].startswith("map stopped at apex 33 nm"), stop

@@ -328,7 +328,7 @@ def test_demo_reports_the_step_whose_lock_could_not_follow(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert [(e["sample"], e["step"]) for e in report["not_done"]] == [("dropout", "spins")]
-    assert "at least 4 points along x, y and z" in report["not_done"][0]["reason"]
+    assert "at least 3 points along x, y and z" in report["not_done"][0]["reason"]
     assert "not done" in proc.stderr
     assert np.isfinite(report["gradient_gauss_per_nm"]["value"])
     assert {"dropout/gradient_line", "dropout/cw_slice"} <= set(report["runs"])

@@ -88,6 +88,26 @@ def test_nan_locks_are_filled_or_refused(psf_map):
         DetuningInterpolant.from_map(bad)
 
 
+def test_a_map_that_stopped_after_three_planes_still_interpolates(psf_map):
+    """A map whose descent stopped after 3 planes (a shallow NV's layer map): the spline
+    continues the parabola through them: a map quadratic in z comes back as closely as
+    from 4 planes (2e-4 relative: the padded spline's own error), and a real one stays
+    close to the physics between its planes."""
+    x, y, z = (np.linspace(*FINE_MAP[a]) for a in "xyz")
+    gx, gy, gz = np.meshgrid(x, y, z[:3], indexing="ij")
+    quadratic = xr.DataArray(1e6 * (1 + 0.01 * gx - 0.02 * gy + 0.003 * gz**2),
+                             dims=("x", "y", "z"), coords={"x": x, "y": y, "z": z[:3]})
+    three = DetuningInterpolant.from_map(quadratic)
+    pts = np.random.default_rng(2).uniform([-20, -30, z[0]], [60, 30, z[2]], (200, 3))
+    expected = 1e6 * (1 + 0.01 * pts[:, 0] - 0.02 * pts[:, 1] + 0.003 * pts[:, 2]**2)
+    np.testing.assert_allclose(three(pts), expected, rtol=5e-4)
+    real = DetuningInterpolant.from_map(dark_detuning_map(psf_map).isel(z=slice(3, 6)))
+    pts[:, 2] = np.random.default_rng(3).uniform(z[3], z[5], len(pts))
+    assert np.sqrt(np.mean((real(pts) - syn.exact_dark_detuning(pts)) ** 2)) < 60e3
+    with pytest.raises(NvmriError, match="at least 3 points"):
+        DetuningInterpolant.from_map(quadratic.isel(z=slice(0, 2)))
+
+
 def test_psf_equals_physics_and_feasible_box(detuning):
     line = FlipLine(centre_hz=INST.f_dark0)
     psf = DarkSpinPSF(detuning, line, INST.f_dark0 + 300e6)

@@ -150,13 +150,28 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     return uids
 
 
+class Measured(dict):
+    """What a protocol step returns: measurement name -> run uid.
+
+    ``not_done`` lists the parts of the step that could not be measured, each
+    a line saying why (e.g. a layer PSF map whose lock could not follow); the
+    runs of the other parts are in the dict as usual.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.not_done: list[str] = []
+
+
 def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None,
-                     name: str = "psf_map") -> Generator[Any, Any, tuple[str, Any, float, float]]:
-    """PSF map run -> (uid, detuning interpolant, f+ retracted, predicted dark line)."""
+                     uids: dict[str, str], name: str = "psf_map"
+                     ) -> Generator[Any, Any, tuple[Any, float, float]]:
+    """PSF map run (its uid into ``uids[name]``) -> (detuning interpolant, f+ retracted,
+    predicted dark line)."""
     from nvmri_bluesky import physics
     from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
 
-    uid, psf = yield from take(rasters.psf_map(
+    uids[name], psf = yield from take(rasters.psf_map(
         devices, x=grid["x"], y=grid["y"], z=grid["z"], shots=shots,
         md={"measurement": name, **(md or {})}))
     try:
@@ -166,7 +181,7 @@ def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None,
                          ) from error
     f_plus0 = float(psf.attrs["f_nv0_hz"])
     line = float(physics.dark_spin_frequency_from_transitions(f_plus0, psf.attrs["f_minus0_hz"]))
-    return uid, detuning, f_plus0, line
+    return detuning, f_plus0, line
 
 
 def single_spins(devices: Any, quick: bool = False, md: dict | None = None
@@ -212,13 +227,13 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
 
 
 def _spin_ingredients(devices: Any, md: dict | None
-                      ) -> Generator[Any, Any, tuple[dict[str, str], tuple, xr.Dataset]]:
+                      ) -> Generator[Any, Any, tuple[Measured, tuple, xr.Dataset]]:
     """PSF map and tip-free DEER evolution: (uids, (detuning, f+ retracted, line), evolution)."""
     from nvmri_bluesky.reconstruct import protocol as design
 
-    uids: dict[str, str] = {}
-    uids["psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
-        devices, design.SPIN_PSF_MAP, design.SPIN_SHOTS, md)
+    uids = Measured()
+    detuning, f_plus0, f_line = yield from _psf_ingredients(
+        devices, design.SPIN_PSF_MAP, design.SPIN_SHOTS, md, uids)
     uids["deer_evolution"], evolution = yield from take(sweeps.deer_evolution(
         devices, design.EVOLUTION_TAUS_S, rf_frequency_hz=f_line, mw_frequency_hz=f_plus0,
         shots=design.SPIN_SHOTS, md={"measurement": "deer_evolution", **(md or {})}))
@@ -328,7 +343,10 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
     3. A layer: :func:`surface_layers`' runs (its own PSF map reaching lower),
        and its height and density from its image (``fit_layer_image``).  A
        layer its image refutes is dropped and the evolution read again
-       without one (``without_refuted_layer``: weak spins that beat).
+       without one (``without_refuted_layer``: weak spins that beat).  Layer
+       runs that cannot be completed (a lock that cannot follow the line)
+       end with their reason in ``not_done``; the decay is then unexplained,
+       so the spin surveys also cover the couplings a layer would hide.
     4. Point spins: :func:`spin_rasters` (a survey per coupling class).  A
        layer's decay can hide point spins from the evolution, so with a layer
        the spin survey runs anyway, designed for
@@ -352,8 +370,9 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
 
     Returns
     -------
-    dict
-        measurement -> uid (every name unique).
+    Measured
+        measurement -> uid (every name unique); ``not_done`` says which part could
+        not be measured and why (the layer runs, when their lock could not follow).
     """
     from nvmri_bluesky.reconstruct import protocol as design
     from nvmri_bluesky.reconstruct.evidence import (
@@ -366,20 +385,28 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
     uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
     content = classify_evolution(evolution)
     line = layer = layer_detuning = None
+    couplings = content.couplings_hz
     if content.layer:
-        layer_uids, line, (layer_raster, layer_detuning) = yield from _layer_runs(
-            devices, quick, md)
-        uids.update(layer_uids)
-        image = fit_layer_image(layer_raster, layer_detuning, line)
-        layer = image if image.delta_deviance >= DELTA_DEVIANCE_MIN else None
-        if layer is None:               # refuted by its image: spins that beat?
-            content = without_refuted_layer(evolution, content)
+        try:
+            line, (layer_raster, layer_detuning) = yield from _layer_runs(
+                devices, quick, md, uids)
+        except NvmriError as error:     # e.g. a lock that could not follow: spins still
+            uids.not_done.append(f"layer: {error}")
+            line = layer_detuning = None
+            # the decay is not explained by an image: weak spins as well as a layer
+            couplings = (*couplings, *design.HIDDEN_SPIN_COUPLINGS_HZ)
+        else:
+            image = fit_layer_image(layer_raster, layer_detuning, line)
+            layer = image if image.delta_deviance >= DELTA_DEVIANCE_MIN else None
+            if layer is None:           # refuted by its image: spins that beat?
+                content = without_refuted_layer(evolution, content)
+                couplings = content.couplings_hz
     # an imaged layer is the rasters' fitted background (only its resonant slice flips
     # there): its tip-free decay, where every layer spin flips, does not weigh the tau
     joint = {"coherence": content.layer_coherence if layer is None else None,
              "layer": layer, "layer_detuning": layer_detuning}
-    if content.couplings_hz:            # seen in the evolution: their own spectrum
-        uids.update((yield from spin_rasters(devices, ingredients, content.couplings_hz,
+    if couplings:                       # seen in the evolution: their own spectrum
+        uids.update((yield from spin_rasters(devices, ingredients, couplings,
                                              quick, md, **joint)))
     elif content.layer:                 # hidden by the layer's decay? the layer's line
         uids.update((yield from spin_rasters(
@@ -425,20 +452,21 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
     dict
         measurement -> uid.
     """
-    uids, _, _ = yield from _layer_runs(devices, quick, md)
+    uids = Measured()
+    yield from _layer_runs(devices, quick, md, uids)
     return uids
 
 
-def _layer_runs(devices: Any, quick: bool, md: dict | None
-                ) -> Generator[Any, Any, tuple[dict[str, str], Any, tuple[Any, Any]]]:
-    """:func:`surface_layers`' runs; (measurement -> uid, the fitted dark-spin line,
-    (the layer raster's data, the layer PSF map's Delta f_dark interpolant))."""
+def _layer_runs(devices: Any, quick: bool, md: dict | None, uids: dict[str, str]
+                ) -> Generator[Any, Any, tuple[Any, tuple[Any, Any]]]:
+    """:func:`surface_layers`' runs, their uids into ``uids`` as they are taken;
+    (the fitted dark-spin line, (the layer raster's data, the layer PSF map's
+    Delta f_dark interpolant))."""
     from nvmri_bluesky.reconstruct import protocol as design
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
-    uids: dict[str, str] = {}
-    uids["layer_psf_map"], detuning, f_plus0, f_line = yield from _psf_ingredients(
-        devices, design.LAYER_PSF_MAP, design.LAYER_SHOTS, md, name="layer_psf_map")
+    detuning, f_plus0, f_line = yield from _psf_ingredients(
+        devices, design.LAYER_PSF_MAP, design.LAYER_SHOTS, md, uids, name="layer_psf_map")
     span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
     uids["layer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
         devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
@@ -452,7 +480,7 @@ def _layer_runs(devices: Any, quick: bool, md: dict | None
         devices, design.LAYER_EVOLUTION_TAUS_S, rf_frequency_hz=line.centre_hz,
         mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
         md={"measurement": "layer_decay", **(md or {})}))
-    return uids, line, (raster_data, detuning)
+    return line, (raster_data, detuning)
 
 
 STEPS = {"calibration": calibration, "sample": any_sample, "spins": single_spins,

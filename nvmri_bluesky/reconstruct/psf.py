@@ -225,15 +225,16 @@ _PAD = 4     # cells of cubic extrapolation around the map before spline filteri
 
 
 def _extrapolate_pad(values: NDArray, pad: int) -> NDArray:
-    """Pad every axis by ``pad`` cells continuing the cubic through the 4 edge points."""
+    """Pad every axis by ``pad`` cells continuing the cubic through the 4 edge points
+    (the parabola through 3 along an axis of 3 points)."""
     out = values
-    k = np.arange(4.0)
-    vander = np.vander(k, 4)                                 # rows: k^3, k^2, k, 1
     for ax in range(values.ndim):
         a = np.moveaxis(out, ax, 0)
-        lo_coef = np.linalg.solve(vander, a[:4].reshape(4, -1))
-        hi_coef = np.linalg.solve(vander, a[-4:][::-1].reshape(4, -1))
-        ext = np.vander(-np.arange(pad, 0, -1.0), 4)         # indices -pad .. -1
+        m = min(4, a.shape[0])
+        vander = np.vander(np.arange(float(m)), m)           # rows: k^(m-1) ... k, 1
+        lo_coef = np.linalg.solve(vander, a[:m].reshape(m, -1))
+        hi_coef = np.linalg.solve(vander, a[-m:][::-1].reshape(m, -1))
+        ext = np.vander(-np.arange(pad, 0, -1.0), m)         # indices -pad .. -1
         lo = (ext @ lo_coef).reshape((pad,) + a.shape[1:])
         hi = (ext @ hi_coef).reshape((pad,) + a.shape[1:])[::-1]
         out = np.moveaxis(np.concatenate([lo, a, hi], axis=0), 0, ax)
@@ -305,7 +306,8 @@ class DetuningInterpolant:
                  ) -> DetuningInterpolant:
         """From a DataArray on coords ``x``, ``y``, ``z`` (any dim order), Hz.
 
-        Every axis needs >= 4 points (cubic spline).  ``sigma``: the nodes'
+        Every axis needs >= 3 points (a cubic spline; a map that stopped
+        descending after 3 planes is extrapolated by the parabola through them).  ``sigma``: the nodes'
         noise on the same coords (:func:`dark_detuning_sigma`), optional; a
         gap filled from its nearest node gets the largest sigma of the map
         times 10 (its value is that far from being measured).
@@ -317,8 +319,8 @@ class DetuningInterpolant:
         planes = _complete_planes(da)
         da = da.isel(z=planes)
         axes = tuple(np.asarray(da[a].values, float) for a in AXES)
-        if min(len(a) for a in axes) < 4:
-            raise NvmriError("the PSF map needs at least 4 points along x, y and z")
+        if min(len(a) for a in axes) < 3:
+            raise NvmriError("the PSF map needs at least 3 points along x, y and z")
         raw = np.asarray(da.values, float)
         sig = None
         if sigma is not None:
