@@ -32,7 +32,7 @@ def _median_ms(fn: Any, repeats: int) -> float:
 
 
 def _latencies(devices: Any) -> dict[str, float]:
-    from nvmri_bluesky.plans import pulses
+    from nvmri_bluesky import pulses
 
     devices.pulser.load(pulses.cw_odmr())
     devices.pulser.shots.set(100).wait(5)
@@ -64,8 +64,8 @@ def run() -> dict[str, Any]:
         from bluesky import RunEngine
         from ophyd.sim import det, motor
 
+        from nvmri_bluesky import pulses
         from nvmri_bluesky.devices import make_devices
-        from nvmri_bluesky.plans import pulses
 
         devices = make_devices(ioc.prefix)
         try:

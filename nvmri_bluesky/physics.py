@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
+    "MW_RABI_HZ", "MW_REF_POWER_DBM", "TAU_CW_S",
     "GAMMA_E", "D_ZFS", "DIPOLAR_HZ_NM3", "Z_MIN_NM",
     "Instrument", "axis_from_angles", "tip_field", "tip_gradient",
     "nv_transition_frequencies", "nv_frequency", "dark_spin_frequency",
@@ -44,6 +45,13 @@ Z_MIN_NM = 5.0
 """Default lowest apex height above the surface, nm (below it: a crash)."""
 MU0_OVER_4PI = 1e-7
 """T m / A."""
+MW_RABI_HZ = 20e6
+"""NV Rabi frequency at the default MW power, Hz (pi pulse 25 ns): the simulated
+instrument's drive, and the default of the pulse builders' pulse lengths."""
+MW_REF_POWER_DBM = 0.0
+"""MW power at which the NV Rabi frequency is :data:`MW_RABI_HZ`, dBm."""
+TAU_CW_S = 120e-9
+"""Default CW probe inverse linewidth (FWHM = 1/tau_cw = 8.3 MHz), s."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class Instrument:
     nv_t2_exponent: float = 1.5
     photons_per_shot: float = 0.03
     contrast: float = 0.30
-    tau_cw_s: float = 120e-9
+    tau_cw_s: float = TAU_CW_S
     contrast_cw: float = 0.15
     cw_count_rate_hz: float = 100e3
     tip_radius_nm: float = 30.0
@@ -250,7 +258,7 @@ def lorentzian(x: ArrayLike, fwhm: float) -> NDArray:
     return 1.0 / (1.0 + (2.0 * np.asarray(x, float) / fwhm) ** 2)
 
 
-def odmr_fluorescence(f_mw: ArrayLike, f_nv: ArrayLike, tau_cw_s: float = 120e-9,
+def odmr_fluorescence(f_mw: ArrayLike, f_nv: ArrayLike, tau_cw_s: float = TAU_CW_S,
                       contrast_cw: float = 0.15) -> NDArray:
     """CW ODMR: relative fluorescence I/I0 = 1 - C_cw L(f_mw - f_nv), FWHM 1/tau_cw."""
     return 1.0 - contrast_cw * lorentzian(np.subtract(f_mw, f_nv), 1.0 / tau_cw_s)
@@ -465,7 +473,7 @@ def rabi_from_power(power_dbm: ArrayLike, rabi_ref_hz: float = 20e6,
 
 
 def cw_counts(f_mw: ArrayLike, f_nv: ArrayLike, shots: ArrayLike, window_s: ArrayLike,
-              count_rate_hz: float = 100e3, tau_cw_s: float = 120e-9,
+              count_rate_hz: float = 100e3, tau_cw_s: float = TAU_CW_S,
               contrast_cw: float = 0.15) -> NDArray:
     """Mean CW-ODMR counts of a gate: shots * count rate * window * I/I0.
 

@@ -13,8 +13,7 @@ import bluesky.plan_stubs as bps
 import numpy as np
 import pytest
 
-from nvmri_bluesky import plans
-from nvmri_bluesky.plans import pulses
+from nvmri_bluesky import plans, pulses
 from nvmri_bluesky.plans.accounting import (
     InstrumentClock,
     instrument_time_s,

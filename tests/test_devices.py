@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from scipy.optimize import curve_fit
 
-from nvmri_bluesky import physics
+from nvmri_bluesky import physics, pulses
 from nvmri_bluesky.devices import LimitExceeded, StageLimitError, make_devices
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans import pulses
 
 SHOTS = 20_000
 """Shots per CW gate: 0.3 counts/shot, so a 15 % dip is ~12 sigma deep."""

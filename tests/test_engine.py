@@ -7,9 +7,9 @@ import pytest
 from scipy.optimize import curve_fit
 
 from nvmri_bluesky import physics as ph
+from nvmri_bluesky import pulses as P
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans import pulses as P
-from nvmri_bluesky.plans.pulses import Gate, Program, Pulse
+from nvmri_bluesky.pulses import Gate, Program, Pulse
 from nvmri_bluesky.sim.engine import Engine
 
 SPIN = {"x_nm": 4.0, "y_nm": 5.1, "z_nm": -13.65}

@@ -19,9 +19,9 @@ import bluesky.plan_stubs as bps
 import numpy as np
 import pytest
 
+from nvmri_bluesky import pulses
 from nvmri_bluesky.devices import LimitExceeded
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans import pulses
 from nvmri_bluesky.plans.service import set_z_min
 from nvmri_bluesky.sim import launch
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from nvmri_bluesky.plans import pulses as P
+from nvmri_bluesky import pulses as P
 from nvmri_bluesky.sim import ioc as sim_ioc
 
 PREFIX = "TIOC:"

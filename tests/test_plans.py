@@ -35,9 +35,8 @@ from bluesky.utils import RunEngineInterrupted
 from scipy.optimize import curve_fit
 
 import nvmri_bluesky
-from nvmri_bluesky import physics, plans
+from nvmri_bluesky import physics, plans, pulses
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans import pulses
 from nvmri_bluesky.plans.lock import FrequencyLock, gate_counts
 from nvmri_bluesky.plans.stubs import load_program
 from nvmri_bluesky.reconstruct.runs import run_dataset

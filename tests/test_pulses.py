@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from nvmri_bluesky import pulses as P
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans import pulses as P
-from nvmri_bluesky.plans.pulses import Gate, Program, Pulse
+from nvmri_bluesky.pulses import Gate, Program, Pulse
 
 
 def gate(*pulses, name="g"):

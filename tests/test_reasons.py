@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from bluesky.utils import RunEngineInterrupted
 
+from nvmri_bluesky import pulses
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans import pulses
 
 
 def _frequency_scan(devices: Any, n: int, per_step: Any = None) -> Any:

@@ -1,8 +1,10 @@
 """Bluesky plans for NV-MRI: pulse programs, frequency lock, DEER points and rasters.
 
 Plans take the instrument (as built by :func:`nvmri_bluesky.devices.make_devices`)
-as their first argument.  Imported lazily so that ``plans.pulses`` stays
-cheap for the simulator.
+as their first argument.  Imported lazily: ``import nvmri_bluesky.plans`` does
+not import ophyd and bluesky until a plan is used.  (The pulse-program format,
+the contract between the pulser and the instrument, is
+:mod:`nvmri_bluesky.pulses`, below both plans and the simulator.)
 """
 
 from importlib import import_module

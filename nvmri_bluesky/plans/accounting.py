@@ -4,7 +4,7 @@ A run's instrument time is the time the hardware is busy for it:
 
 * every acquisition (one ``counter`` trigger) runs every gate of the loaded
   pulse program ``PG:SHOTS`` times, so it costs shots x
-  :attr:`~nvmri_bluesky.plans.pulses.Program.duration` (one shot of every
+  :attr:`~nvmri_bluesky.pulses.Program.duration` (one shot of every
   gate, each gate from its first to its last pulse's end);
 * every stage move costs its distance / the motor's ``.VELO``; axes moved in
   one group move together (the group costs its slowest axis).
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from nvmri_bluesky.plans import pulses
+from nvmri_bluesky import pulses
 
 __all__ = ["instrument_time_s", "RunTime", "InstrumentClock", "stop_instrument_time_s"]
 

@@ -10,8 +10,7 @@ import numpy as np
 from ophyd import Component as Cpt
 from ophyd import Device
 
-from nvmri_bluesky import physics
-from nvmri_bluesky.plans import pulses
+from nvmri_bluesky import physics, pulses
 from nvmri_bluesky.plans.lock import FrequencyLock, locked_acquire
 from nvmri_bluesky.plans.metadata import run_metadata
 from nvmri_bluesky.plans.stubs import UnitSignal, prepare, record, set_frequency

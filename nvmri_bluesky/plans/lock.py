@@ -38,13 +38,10 @@ import numpy as np
 from ophyd import Component as Cpt
 from ophyd import Device
 
-from nvmri_bluesky import physics
+from nvmri_bluesky import physics, pulses
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans import pulses
 from nvmri_bluesky.plans.stubs import UnitSignal, acquire, load_program, set_frequency
 
-TAU_CW_S = 120e-9
-"""Default CW probe inverse linewidth (FWHM = 1/tau_cw = 8.3 MHz), s."""
 LOCK_WINDOW_S = 10e-6
 """CW counting window of each lock gate per shot, s."""
 FINDER_FWHM = (1.5, 3.0, 5.0, 8.0, 12.0)
@@ -130,8 +127,8 @@ class FrequencyLock(Device):
     error = Cpt(UnitSignal, value=np.nan, units="Hz", kind="normal")
     reacquisitions = Cpt(UnitSignal, value=0, units="", kind="normal")
 
-    def __init__(self, *args: Any, fwhm_hz: float = 1 / TAU_CW_S, tolerance_hz: float = 0.5e6,
-                 max_iterations: int = 6,
+    def __init__(self, *args: Any, fwhm_hz: float = 1 / physics.TAU_CW_S,
+                 tolerance_hz: float = 0.5e6, max_iterations: int = 6,
                  reacquire_spans_hz: Sequence[float] = REACQUIRE_SPANS_HZ,
                  min_contrast: float = 0.04, name: str = "lock", **kwargs: Any) -> None:
         super().__init__(*args, name=name, **kwargs)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import nvmri_bluesky
-from nvmri_bluesky.plans import pulses
+from nvmri_bluesky import pulses
 
 
 def device_prefix(devices: Any) -> str:

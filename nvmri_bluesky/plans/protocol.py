@@ -21,6 +21,7 @@ import bluesky.preprocessors as bpp
 import numpy as np
 import xarray as xr
 
+from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.physics import GAMMA_E
 from nvmri_bluesky.plans import rasters, sweeps
@@ -140,7 +141,7 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
                             cw_gradient_gauss_per_nm)
     f_c = float(np.interp(x_c, x, f_plus))
     i = int(np.argmin(np.abs(x - x_c)))
-    width = 1.0 / (120e-9 * cw_gradient_gauss_per_nm * 1e-4 * GAMMA_E)
+    width = float(physics.spatial_width(physics.TAU_CW_S, cw_gradient_gauss_per_nm * 1e-4))
     x_lo = round(x_c - 8 * width, 4)
     uids["cw_slice"], _ = yield from take(rasters.esr_raster(
         devices, x=(x_lo, round(x_c + 8 * width, 4), 161), y=(0.0, 0.0, 1), z=cw_height_nm,
@@ -168,7 +169,6 @@ def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None,
                      ) -> Generator[Any, Any, tuple[Any, float, float]]:
     """PSF map run (its uid into ``uids[name]``) -> (detuning interpolant, f+ retracted,
     predicted dark line)."""
-    from nvmri_bluesky import physics
     from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
 
     uids[name], psf = yield from take(rasters.psf_map(

@@ -20,13 +20,11 @@ import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import Msg
 
-from nvmri_bluesky import physics
-from nvmri_bluesky.plans import pulses
+from nvmri_bluesky import physics, pulses
 from nvmri_bluesky.plans.checks import Axis, check_frequency, check_grid, check_positive
 from nvmri_bluesky.plans.deer import DeerReadout, deer_program
 from nvmri_bluesky.plans.lock import (
     LOCK_REACH_HZ,
-    TAU_CW_S,
     FrequencyLock,
     LockLost,
     Predictor,
@@ -276,8 +274,8 @@ def psf_map(devices: Any, x: Axis, y: Axis, z: Axis | float,
     check_frequency(devices.mw, mw_frequency_hz, "mw_frequency_hz")
     # A PSF map records the lock's estimate itself: any fine estimate (inside the
     # pair's capture range) is a measurement; the MW need not sit on the line.
-    plus = FrequencyLock(name="lock", tolerance_hz=0.3 / TAU_CW_S)
-    minus = FrequencyLock(name="lock_minus", tolerance_hz=0.3 / TAU_CW_S)
+    plus = FrequencyLock(name="lock", tolerance_hz=0.3 / physics.TAU_CW_S)
+    minus = FrequencyLock(name="lock_minus", tolerance_hz=0.3 / physics.TAU_CW_S)
     program = lock_program(plus.fwhm_hz)
     args, grid = _grid(devices.stage, axes, snake)
     motors = [devices.stage.x, devices.stage.y, devices.stage.z]
@@ -397,7 +395,7 @@ def ramsey_raster(devices: Any, x: Axis, y: Axis, z: float, mw_frequency_hz: flo
 
 
 def esr_raster(devices: Any, x: Axis, y: Axis, z: Axis | float, mw_frequency_hz: float,
-               tau_cw_s: float = 120e-9, shots: int = 300_000, snake: bool = False,
+               tau_cw_s: float = physics.TAU_CW_S, shots: int = 300_000, snake: bool = False,
                md: dict | None = None) -> Generator[Any, Any, str]:
     """CW-ESR over a tip grid at a fixed MW frequency (Fig. 2b resonant slice).
 

@@ -14,8 +14,8 @@ import numpy as np
 from bluesky.utils import Msg, short_uid
 from ophyd import Signal
 
+from nvmri_bluesky import pulses
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans import pulses
 
 
 class UnitSignal(Signal):

@@ -14,7 +14,7 @@ import bluesky.plan_stubs as bps
 import bluesky.plans as bp
 import bluesky.preprocessors as bpp
 
-from nvmri_bluesky.plans import pulses
+from nvmri_bluesky import pulses
 from nvmri_bluesky.plans.checks import (
     check_frequency,
     check_positive,

@@ -169,8 +169,7 @@ def dark_detuning_sigma(psf_map: xr.DataArray | xr.Dataset, d_hz: float = physic
         sm = np.asarray(psf_map["lock_f_minus_sigma"].values, float)
     elif all(k in psf_map for k in ("lock_error", "lock_0", "lock_1", "lock_2")):
         if fwhm_hz is None:
-            from nvmri_bluesky.plans.lock import TAU_CW_S
-            fwhm_hz = 1.0 / float(psf_map.attrs.get("tau_cw_s", TAU_CW_S))
+            fwhm_hz = 1.0 / float(psf_map.attrs.get("tau_cw_s", physics.TAU_CW_S))
         ref = np.asarray(psf_map["lock_2"].values, float)
         with np.errstate(invalid="ignore", divide="ignore"):
             u_minus, contrast = physics.odmr_pair_offset(
@@ -307,10 +306,11 @@ class DetuningInterpolant:
         """From a DataArray on coords ``x``, ``y``, ``z`` (any dim order), Hz.
 
         Every axis needs >= 3 points (a cubic spline; a map that stopped
-        descending after 3 planes is extrapolated by the parabola through them).  ``sigma``: the nodes'
-        noise on the same coords (:func:`dark_detuning_sigma`), optional; a
-        gap filled from its nearest node gets the largest sigma of the map
-        times 10 (its value is that far from being measured).
+        descending after 3 planes is extrapolated by the parabola through
+        them).  ``sigma``: the nodes' noise on the same coords
+        (:func:`dark_detuning_sigma`), optional; a gap filled from its
+        nearest node gets the largest sigma of the map times 10 (its value is
+        that far from being measured).
         """
         missing = [a for a in AXES if a not in detuning.dims]
         if missing:

@@ -20,8 +20,8 @@ transition, ms=0->+1 (f+) or ms=0->-1 (|f-|), is nearer.
   Poisson with mean ``expected_counts(P0, shots)``.
 
 The MW Rabi frequency follows the MW power (``physics.rabi_from_power``):
-:data:`~nvmri_bluesky.plans.pulses.MW_RABI_HZ` (20 MHz, pi = 25 ns) at
-:data:`MW_REF_POWER_DBM`, times 10^((P - P_ref)/20).  MW output Off: no NV
+:data:`~nvmri_bluesky.physics.MW_RABI_HZ` (20 MHz, pi = 25 ns) at
+:data:`~nvmri_bluesky.physics.MW_REF_POWER_DBM`, times 10^((P - P_ref)/20).  MW output Off: no NV
 drive (CW gates read I0, pulsed gates P0 = 1).  The RF pulse is a pi pulse of
 its own length on the dark spins (``dark_flip_probability`` at f_rf - f_j,
 f_j = ``dark_spin_frequency`` of B0 + the tip field at spin j); RF output Off
@@ -43,7 +43,8 @@ from numpy.typing import NDArray
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans.pulses import MW_RABI_HZ, Gate, Program
+from nvmri_bluesky.physics import MW_RABI_HZ, MW_REF_POWER_DBM
+from nvmri_bluesky.pulses import Gate, Program
 from nvmri_bluesky.sim.scenario import Scenario, load_scenario
 
 __all__ = ["Engine", "Source", "MW_REF_POWER_DBM", "AXES", "MAX_SHOTS", "MAX_SHOT_S",
@@ -56,8 +57,6 @@ MAX_SHOT_S = 1.0
 MAX_ACQUISITION_S = 86400.0
 """Longest acquisition, shots * program duration, simulated s."""
 
-MW_REF_POWER_DBM = 0.0
-"""MW power at which the NV Rabi frequency is ``MW_RABI_HZ``, dBm."""
 AXES = ("x", "y", "z")
 
 _CW, _BRIGHT, _RABI, _RAMSEY, _ECHO, _DEER = range(6)

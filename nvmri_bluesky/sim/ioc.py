@@ -41,7 +41,7 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelAlarm, ChannelType
 from caproto.server import PVGroup, PvpropertyInteger, SubGroup, pvproperty
 
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.plans.pulses import Program
+from nvmri_bluesky.pulses import Program
 from nvmri_bluesky.sim import access
 from nvmri_bluesky.sim.engine import AXES, MAX_SHOTS, Engine
 from nvmri_bluesky.sim.scenario import Scenario, list_scenarios, load_scenario

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.physics import MW_RABI_HZ
 
 __all__ = [
     "CHANNELS", "MW_RABI_HZ", "LASER_INIT_S", "WAIT_S", "READOUT_S", "WINDOW_S",
@@ -33,8 +34,6 @@ __all__ = [
 ]
 
 CHANNELS = ("laser", "mw", "rf", "counter")
-MW_RABI_HZ = 20e6
-"""NV Rabi frequency at the default MW power, Hz (pi pulse 25 ns)."""
 LASER_INIT_S = 3e-6
 """Initialising laser pulse, s."""
 WAIT_S = 1e-6
