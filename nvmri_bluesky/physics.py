@@ -32,7 +32,7 @@ __all__ = [
     "rabi_amplitude", "rabi_from_power", "cw_counts", "apex_with_drift",
     "dark_spin_frequency_from_transitions", "couplings_from_weight",
     "gradient_from_spatial_width", "classical_deer_factor", "quantum_snr_gain",
-    "rms_coupling",
+    "rms_coupling", "minus_transition_signs",
 ]
 
 GAMMA_E = 28.025e9
@@ -498,6 +498,53 @@ def apex_with_drift(stage_nm: ArrayLike, drift_nm_per_s: ArrayLike, time_s: Arra
     """True tip apex: stage readback plus a linear drift, stage + v t, nm. Shape (..., 3)."""
     return (np.asarray(stage_nm, float)
             + np.asarray(drift_nm_per_s, float) * np.asarray(time_s, float)[..., None])
+
+
+def minus_transition_signs(f_plus_hz: ArrayLike, f_minus_abs_hz: ArrayLike,
+                           d_hz: float = D_ZFS) -> NDArray:
+    """Signs of the ms=0->-1 frequencies along a path a lock followed, from continuity.
+
+    A lock measures |f-|; the sign (negative above the level anticrossing)
+    does not follow from f+ once the tip's field across the NV axis bends
+    both lines: f+ < 2D with f- < 0 occurs (e.g. f+ = 5.68 GHz, f- = -1.12 GHz
+    with 26 mT across the axis), and both signs then invert to a consistent
+    field (:func:`field_from_transitions`; there B_par = 112 or 86 mT).  The
+    rule "f- < 0 where f+ > 2D" holds where the transverse field is weak, so
+    it fixes the sign at the path's point of weakest transverse field; from
+    there B_par is continuous along the path both ways, and each point takes
+    the sign whose B_par is nearer its neighbour's.
+
+    Parameters
+    ----------
+    f_plus_hz, f_minus_abs_hz : array_like, shape (n,)
+        The ms=0->+1 frequency and |ms=0->-1 frequency| at each point, in the
+        order the lock went (NaN: not locked; skipped), Hz.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        +1 or -1 per point.
+    """
+    fp = np.asarray(f_plus_hz, float)
+    fm = np.abs(np.asarray(f_minus_abs_hz, float))
+    rule = np.where(fp > 2 * d_hz, -1.0, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        (par_p, perp_p), (par_m, perp_m) = (field_from_transitions(fp, fm, d_hz),
+                                            field_from_transitions(fp, -fm, d_hz))
+    par = np.stack([par_p, par_m])                                  # (sign +, sign -)
+    perp_rule = np.where(rule > 0, perp_p, perp_m)
+    if not np.isfinite(perp_rule).any():
+        return rule
+    anchor = int(np.nanargmin(perp_rule))
+    signs = rule.copy()
+    for path in (range(anchor + 1, fp.size), range(anchor - 1, -1, -1)):
+        previous = float(par[0 if rule[anchor] > 0 else 1, anchor])
+        for i in path:
+            if not np.all(np.isfinite(par[:, i])):
+                continue
+            k = int(np.argmin(np.abs(par[:, i] - previous)))
+            signs[i], previous = (1.0, -1.0)[k], float(par[k, i])
+    return signs
 
 
 def dark_spin_frequency_from_transitions(f_plus_hz: ArrayLike, f_minus_hz: ArrayLike,

@@ -54,8 +54,10 @@ def _attrs(start: Mapping[str, Any], stop: Mapping[str, Any] | None) -> dict[str
     return attrs
 
 
-def _columns(events: Sequence[Mapping[str, Any]], gates: Sequence[str]) -> dict[str, np.ndarray]:
+def _columns(events: Sequence[Mapping[str, Any]], start: Mapping[str, Any]
+             ) -> dict[str, np.ndarray]:
     """Per-event arrays: gate counts by name and the scalar readings present."""
+    gates = _gates(start)
     cols: dict[str, np.ndarray] = {}
     if events and "counter_counts" in events[0]["data"]:
         counts = np.array([np.asarray(e["data"]["counter_counts"], float)[:len(gates)]
@@ -65,11 +67,20 @@ def _columns(events: Sequence[Mapping[str, Any]], gates: Sequence[str]) -> dict[
         if events and key in events[0]["data"]:
             cols[key] = np.array([float(e["data"][key]) for e in events])
     if "lock_minus_frequency" in cols:
-        # The ms=0->-1 transition frequency, signed as physics.nv_transition_frequencies
-        # gives it: negative above the level anticrossing, where f+ > 2D.
-        sign = np.where(cols["lock_frequency"] > 2 * physics.D_ZFS, -1.0, 1.0)
-        cols["lock_f_minus"] = sign * cols["lock_minus_frequency"]
+        cols["lock_f_minus"] = _signed_f_minus(cols, events)
     return cols
+
+
+def _signed_f_minus(cols: Mapping[str, np.ndarray], events: Sequence[Mapping[str, Any]]
+                    ) -> np.ndarray:
+    """The ms=0->-1 frequencies signed as ``physics.nv_transition_frequencies`` gives them
+    (negative above the level anticrossing), by continuity of B_par along the lock's path,
+    the events' order (``physics.minus_transition_signs``)."""
+    fp, fm = cols["lock_frequency"], cols["lock_minus_frequency"]
+    order = np.argsort([e.get("seq_num", i) for i, e in enumerate(events)], kind="stable")
+    signs = np.empty_like(fp)
+    signs[order] = physics.minus_transition_signs(fp[order], fm[order])
+    return signs * np.abs(fm)
 
 
 def _raster(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
@@ -89,7 +100,7 @@ def _raster(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
             idx.append(min(max(i, 0), num - 1))
         index.append(tuple(idx))
     data_vars = {}
-    for key, values in _columns(events, _gates(start)).items():
+    for key, values in _columns(events, start).items():
         arr = np.full(shape, np.nan)
         for idx, v in zip(index, values, strict=True):
             arr[idx] = v
@@ -106,7 +117,7 @@ def _raster(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
 def _sweep(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
            attrs: dict[str, Any]) -> xr.Dataset:
     coord, unit = SWEEP_COORDS.get(start.get("plan_name", ""), (None, None))
-    cols = _columns(events, _gates(start))
+    cols = _columns(events, start)
     if coord is None:
         values = np.arange(len(events), dtype=float)
         coord, unit = "point", ""
