@@ -461,8 +461,8 @@ def rabi_amplitude(detuning_hz: ArrayLike, rabi_hz: ArrayLike) -> NDArray:
         return np.where(eff2 > 0, om**2 / np.where(eff2 > 0, eff2, 1.0), 0.0)
 
 
-def rabi_from_power(power_dbm: ArrayLike, rabi_ref_hz: float = 20e6,
-                    power_ref_dbm: float = 0.0) -> NDArray:
+def rabi_from_power(power_dbm: ArrayLike, rabi_ref_hz: float = MW_RABI_HZ,
+                    power_ref_dbm: float = MW_REF_POWER_DBM) -> NDArray:
     """Rabi frequency of a drive of ``power_dbm``: Omega_ref 10^((P - P_ref)/20), Hz.
 
     The Rabi frequency is proportional to the drive field amplitude, i.e. to

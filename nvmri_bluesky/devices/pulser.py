@@ -35,6 +35,7 @@ from nvmri_bluesky.devices.signals import (
     EpicsSignalROU,
     EpicsSignalU,
     VerifiedSetpoint,
+    _put_checked,
     lost_connection,
     watch_disconnect,
 )
@@ -133,7 +134,8 @@ class Pulser(Device):
 
         if not self.connected:
             raise lost_connection(self.program.pvname, "loading the pulse program")
-        self.program.put(text, use_complete=True, callback=on_put)
+        _put_checked(self.program, status, "loading the pulse program", text,
+                     use_complete=True, callback=on_put)
         return status
 
     def _check_fits(self, name: str, text: str) -> None:

@@ -23,7 +23,6 @@ import xarray as xr
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.physics import GAMMA_E
 from nvmri_bluesky.plans import rasters, sweeps
 from nvmri_bluesky.reconstruct.fig2 import field_gradient_map, gradient_crossing
 from nvmri_bluesky.reconstruct.runs import run_dataset
@@ -118,7 +117,7 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
     # the fringes follow f+: centre the Ramsey line where f+ is steepest (physics.md Fig. 2a)
     i_peak = int(np.nanargmax(np.abs(grads["dfplus_equiv"].values.ravel()[1:-1]))) + 1
     y_peak, f_peak = float(y[i_peak]), float(f_plus[i_peak])
-    f_slope = abs(float(grads["dfplus_equiv"].values.ravel()[i_peak])) * 1e-4 * GAMMA_E
+    f_slope = abs(float(grads["dfplus_equiv"].values.ravel()[i_peak])) * 1e-4 * physics.GAMMA_E
     period_guess = 1.0 / (ramsey_tau_s * max(f_slope, 1.0))
     half = max(8 * period_guess, 1.0)
     step = period_guess / 10
@@ -392,7 +391,6 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
                 devices, quick, md, uids)
         except NvmriError as error:     # e.g. a lock that could not follow: spins still
             uids.not_done.append(f"layer: {error}")
-            line = layer_detuning = None
             # the decay is not explained by an image: weak spins as well as a layer
             couplings = (*couplings, *design.HIDDEN_SPIN_COUPLINGS_HZ)
         else:

@@ -54,10 +54,8 @@ def _attrs(start: Mapping[str, Any], stop: Mapping[str, Any] | None) -> dict[str
     return attrs
 
 
-def _columns(events: Sequence[Mapping[str, Any]], start: Mapping[str, Any]
-             ) -> dict[str, np.ndarray]:
+def _columns(events: Sequence[Mapping[str, Any]], gates: Sequence[str]) -> dict[str, np.ndarray]:
     """Per-event arrays: gate counts by name and the scalar readings present."""
-    gates = _gates(start)
     cols: dict[str, np.ndarray] = {}
     if events and "counter_counts" in events[0]["data"]:
         counts = np.array([np.asarray(e["data"]["counter_counts"], float)[:len(gates)]
@@ -100,7 +98,7 @@ def _raster(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
             idx.append(min(max(i, 0), num - 1))
         index.append(tuple(idx))
     data_vars = {}
-    for key, values in _columns(events, start).items():
+    for key, values in _columns(events, _gates(start)).items():
         arr = np.full(shape, np.nan)
         for idx, v in zip(index, values, strict=True):
             arr[idx] = v
@@ -117,7 +115,7 @@ def _raster(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
 def _sweep(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
            attrs: dict[str, Any]) -> xr.Dataset:
     coord, unit = SWEEP_COORDS.get(start.get("plan_name", ""), (None, None))
-    cols = _columns(events, start)
+    cols = _columns(events, _gates(start))
     if coord is None:
         values = np.arange(len(events), dtype=float)
         coord, unit = "point", ""
