@@ -303,6 +303,41 @@ def _fine_map(result: Any, rasters: list[Any], detuning: Any, line: Any) -> Any:
                         shift_hz=result.line_shift_hz, layer_scale=result.layer_scale[0])
 
 
+def _vetted_by_evolution(cat: Any, uids: dict[str, str], spins: list[Any],
+                         entries: list[dict[str, Any]], line: Any, layer_height_nm: float | None
+                         ) -> tuple[list[tuple[Any, dict[str, Any]]], list[dict[str, Any]]]:
+    """Located spins the tip-free evolution allows, (SpinFit, entry) with their evidence from
+    both; the rest as ``rejected`` entries.
+
+    ``evidence.value`` becomes the rasters' 2 Delta log L plus the evolution's
+    (``evidence.spins_the_evolution_allows``), with both parts; without an
+    evolution run the rasters' alone.  ``layer_height_nm``: the decay of a
+    layer on the same NV (the imaged one, else the evolution's own) enters the
+    evolution's models.
+    """
+    from nvmri_bluesky.reconstruct.evidence import spins_the_evolution_allows
+    from nvmri_bluesky.reconstruct.localize import MIN_DELTA_DEVIANCE
+
+    if "deer_evolution" not in uids or not spins:
+        return list(zip(spins, entries, strict=True)), []
+    support, keep = spins_the_evolution_allows(
+        load_run(cat, uids["deer_evolution"], ["deer_evolution"]),
+        tuple(s.coupling_hz for s in spins), tuple(s.delta_deviance for s in spins),
+        float(line.peak), layer_height_nm, MIN_DELTA_DEVIANCE)
+    kept, rejected = [], []
+    for s, e, s_k, k in zip(spins, entries, support, keep, strict=True):
+        ev = {**e["evidence"], "value": s.delta_deviance + s_k, "rasters": s.delta_deviance,
+              "evolution": s_k}
+        if k:
+            kept.append((s, {**e, "evidence": ev}))
+        else:
+            rejected.append({"kind": "spin", **e, "evidence": ev, "why": (
+                f"the tip-free evolution contradicts its {s.coupling_hz / 1e3:.0f} kHz coupling "
+                f"(2 delta log L {s_k:.0f} there, {s.delta_deviance:.0f} in the rasters: "
+                f"{s.delta_deviance + s_k:.0f} < {MIN_DELTA_DEVIANCE:g})")})
+    return kept, rejected
+
+
 def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
                     ) -> dict[str, Any]:
     """Spins and layers of one sample, each kept only with its evidence above threshold."""
@@ -335,14 +370,24 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
         # below the prior's coupling by more than 3 sigma (a true 50 kHz spin is kept)
         weak = [abs(s.coupling_hz) + 3 * s.coupling_sigma_hz < PRIOR_MIN_COUPLING_HZ
                 for s in spins]
-        part["spins"] = [{"sample": sample, **e} for e, w in zip(entries, weak, strict=True)
-                         if _located(e) and not w]
         part.setdefault("rejected", []).extend(
             {"kind": "spin", "why": f"coupling more than 3 sigma below the searched prior's "
              f"{PRIOR_MIN_COUPLING_HZ / 1e3:g} kHz (e.g. a layer spin near the NV)", **e}
             for e, w in zip(entries, weak, strict=True) if _located(e) and w)
-        located = [s.coupling_hz for s, e, w in zip(spins, entries, weak, strict=True)
-                   if _located(e) and not w]
+        candidates = [i for i, (e, w) in enumerate(zip(entries, weak, strict=True))
+                      if _located(e) and not w]
+        decay_height = (layer.height_nm if layer is not None
+                        else content.layer_height_nm if content is not None and content.layer
+                        else None)
+        kept, contradicted = _vetted_by_evolution(cat, uids, [spins[i] for i in candidates],
+                                                  [entries[i] for i in candidates], line,
+                                                  decay_height)
+        part["spins"] = [{"sample": sample, **e} for _, e in kept]
+        part["rejected"].extend(contradicted)
+        located = [s.coupling_hz for s, _ in kept]
+        dropped = [spins[i] for i in candidates if not any(spins[i] is s for s, _ in kept)]
+        result = replace(result, spins=tuple(s for s in result.spins
+                                             if not any(s is d for d in dropped)))
         if layer is not None and located:       # the joint decay model: layer + spins
             part["layers"] = [{"sample": sample,
                                **layer_with_spins(cat, uids, found, located)}]

@@ -139,18 +139,15 @@ def test_demo_layer_only(tmp_path: Path) -> None:
     assert list((tmp_path / "out").glob("fig3_layer_*.png"))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 11, point 6): since the f- sign fix (7e2ee16) changed the plans' designs, "
-    "this sample draws other noise and the joint fit reports a spurious -343 kHz spin at "
-    "(-3.38, -3.01, -1.92) nm (evidence 191) beside the true one, which pulls the layer's "
-    "decay density to 0.19 /nm^2; the code before the fix gives the same on these data"))
 def test_demo_spin_and_layer_on_one_nv(tmp_path: Path) -> None:
     """A spin and a layer on one NV.  NVs 10-16 nm deep: below 10 nm the layer PSF map's
     lowest plane (9 nm) shifts the line beyond the lock's reach on this branch (seed 1103
     with 6-16 nm drew 8.3 nm: "frequency lock lost"; the lock-envelope branch owns that,
     and ``test_demo_shallow_nv`` covers it).  Seed 1103 (NV 11.4 nm, 0.86 spins/nm^2, a
     216 kHz spin) hides the spin from the tip-free evolution: the survey finds it with
-    the imaged layer as a background of the joint fit."""
+    the imaged layer as a background of the joint fit.  The layer's misfit image there
+    also gives a -1.16 MHz "spin" near the NV (raster evidence 278), which the tip-free
+    evolution contradicts (2 delta log L -589): it must not be reported."""
     scenario, truth, layers = random_sample(1103, n_spins=1, layer=True, depth_nm=(10.0, 16.0))
     report = run_demo(tmp_path, scenario)
     grade(report, scenario, truth, layers)

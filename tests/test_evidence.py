@@ -17,6 +17,8 @@ from nvmri_bluesky.reconstruct.evidence import (
     classify_evolution,
     coupling_classes,
     detection_limit_hz,
+    evolution_support,
+    spins_the_evolution_allows,
     without_refuted_layer,
 )
 from nvmri_bluesky.reconstruct.report import quantity
@@ -134,3 +136,27 @@ def test_weak_spins_that_beat_beside_a_strong_one_once_the_layer_is_refuted(seed
     assert len(coupling_classes(reread.couplings_hz)) == 2
     one = classify_evolution(_evolution(random_spin(np.random.default_rng(7), INST), 2))
     assert without_refuted_layer(ds, one) is one            # no layer: nothing to re-read
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_the_evolution_refutes_a_raster_spin_it_would_show_and_keeps_the_true_one(
+        seed: int) -> None:
+    """A layer (0.8 /nm^2, 11 nm above) and one spin on a 11-nm NV.  A raster "spin" of
+    1.16 MHz that is not there (seed 1103's misfit of the layer image) would oscillate in
+    the tip-free evolution: its support there is far below zero and it is dropped, even
+    with raster evidence 278; the true spin's coupling is kept."""
+    rng = np.random.default_rng(seed)
+    inst = instrument(11.0)
+    spin = random_spin(rng, inst, min_coupling_hz=150e3)
+    nu = abs(float(physics.dipolar_coupling(spin, inst.nv_axis)))
+    offsets = np.vstack([layer_offsets(rng, 11.0, 0.8, exclusion_nm=3.0), spin])
+    ds = deer_evolution(inst, offsets, TAUS, design.SPIN_SHOTS, rng)
+    p0 = float(physics.dark_flip_probability(0.0, 100e-9, inst.dark_t2_star_s))
+    support = evolution_support(ds, (1.16e6, nu), p0, layer_height_nm=11.0)
+    assert support[0] < 40.0 - 278.0, support        # total evidence below the threshold
+    kept_support, kept = spins_the_evolution_allows(ds, (1.16e6, nu), (278.0, 4000.0), p0,
+                                                    layer_height_nm=11.0, threshold=40.0)
+    assert kept == (False, True), (kept_support, nu)
+    assert kept_support[1] > -40.0, kept_support      # the true spin is not contradicted
+    # without the layer model, the evolution's decay is still no 1.16 MHz oscillation
+    assert evolution_support(ds, (1.16e6,), p0)[0] < 0

@@ -50,7 +50,8 @@ from nvmri_bluesky.reconstruct.layers import layer_decay_integral
 
 __all__ = ["DELTA_DEVIANCE_MIN", "LAYER_HEIGHTS_NM", "NOMINAL_FLIP_PROBABILITY",
            "EvolutionContent", "classify_evolution", "detection_limit_hz", "evidence",
-           "periodogram_peak", "coupling_classes", "without_refuted_layer"]
+           "periodogram_peak", "coupling_classes", "without_refuted_layer",
+           "evolution_support", "spins_the_evolution_allows"]
 
 DELTA_DEVIANCE_MIN = 25.0
 """Likelihood-ratio threshold 2 Delta log L for adding a spin or a layer."""
@@ -368,6 +369,117 @@ def without_refuted_layer(ds: xr.Dataset, content: EvolutionContent) -> Evolutio
         return content
     reread = classify_evolution(ds, layers=False)
     return reread if reread.couplings_hz else content
+
+
+def _known_spins_deviance(ev: _Evolution, couplings_hz: tuple[float, ...], p0: float,
+                          layer_height_nm: float | None) -> float:
+    """Deviance of the evolution with the couplings as known factors, b (and q) free."""
+    coh = physics.deer_coherence(ev.taus, np.full(len(couplings_hz), p0),
+                                 np.abs(np.asarray(couplings_hz, float)), t2_s=np.inf)
+    if layer_height_nm is None:
+        lo, hi, fd, th0 = [-1.0], [1.0], [1e-4], [0.0]
+        shape = np.zeros_like(ev.taus)
+    else:
+        lo, hi, fd, th0 = [-1.0, 0.0], [1.0, 50.0], [1e-4, 1e-4], [0.0, 1.0]
+        shape = _decay_shape(ev.taus, layer_height_nm)
+
+    def contrast(th: NDArray) -> NDArray:
+        q = th[1] if th.size > 1 else 0.0
+        return th[0] + 1.0 - coh * np.exp(-q * shape)
+
+    fit = fit_sweep(ev.counts, ev.shots, contrast, np.array(th0), np.array(lo), np.array(hi),
+                    np.array(fd), echo_per_point=True)
+    return float(fit.fit.deviance)
+
+
+def evolution_support(ds: xr.Dataset, couplings_hz: tuple[float, ...], flip_probability: float,
+                      layer_height_nm: float | None = None, coord: str = "tau"
+                      ) -> tuple[float, ...]:
+    """What the tip-free evolution says of each point spin located in the rasters.
+
+    The rasters and the evolution are independent data on the same spins: a
+    spin at offset r has the coupling nu(r) that its raster fit reports, and
+    the tip-free evolution, flipping every spin on the line with the same
+    probability p0, must show its factor 1 - p0 (1 - cos(pi nu tau)).  For
+    each coupling k this returns the evolution's likelihood-ratio statistic
+
+        S_k = D(all couplings but k) - D(all couplings),
+
+    the evolution fitted with the couplings as known factors, a baseline and,
+    with a layer, its decay at the imaged height (rate free) as in
+    :func:`classify_evolution`.  S_k adds to the raster's 2 Delta log L (the
+    log-likelihoods of independent data add): a spin the evolution cannot see
+    (weak, or hidden by a layer's decay) has S_k ~ 0; a spin whose
+    oscillation the evolution would show and does not has S_k << 0 (e.g. a
+    layer's misfit image taken for a spin).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The tip-free evolution (counts along ``coord``, attrs ``shots``).
+    couplings_hz : tuple of float
+        The located spins' couplings (sign ignored), Hz.
+    flip_probability : float
+        p0, the dark-spin line's on-resonance flip probability.
+    layer_height_nm : float, optional
+        A layer found on the same NV: its decay enters both models.
+    coord : str
+
+    Returns
+    -------
+    tuple of float
+        S_k per coupling, in the order given.
+    """
+    ev = _evolution(ds, coord)
+    nus = tuple(float(v) for v in couplings_hz)
+    full = _known_spins_deviance(ev, nus, flip_probability, layer_height_nm)
+    return tuple(_known_spins_deviance(ev, nus[:k] + nus[k + 1:], flip_probability,
+                                       layer_height_nm) - full for k in range(len(nus)))
+
+
+def spins_the_evolution_allows(ds: xr.Dataset, couplings_hz: tuple[float, ...],
+                               raster_evidence: tuple[float, ...], flip_probability: float,
+                               layer_height_nm: float | None = None,
+                               threshold: float = DELTA_DEVIANCE_MIN
+                               ) -> tuple[tuple[float, ...], tuple[bool, ...]]:
+    """Each located spin's evidence from rasters and evolution together.
+
+    A spin is kept while its raster 2 Delta log L plus the evolution's
+    :func:`evolution_support` reaches ``threshold``; the spin with the lowest
+    total below it is dropped first and the others' support is computed again
+    without it (a dropped spin's factor no longer explains the evolution).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The tip-free evolution.
+    couplings_hz, raster_evidence : tuple of float
+        Per located spin: its coupling (Hz) and the raster fit's deviance drop.
+    flip_probability : float
+    layer_height_nm : float, optional
+    threshold : float
+        The rasters' spin threshold.
+
+    Returns
+    -------
+    (support, kept)
+        Per spin, in the order given: S_k (from the last model that held it)
+        and whether it is kept.
+    """
+    n = len(couplings_hz)
+    keep = list(range(n))
+    support = [0.0] * n
+    while keep:
+        parts = evolution_support(ds, tuple(couplings_hz[i] for i in keep), flip_probability,
+                                  layer_height_nm)
+        for i, s_k in zip(keep, parts, strict=True):
+            support[i] = s_k
+        totals = [raster_evidence[i] + support[i] for i in keep]
+        worst = int(np.argmin(totals))
+        if totals[worst] >= threshold:
+            break
+        keep.pop(worst)
+    return tuple(support), tuple(i in keep for i in range(n))
 
 
 def coupling_classes(couplings_hz: tuple[float, ...], ratio: float = 2.5) -> list[float]:
