@@ -210,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     from nvmri_bluesky.interrupts import handle_sigterm
+    from nvmri_bluesky.threads import one_blas_thread
+
+    one_blas_thread()           # small matrices, many processes: BLAS threads only spin
 
     handle_sigterm()            # SIGTERM (timeout, systemd) cleans up like Ctrl-C
     if not args.debug:

