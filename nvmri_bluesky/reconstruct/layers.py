@@ -305,10 +305,24 @@ def _raster_arrays(ds: xr.Dataset) -> tuple[NDArray, NDArray, NDArray, NDArray, 
             np.atleast_1d(np.asarray(d["z"].values, float)), counts, ok, shots)
 
 
+class _SplineErrorShifted:
+    """Delta f_dark of a map plus its spline's estimated interpolation error, Hz."""
+
+    def __init__(self, detuning: DetuningInterpolant) -> None:
+        self.detuning = detuning
+
+    @property
+    def bounds(self) -> NDArray:
+        return self.detuning.bounds
+
+    def __call__(self, points: ArrayLike) -> NDArray:
+        return self.detuning(points) + self.detuning.interpolation_error(points)
+
+
 def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningInterpolant,
                     line: FlipLine, heights_nm: tuple[float, float] = (4.0, 18.0),
                     axis: ArrayLike | None = None, coarse_step_nm: float = 1.5,
-                    rho_max_nm: float = 45.0, fine_nm: float = 1.0) -> LayerFit:
+                    rho_max_nm: float = 45.0, fine_nm: float = 0.5) -> LayerFit:
     """Height and density of a layer from DEER rasters (expected-image model).
 
     The Poisson deviance of all gates is profiled over h (coarse scan, then a
@@ -318,7 +332,10 @@ def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningI
     estimates respond to the spins as sum_j G(r_j) with
     G(rho) = w(rho) sum_t b_t PSF(t - (rho, h)) (b: the estimator's linear
     response to the contrast at t), whose Poisson-process variance is
-    n integral G^2 d^2 rho.
+    n integral G^2 d^2 rho.  Plus the PSF map's spline interpolation error as a
+    systematic: the optimum's linearised shift if Delta f_dark were off by the
+    quartic-minus-cubic spline difference
+    (:meth:`~.psf.DetuningInterpolant.interpolation_error`).
 
     Parameters
     ----------
@@ -333,8 +350,13 @@ def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningI
     rho_max_nm : float
         Layer disk radius integrated, nm (spins beyond ~2.5 h barely couple).
     fine_nm : float
-        Integration step target, nm (1 nm: within 0.2 nm of a 0.5 nm step for
-        the protocol's rasters, 4x faster).
+        Integration step target, nm.  0.5 nm: the layer's resonant ring on the
+        plane is thin (a deep NV's layer lies far below the dome top, where the
+        lateral gradient is steep), and a 1 nm lattice aliases it: the profile
+        deviance in h then has ~1-unit wiggles (local minima 0.25 nm apart) and
+        the finite-difference dI/dh is wrong, so the height and its Fisher sigma
+        are too (h = 15.3 nm: scatter 0.5 nm for a reported 0.2 nm).  0.5 nm
+        agrees with 0.25 nm to 1 pm in h on that case.
 
     Returns
     -------
@@ -447,6 +469,17 @@ def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningI
         real = theta[0] * np.array([[np.sum(gsum[k] * gsum[m_]) / cell for m_ in range(2)]
                                     for k in range(2)])
         cov[:2, :2] += real
+    # the PSF map's spline interpolation error as a systematic (as localize does): the
+    # optimum's first-order shift if Delta f_dark were off by its estimate, the quartic
+    # minus the cubic spline; the zoom raster's height hangs on the dome top, where the
+    # map's 12 x 8 nm spline errs most
+    alt = [DarkSpinPSF(_SplineErrorShifted(detuning), line, p.rf_frequency_hz) for p in psfs]
+    ints_alt = [_layer_forward(_layer_geometry(p, a[0], a[1], a[2], h_best, t, axis, r_max,
+                                               fine_nm))[a[4]]
+                for p, a, t in zip(alt, arrays, taus, strict=True)]
+    mu_alt = np.maximum(fun_for(ints_alt, None)(theta, False)[0], 1e-12)
+    shift = finv @ (jac.T @ ((mu_alt - mu) / mu))
+    cov[:2, :2] += np.outer(shift[:2], shift[:2])
     prof = np.array(sorted(scanned))
     return LayerFit(height_nm=h_best, height_sigma_nm=float(np.sqrt(max(cov[1, 1], 0.0))),
                     density_per_nm2=float(theta[0]),
