@@ -17,6 +17,8 @@ from nvmri_bluesky.reconstruct.evidence import (
     classify_evolution,
     coupling_classes,
     detection_limit_hz,
+    extra_spin_deviance,
+    unexcluded_couplings,
     without_refuted_layer,
 )
 from nvmri_bluesky.reconstruct.report import quantity
@@ -134,3 +136,39 @@ def test_weak_spins_that_beat_beside_a_strong_one_once_the_layer_is_refuted(seed
     assert len(coupling_classes(reread.couplings_hz)) == 2
     one = classify_evolution(_evolution(random_spin(np.random.default_rng(7), INST), 2))
     assert without_refuted_layer(ds, one) is one            # no layer: nothing to re-read
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_weak_spin_the_strong_ones_hide_gets_a_survey(seed: int) -> None:
+    """validate seed 25: 310 and 232 kHz beside a 63 kHz spin, NV 7.1 nm deep.  The two
+    strong spins' oscillations leave the weak one a fraction of its signal, so the
+    evolution misses it; it cannot exclude it either, and the class it asks a survey for
+    images a 63 kHz spin (within the class ratio below it)."""
+    inst = instrument(7.1)
+    offsets = np.array([[6.20, 1.46, -3.46], [-5.10, 0.07, -4.64], [-0.62, 4.84, -2.15]])
+    weak = abs(float(physics.dipolar_coupling(offsets[0], inst.nv_axis)))
+    ds = deer_evolution(inst, offsets, TAUS, design.SPIN_SHOTS, np.random.default_rng(seed))
+    content = classify_evolution(ds, layers=False)
+    assert len(content.couplings_hz) == 2 and min(content.couplings_hz) > 200e3, content
+    # beside the strong spins the weak one's expected evidence is a small part of alone's
+    p = float(np.median(content.amplitudes))
+    beside = extra_spin_deviance(ds, content, [weak], flip_probability=p)[0]
+    far = deer_evolution(inst, np.array([[0.0, 0.0, 1e4]]), TAUS, design.SPIN_SHOTS,
+                         np.random.default_rng(seed))          # no spin: the weak one alone
+    lone = extra_spin_deviance(far, classify_evolution(far), [weak], flip_probability=p)[0]
+    assert beside < 0.25 * lone, (beside, lone)
+    extra = unexcluded_couplings(ds, content, nu_min_hz=design.PRIOR_MIN_COUPLING_HZ)
+    assert extra, content
+    classes = coupling_classes((*content.couplings_hz, *extra))
+    # a class of its own surveys the weak coupling: it lies within the class ratio below it
+    assert any(c / 2.5 < weak <= c for c in classes[1:]), (extra, classes, weak)
+
+
+def test_a_lone_spin_excludes_weaker_ones() -> None:
+    """One spin: a second of the envelope's weakest coupling would have been seen, so no
+    survey beyond the spin's own."""
+    ds = _evolution(random_spin(np.random.default_rng(7), INST), 2)
+    content = classify_evolution(ds)
+    assert len(content.couplings_hz) == 1, content
+    assert unexcluded_couplings(ds, content, nu_min_hz=design.PRIOR_MIN_COUPLING_HZ) == ()
+    assert extra_spin_deviance(ds, content, [design.PRIOR_MIN_COUPLING_HZ])[0] > 44.2

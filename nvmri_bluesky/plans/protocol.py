@@ -346,7 +346,10 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
        runs that cannot be completed (a lock that cannot follow the line)
        end with their reason in ``not_done``; the decay is then unexplained,
        so the spin surveys also cover the couplings a layer would hide.
-    4. Point spins: :func:`spin_rasters` (a survey per coupling class).  A
+    4. Point spins: :func:`spin_rasters` (a survey per coupling class).  Couplings
+       below every class that the evolution cannot exclude beside the spins it
+       saw (``unexcluded_couplings``: a weak spin beside strong ones) get a
+       survey too.  A
        layer's decay can hide point spins from the evolution, so with a layer
        the spin survey runs anyway, designed for
        :data:`~nvmri_bluesky.reconstruct.protocol.HIDDEN_SPIN_COUPLINGS_HZ` (one
@@ -377,6 +380,7 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
     from nvmri_bluesky.reconstruct.evidence import (
         DELTA_DEVIANCE_MIN,
         classify_evolution,
+        unexcluded_couplings,
         without_refuted_layer,
     )
     from nvmri_bluesky.reconstruct.layers import fit_layer_image
@@ -403,6 +407,12 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
     # there): its tip-free decay, where every layer spin flips, does not weigh the tau
     joint = {"coherence": content.layer_coherence if layer is None else None,
              "layer": layer, "layer_detuning": layer_detuning}
+    if content.couplings_hz:
+        # weaker couplings than every class surveys, which the evolution cannot exclude
+        # beside the spins it saw (their oscillations take most of a weak spin's signal):
+        # a survey each, as for the couplings a layer hides
+        couplings = (*couplings, *unexcluded_couplings(
+            evolution, content, couplings, nu_min_hz=design.PRIOR_MIN_COUPLING_HZ))
     if couplings:                       # seen in the evolution: their own spectrum
         uids.update((yield from spin_rasters(devices, ingredients, couplings,
                                              quick, md, **joint)))
