@@ -267,11 +267,15 @@ def evolution_report(cat: Any, uids: dict[str, str], line: Any = None,
         DELTA_DEVIANCE_MIN,
         NOMINAL_FLIP_PROBABILITY,
         classify_evolution,
+        combine_evolutions,
         detection_limit_hz,
         without_refuted_layer,
     )
 
     ds = load_run(cat, uids["deer_evolution"], ["deer_evolution"])
+    if "deer_evolution_2" in uids:        # the protocol's repeat: counts add (as it read them)
+        ds = combine_evolutions([ds, load_run(cat, uids["deer_evolution_2"],
+                                              ["deer_evolution"])])
     content = classify_evolution(ds)
     if layer_refuted:
         content = without_refuted_layer(ds, content)

@@ -244,6 +244,10 @@ def _raster_name(base: str, k: int) -> str:
     return base if k == 0 else f"{base}_{k + 1}"
 
 
+SAME_SPIN_NM = 1.0
+"""Survey offsets closer than this are one spin (``analysis._merge_spins``' separation), nm."""
+
+
 def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ...],
                  quick: bool = False, md: dict | None = None,
                  coherence: Any = None, line: Any = None, layer: Any = None,
@@ -254,7 +258,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     couplings (:func:`~nvmri_bluesky.reconstruct.evidence.coupling_classes`)
     gets a survey at its own tau (a weak spin beside a strong one needs a
     longer free time) and a fine raster over the rings of the spins that
-    survey found.
+    survey found and no stronger class's survey had found.
 
     Parameters
     ----------
@@ -303,6 +307,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
             tau_s=taus[0], mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
             md={"measurement": "deer_spectrum", **(md or {})}))
         _, line = fit_deer_spectrum(spectrum)
+    known: list[np.ndarray] = []             # offsets found by the stronger classes' surveys
     for k, tau in enumerate(taus):
         survey = design.design_spin_raster(detuning, line.centre_hz, tau,
                                            step_nm=design.SPIN_SURVEY_STEP_NM)
@@ -313,10 +318,15 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
             survey_data = with_layer_background(survey_data, detuning, line, layer,
                                                 fallback=layer_detuning)
         found = localize_spins(survey_data, detuning, line)
-        if not found.spins:
+        # a stronger class's fine raster images its spins already: a weaker class's fine
+        # raster covers only the spins new to its survey (the reconstruction merges the
+        # classes' spins the same way, analysis._merge_spins)
+        new = [s.offset_nm for s in found.spins
+               if all(np.linalg.norm(s.offset_nm - r) >= SAME_SPIN_NM for r in known)]
+        known.extend(s.offset_nm for s in found.spins)
+        if not new:
             continue
-        fine = design.design_fine_raster(detuning, survey, [s.offset_nm for s in found.spins],
-                                         line.fwhm_hz)
+        fine = design.design_fine_raster(detuning, survey, new, line.fwhm_hz)
         if fine is not None:
             name = _raster_name("deer_raster", k)
             uids[name], _ = yield from take(_deer_raster(
@@ -338,7 +348,12 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
     2. The evolution's content by likelihood-ratio model choice
        (:func:`~nvmri_bluesky.reconstruct.evidence.classify_evolution`):
        oscillations (point spins with couplings nu_k), a decay (a layer),
-       both, or nothing.
+       both, or nothing.  Point spins beside which weaker couplings are not
+       excluded: the evolution is repeated (``deer_evolution_2``, counts
+       summed) with the shots that would exclude them
+       (``evolution_shot_factor``, at most
+       :data:`~nvmri_bluesky.reconstruct.protocol.EVOLUTION_MAX_SHOT_FACTOR`
+       in all) and read again.
     3. A layer: :func:`surface_layers`' runs (its own PSF map reaching lower),
        and its height and density from its image (``fit_layer_image``).  A
        layer its image refutes is dropped and the evolution read again
@@ -380,6 +395,8 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
     from nvmri_bluesky.reconstruct.evidence import (
         DELTA_DEVIANCE_MIN,
         classify_evolution,
+        combine_evolutions,
+        evolution_shot_factor,
         unexcluded_couplings,
         without_refuted_layer,
     )
@@ -387,6 +404,21 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
 
     uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
     content = classify_evolution(evolution)
+    if content.couplings_hz and not content.layer:
+        # couplings below the classes seen that the evolution cannot exclude beside them
+        # (a weak spin beside strong ones): the same evolution again, if a few more
+        # shots would exclude (or show) them; its counts add to the first run's
+        factor = evolution_shot_factor(evolution, content,
+                                       nu_min_hz=design.PRIOR_MIN_COUPLING_HZ)
+        if 1.0 < factor <= design.EVOLUTION_MAX_SHOT_FACTOR:
+            _, f_plus0, f_line = ingredients
+            uids["deer_evolution_2"], repeat = yield from take(sweeps.deer_evolution(
+                devices, design.EVOLUTION_TAUS_S, rf_frequency_hz=f_line,
+                mw_frequency_hz=f_plus0,
+                shots=(int(np.ceil(factor)) - 1) * design.SPIN_SHOTS,
+                md={"measurement": "deer_evolution_2", **(md or {})}))
+            evolution = combine_evolutions([evolution, repeat])
+            content = classify_evolution(evolution)
     line = layer = layer_detuning = None
     couplings = content.couplings_hz
     if content.layer:

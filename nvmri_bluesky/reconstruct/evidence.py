@@ -50,7 +50,8 @@ from nvmri_bluesky.reconstruct.layers import layer_decay_integral
 
 __all__ = ["DELTA_DEVIANCE_MIN", "LAYER_HEIGHTS_NM", "NOMINAL_FLIP_PROBABILITY",
            "EXCLUSION_POWER", "COUPLING_CLASS_RATIO", "EvolutionContent",
-           "classify_evolution", "detection_limit_hz", "evidence", "extra_spin_deviance",
+           "classify_evolution", "combine_evolutions", "detection_limit_hz", "evidence",
+           "evolution_shot_factor", "extra_spin_deviance",
            "periodogram_peak", "coupling_classes", "unexcluded_couplings",
            "without_refuted_layer"]
 
@@ -239,6 +240,25 @@ SPLIT_FRACTIONS = (0.2, 0.35)
 """Relative splits nu (1 -/+ f) of an accepted spin tried as starts for one more spin."""
 
 
+def _multiplied_peak(ev: _Evolution, coherence: NDArray, resid: NDArray
+                     ) -> tuple[float, float]:
+    """(nu, A) of the curve A w(nu, tau) coherence(tau) that best fits ``resid`` by
+    weighted least squares (nu on the periodogram's grid; (0, 0) if no A > 0 helps)."""
+    t, wts = ev.taus, 1.0 / ev.contrast_sigma**2
+    dt = float(np.min(np.diff(np.sort(t))))
+    step = 0.2 / (np.pi * float(np.max(t)))
+    nus = np.arange(step, min(_NU_MAX_HZ, 1.0 / max(dt, 1e-12)) + step, step)
+    best = (0.0, 0.0, 0.0)
+    for i in range(0, nus.size, 2000):
+        d = physics.deer_weight(nus[i:i + 2000, None], t[None, :]) * coherence[None, :]
+        dd, rd = (d**2) @ wts, d @ (wts * resid)
+        gain = np.where((rd > 0) & (dd > 0), rd**2 / np.where(dd > 0, dd, 1.0), 0.0)
+        j = int(np.argmax(gain))
+        if gain[j] > best[0]:
+            best = (float(gain[j]), float(nus[i + j]), float(rd[j] / dd[j]))
+    return best[1], best[2]
+
+
 def _spin_candidate(ev: _Evolution, model: _Model, fit: SweepFit, split: bool = False
                     ) -> tuple[_Model, SweepFit]:
     """One more spin, started at the periodogram peak of the remaining contrast; with
@@ -249,13 +269,22 @@ def _spin_candidate(ev: _Evolution, model: _Model, fit: SweepFit, split: bool = 
     between them, where the first spin's fit settles; the residual's periodogram then
     offers no start near either, while splitting that spin does.
     """
-    resid = ev.contrast - _model_contrast(ev, model, fit.theta)
+    current = _model_contrast(ev, model, fit.theta)
+    resid = ev.contrast - current
     _, nu, amp, _ = periodogram_peak(ev.taus, resid, ev.contrast_sigma)
     spins = list(fit.theta[1:1 + 2 * model.n_spins])
     new = _Model(model.n_spins + 1, model.layer_height_nm)
     tail = list(fit.theta[1 + 2 * model.n_spins:])
     starts = [np.array([fit.theta[0], *spins, nu / 1e6, float(np.clip(amp, 0.02, 0.98)),
                         *tail])]
+    if model.n_spins or model.layer_height_nm is not None:
+        # the new spin multiplies the coherence the others leave: its curve is
+        # A w(nu, tau) x that coherence, whose frequencies the plain periodogram misses
+        # (it sees the products' sums and differences); the best such curve is a start too
+        nu_m, amp_m = _multiplied_peak(ev, 1.0 + fit.theta[0] - current, resid)
+        if nu_m > 0:
+            starts.append(np.array([fit.theta[0], *spins, nu_m / 1e6,
+                                    float(np.clip(amp_m, 0.02, 0.98)), *tail]))
     for j in range(model.n_spins if split else 0):
         nu_j, amp_j = spins[2 * j], float(np.clip(spins[2 * j + 1], 0.02, 0.98))
         for f in SPLIT_FRACTIONS:
@@ -494,6 +523,68 @@ def extra_spin_deviance(ds: xr.Dataset, content: EvolutionContent, nus_hz: NDArr
     return out
 
 
+def _uncovered(couplings_hz: tuple[float, ...], nu_min_hz: float, ratio: float) -> NDArray:
+    """Couplings (1 kHz grid, from ``nu_min_hz``) below every class's survey, Hz."""
+    top = min(coupling_classes(couplings_hz, ratio)) / ratio
+    return np.arange(nu_min_hz, top, 1e3)
+
+
+def _excluding_deviance(threshold: float, power: float) -> float:
+    """Expected deviance drop detected with probability ``power``: (sqrt(T) + z_power)^2."""
+    from scipy.stats import norm
+
+    return float((np.sqrt(threshold) + norm.ppf(power)) ** 2)
+
+
+def evolution_shot_factor(ds: xr.Dataset, content: EvolutionContent,
+                          couplings_hz: tuple[float, ...] | None = None,
+                          nu_min_hz: float = 50e3, ratio: float = COUPLING_CLASS_RATIO,
+                          power: float = EXCLUSION_POWER,
+                          threshold: float = DELTA_DEVIANCE_MIN,
+                          flip_probability: float | None = None, coord: str = "tau") -> float:
+    """How many times the evolution's shots would exclude every coupling below the classes.
+
+    The expected deviance drop of an extra spin (:func:`extra_spin_deviance`)
+    grows in proportion to the shots (the contrast variance falls as 1/N), so
+    the factor is (sqrt(threshold) + z_power)^2 over the smallest expected drop
+    among the couplings no class surveys (from ``nu_min_hz`` to the weakest
+    class / ``ratio``): 1.0 when none is left, inf when one leaves no signal.
+    The arguments are those of :func:`unexcluded_couplings`.
+    """
+    surveyed = tuple(content.couplings_hz if couplings_hz is None else couplings_hz)
+    if not surveyed:
+        return 1.0
+    nus = _uncovered(surveyed, nu_min_hz, ratio)
+    if nus.size == 0:
+        return 1.0
+    weakest = float(np.min(extra_spin_deviance(ds, content, nus, flip_probability, coord)))
+    needed = _excluding_deviance(threshold, power)
+    return max(1.0, needed / weakest) if weakest > 0 else float("inf")
+
+
+def combine_evolutions(datasets: list[xr.Dataset], coord: str = "tau") -> xr.Dataset:
+    """Several tip-free evolutions at the same free times as one: counts and shots add.
+
+    The gates' counts are Poisson sums of the same means per shot (the same
+    sample, RF and free times), so the sum is the evolution of all the shots.
+
+    Raises
+    ------
+    NvmriError
+        If the runs' free times differ.
+    """
+    first = datasets[0]
+    for other in datasets[1:]:
+        if np.shape(other[coord]) != np.shape(first[coord]) or not np.allclose(
+                other[coord].values, first[coord].values, rtol=1e-9, atol=0.0):
+            raise NvmriError("the DEER evolutions to combine have different free times")
+    out = first.copy()
+    for g in GATES:
+        out[g] = sum(d[g] for d in datasets)
+    out.attrs["shots"] = float(sum(float(d.attrs.get("shots", 1.0)) for d in datasets))
+    return out
+
+
 def unexcluded_couplings(ds: xr.Dataset, content: EvolutionContent,
                          couplings_hz: tuple[float, ...] | None = None,
                          nu_min_hz: float = 50e3, ratio: float = COUPLING_CLASS_RATIO,
@@ -538,14 +629,11 @@ def unexcluded_couplings(ds: xr.Dataset, content: EvolutionContent,
     tuple of float
         Extra couplings to survey for, strongest first, Hz (empty if none).
     """
-    from scipy.stats import norm
-
     surveyed = tuple(content.couplings_hz if couplings_hz is None else couplings_hz)
     if not surveyed:
         return ()
-    needed = (np.sqrt(threshold) + norm.ppf(power)) ** 2
-    top = min(coupling_classes(surveyed, ratio)) / ratio
-    nus = np.arange(nu_min_hz, top, 1e3)
+    needed = _excluding_deviance(threshold, power)
+    nus = _uncovered(surveyed, nu_min_hz, ratio)
     if nus.size == 0:
         return ()
     hidden = nus[extra_spin_deviance(ds, content, nus, flip_probability, coord) < needed]
