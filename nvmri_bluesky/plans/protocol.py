@@ -293,7 +293,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         measurement -> uid.
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import coupling_classes
+    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN, coupling_classes
     from nvmri_bluesky.reconstruct.localize import localize_spins, with_layer_background
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
@@ -317,7 +317,12 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         if layer is not None:
             survey_data = with_layer_background(survey_data, detuning, line, layer,
                                                 fallback=layer_detuning)
-        found = localize_spins(survey_data, detuning, line)
+        # a weaker class's survey (long tau, little echo left, a 4 nm lattice across a
+        # thin ring) screens for where to look closer: a candidate at the evolution's
+        # threshold earns a fine raster; the joint fit of both must bring the report's
+        # (localize.MIN_DELTA_DEVIANCE)
+        found = localize_spins(survey_data, detuning, line,
+                               **({} if k == 0 else {"min_delta_deviance": DELTA_DEVIANCE_MIN}))
         # a stronger class's fine raster images its spins already: a weaker class's fine
         # raster covers only the spins new to its survey (the reconstruction merges the
         # classes' spins the same way, analysis._merge_spins)
