@@ -198,3 +198,20 @@ def test_a_lone_spin_excludes_weaker_ones() -> None:
     assert len(content.couplings_hz) == 1, content
     assert unexcluded_couplings(ds, content, nu_min_hz=design.PRIOR_MIN_COUPLING_HZ) == ()
     assert extra_spin_deviance(ds, content, [design.PRIOR_MIN_COUPLING_HZ])[0] > 44.2
+
+
+def test_a_slow_component_below_the_prior_gets_no_survey() -> None:
+    """Couplings more than 3 sigma below the prior's 50 kHz (e.g. the slow envelope of two
+    comparable couplings that beat) are not designed for; one within 3 sigma is."""
+    from nvmri_bluesky.plans.protocol import in_prior
+
+    content = classify_evolution(_evolution(random_spin(np.random.default_rng(7), INST), 2))
+    assert in_prior(content) == content.couplings_hz
+    slow = type(content)(couplings_hz=(436e3, 219e3, 25e3), coupling_sigmas_hz=(4e3, 4e3, 5e3),
+                         amplitudes=(0.5, 0.5, 0.5), spin_evidence=(400, 200, 30), layer=False,
+                         layer_evidence=0.0, layer_height_nm=None)
+    assert in_prior(slow) == (436e3, 219e3)
+    near = type(content)(couplings_hz=(436e3, 45e3), coupling_sigmas_hz=(4e3, 3e3),
+                         amplitudes=(0.5, 0.5), spin_evidence=(400, 30), layer=False,
+                         layer_evidence=0.0, layer_height_nm=None)
+    assert in_prior(near) == (436e3, 45e3)

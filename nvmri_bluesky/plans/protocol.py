@@ -345,6 +345,19 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     return uids
 
 
+def in_prior(content: Any) -> tuple[float, ...]:
+    """The evolution's couplings a survey is designed for: those not more than 3 sigma below
+    the prior's weakest (:data:`~nvmri_bluesky.reconstruct.protocol.PRIOR_MIN_COUPLING_HZ`;
+    the report rejects such spins the same way).  Two comparable couplings that beat can be
+    fitted as one spin between them and a slow one near their difference (e.g. 25 kHz for
+    200 and 233 kHz), whose survey at a ~20 us tau would find nothing."""
+    from nvmri_bluesky.reconstruct.protocol import PRIOR_MIN_COUPLING_HZ
+
+    return tuple(nu for nu, sigma in zip(content.couplings_hz, content.coupling_sigmas_hz,
+                                         strict=True)
+                 if abs(nu) + 3.0 * sigma >= PRIOR_MIN_COUPLING_HZ)
+
+
 def any_sample(devices: Any, quick: bool = False, md: dict | None = None
                ) -> Generator[Any, Any, dict[str, str]]:
     """One protocol for any sample: the data decide between spins, a layer, both or nothing.
@@ -413,7 +426,7 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
         # couplings below the classes seen that the evolution cannot exclude beside them
         # (a weak spin beside strong ones): the same evolution again, if a few more
         # shots would exclude (or show) them; its counts add to the first run's
-        factor = evolution_shot_factor(evolution, content,
+        factor = evolution_shot_factor(evolution, content, in_prior(content),
                                        nu_min_hz=design.PRIOR_MIN_COUPLING_HZ)
         if 1.0 < factor <= design.EVOLUTION_MAX_SHOT_FACTOR:
             _, f_plus0, f_line = ingredients
@@ -425,7 +438,7 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
             evolution = combine_evolutions([evolution, repeat])
             content = classify_evolution(evolution)
     line = layer = layer_detuning = None
-    couplings = content.couplings_hz
+    couplings = in_prior(content)
     if content.layer:
         try:
             line, (layer_raster, layer_detuning) = yield from _layer_runs(
@@ -439,7 +452,7 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
             layer = image if image.delta_deviance >= DELTA_DEVIANCE_MIN else None
             if layer is None:           # refuted by its image: spins that beat?
                 content = without_refuted_layer(evolution, content)
-                couplings = content.couplings_hz
+                couplings = in_prior(content)
     # an imaged layer is the rasters' fitted background (only its resonant slice flips
     # there): its tip-free decay, where every layer spin flips, does not weigh the tau
     joint = {"coherence": content.layer_coherence if layer is None else None,
