@@ -254,6 +254,17 @@ def _empty_report(location: str) -> dict[str, Any]:
             "sample_wall_s": {}}
 
 
+def evolution_data(cat: Any, uids: dict[str, str]) -> Any:
+    """The sample's tip-free evolution; with the protocol's repeat, the counts added (as the
+    protocol read them, ``evidence.combine_evolutions``)."""
+    from nvmri_bluesky.reconstruct.evidence import combine_evolutions
+
+    ds = load_run(cat, uids["deer_evolution"], ["deer_evolution"])
+    if "deer_evolution_2" in uids:
+        ds = combine_evolutions([ds, load_run(cat, uids["deer_evolution_2"], ["deer_evolution"])])
+    return ds
+
+
 def evolution_report(cat: Any, uids: dict[str, str], line: Any = None,
                      layer_refuted: bool = False) -> tuple[Any, dict[str, Any]]:
     """The tip-free evolution's model choice and the sample's detection limit.
@@ -274,7 +285,7 @@ def evolution_report(cat: Any, uids: dict[str, str], line: Any = None,
         without_refuted_layer,
     )
 
-    ds = load_run(cat, uids["deer_evolution"], ["deer_evolution"])
+    ds = evolution_data(cat, uids)
     content = classify_evolution(ds)
     if layer_refuted:
         content = without_refuted_layer(ds, content)
@@ -324,7 +335,7 @@ def _vetted_by_evolution(cat: Any, uids: dict[str, str], spins: list[Any],
     if "deer_evolution" not in uids or not spins:
         return list(zip(spins, entries, strict=True)), []
     support, keep = spins_the_evolution_allows(
-        load_run(cat, uids["deer_evolution"], ["deer_evolution"]),
+        evolution_data(cat, uids),
         tuple(s.coupling_hz for s in spins), tuple(s.delta_deviance for s in spins),
         float(line.peak), layer_height_nm, MIN_DELTA_DEVIANCE)
     kept, rejected = [], []

@@ -244,6 +244,10 @@ def _raster_name(base: str, k: int) -> str:
     return base if k == 0 else f"{base}_{k + 1}"
 
 
+SAME_SPIN_NM = 1.0
+"""Survey offsets closer than this are one spin (``analysis._merge_spins``' separation), nm."""
+
+
 def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ...],
                  quick: bool = False, md: dict | None = None,
                  coherence: Any = None, line: Any = None, layer: Any = None,
@@ -254,7 +258,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     couplings (:func:`~nvmri_bluesky.reconstruct.evidence.coupling_classes`)
     gets a survey at its own tau (a weak spin beside a strong one needs a
     longer free time) and a fine raster over the rings of the spins that
-    survey found.
+    survey found and no stronger class's survey had found.
 
     Parameters
     ----------
@@ -289,7 +293,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         measurement -> uid.
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import coupling_classes
+    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN, coupling_classes
     from nvmri_bluesky.reconstruct.localize import localize_spins, with_layer_background
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
@@ -303,6 +307,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
             tau_s=taus[0], mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
             md={"measurement": "deer_spectrum", **(md or {})}))
         _, line = fit_deer_spectrum(spectrum)
+    known: list[np.ndarray] = []             # offsets found by the stronger classes' surveys
     for k, tau in enumerate(taus):
         survey = design.design_spin_raster(detuning, line.centre_hz, tau,
                                            step_nm=design.SPIN_SURVEY_STEP_NM)
@@ -312,11 +317,21 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         if layer is not None:
             survey_data = with_layer_background(survey_data, detuning, line, layer,
                                                 fallback=layer_detuning)
-        found = localize_spins(survey_data, detuning, line)
-        if not found.spins:
+        # a weaker class's survey (long tau, little echo left, a 4 nm lattice across a
+        # thin ring) screens for where to look closer: a candidate at the evolution's
+        # threshold earns a fine raster; the joint fit of both must bring the report's
+        # (localize.MIN_DELTA_DEVIANCE)
+        found = localize_spins(survey_data, detuning, line,
+                               **({} if k == 0 else {"min_delta_deviance": DELTA_DEVIANCE_MIN}))
+        # a stronger class's fine raster images its spins already: a weaker class's fine
+        # raster covers only the spins new to its survey (the reconstruction merges the
+        # classes' spins the same way, analysis._merge_spins)
+        new = [s.offset_nm for s in found.spins
+               if all(np.linalg.norm(s.offset_nm - r) >= SAME_SPIN_NM for r in known)]
+        known.extend(s.offset_nm for s in found.spins)
+        if not new:
             continue
-        fine = design.design_fine_raster(detuning, survey, [s.offset_nm for s in found.spins],
-                                         line.fwhm_hz)
+        fine = design.design_fine_raster(detuning, survey, new, line.fwhm_hz)
         if fine is not None:
             name = _raster_name("deer_raster", k)
             uids[name], _ = yield from take(_deer_raster(
@@ -330,6 +345,19 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     return uids
 
 
+def in_prior(content: Any) -> tuple[float, ...]:
+    """The evolution's couplings a survey is designed for: those not more than 3 sigma below
+    the prior's weakest (:data:`~nvmri_bluesky.reconstruct.protocol.PRIOR_MIN_COUPLING_HZ`;
+    the report rejects such spins the same way).  Two comparable couplings that beat can be
+    fitted as one spin between them and a slow one near their difference (e.g. 25 kHz for
+    200 and 233 kHz), whose survey at a ~20 us tau would find nothing."""
+    from nvmri_bluesky.reconstruct.protocol import PRIOR_MIN_COUPLING_HZ
+
+    return tuple(nu for nu, sigma in zip(content.couplings_hz, content.coupling_sigmas_hz,
+                                         strict=True)
+                 if abs(nu) + 3.0 * sigma >= PRIOR_MIN_COUPLING_HZ)
+
+
 def any_sample(devices: Any, quick: bool = False, md: dict | None = None
                ) -> Generator[Any, Any, dict[str, str]]:
     """One protocol for any sample: the data decide between spins, a layer, both or nothing.
@@ -338,7 +366,12 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
     2. The evolution's content by likelihood-ratio model choice
        (:func:`~nvmri_bluesky.reconstruct.evidence.classify_evolution`):
        oscillations (point spins with couplings nu_k), a decay (a layer),
-       both, or nothing.
+       both, or nothing.  Point spins beside which weaker couplings are not
+       excluded: the evolution is repeated (``deer_evolution_2``, counts
+       summed) with the shots that would exclude them
+       (``evolution_shot_factor``, at most
+       :data:`~nvmri_bluesky.reconstruct.protocol.EVOLUTION_MAX_SHOT_FACTOR`
+       in all) and read again.
     3. A layer: :func:`surface_layers`' runs (its own PSF map reaching lower),
        and its height and density from its image (``fit_layer_image``).  A
        layer its image refutes is dropped and the evolution read again
@@ -346,7 +379,10 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
        runs that cannot be completed (a lock that cannot follow the line)
        end with their reason in ``not_done``; the decay is then unexplained,
        so the spin surveys also cover the couplings a layer would hide.
-    4. Point spins: :func:`spin_rasters` (a survey per coupling class).  A
+    4. Point spins: :func:`spin_rasters` (a survey per coupling class).  Couplings
+       below every class that the evolution cannot exclude beside the spins it
+       saw (``unexcluded_couplings``: a weak spin beside strong ones) get a
+       survey too.  A
        layer's decay can hide point spins from the evolution, so with a layer
        the spin survey runs anyway, designed for
        :data:`~nvmri_bluesky.reconstruct.protocol.HIDDEN_SPIN_COUPLINGS_HZ` (one
@@ -377,14 +413,32 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
     from nvmri_bluesky.reconstruct.evidence import (
         DELTA_DEVIANCE_MIN,
         classify_evolution,
+        combine_evolutions,
+        evolution_shot_factor,
+        unexcluded_couplings,
         without_refuted_layer,
     )
     from nvmri_bluesky.reconstruct.layers import fit_layer_image
 
     uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
     content = classify_evolution(evolution)
+    if content.couplings_hz and not content.layer:
+        # couplings below the classes seen that the evolution cannot exclude beside them
+        # (a weak spin beside strong ones): the same evolution again, if a few more
+        # shots would exclude (or show) them; its counts add to the first run's
+        factor = evolution_shot_factor(evolution, content, in_prior(content),
+                                       nu_min_hz=design.PRIOR_MIN_COUPLING_HZ)
+        if 1.0 < factor <= design.EVOLUTION_MAX_SHOT_FACTOR:
+            _, f_plus0, f_line = ingredients
+            uids["deer_evolution_2"], repeat = yield from take(sweeps.deer_evolution(
+                devices, design.EVOLUTION_TAUS_S, rf_frequency_hz=f_line,
+                mw_frequency_hz=f_plus0,
+                shots=(int(np.ceil(factor)) - 1) * design.SPIN_SHOTS,
+                md={"measurement": "deer_evolution_2", **(md or {})}))
+            evolution = combine_evolutions([evolution, repeat])
+            content = classify_evolution(evolution)
     line = layer = layer_detuning = None
-    couplings = content.couplings_hz
+    couplings = in_prior(content)
     if content.layer:
         try:
             line, (layer_raster, layer_detuning) = yield from _layer_runs(
@@ -398,11 +452,17 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
             layer = image if image.delta_deviance >= DELTA_DEVIANCE_MIN else None
             if layer is None:           # refuted by its image: spins that beat?
                 content = without_refuted_layer(evolution, content)
-                couplings = content.couplings_hz
+                couplings = in_prior(content)
     # an imaged layer is the rasters' fitted background (only its resonant slice flips
     # there): its tip-free decay, where every layer spin flips, does not weigh the tau
     joint = {"coherence": content.layer_coherence if layer is None else None,
              "layer": layer, "layer_detuning": layer_detuning}
+    if content.couplings_hz:
+        # weaker couplings than every class surveys, which the evolution cannot exclude
+        # beside the spins it saw (their oscillations take most of a weak spin's signal):
+        # a survey each, as for the couplings a layer hides
+        couplings = (*couplings, *unexcluded_couplings(
+            evolution, content, couplings, nu_min_hz=design.PRIOR_MIN_COUPLING_HZ))
     if couplings:                       # seen in the evolution: their own spectrum
         uids.update((yield from spin_rasters(devices, ingredients, couplings,
                                              quick, md, **joint)))

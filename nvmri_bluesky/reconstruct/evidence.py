@@ -49,9 +49,12 @@ from nvmri_bluesky.reconstruct.counts import GATES, check_gates, contrast_with_s
 from nvmri_bluesky.reconstruct.layers import layer_decay_integral
 
 __all__ = ["DELTA_DEVIANCE_MIN", "LAYER_HEIGHTS_NM", "NOMINAL_FLIP_PROBABILITY",
-           "EvolutionContent", "classify_evolution", "detection_limit_hz", "evidence",
-           "periodogram_peak", "coupling_classes", "without_refuted_layer",
-           "evolution_support", "spins_the_evolution_allows"]
+           "EXCLUSION_POWER", "COUPLING_CLASS_RATIO", "EvolutionContent",
+           "classify_evolution", "combine_evolutions", "detection_limit_hz", "evidence",
+           "evolution_shot_factor", "extra_spin_deviance",
+           "periodogram_peak", "coupling_classes", "unexcluded_couplings",
+           "without_refuted_layer", "evolution_support",
+           "spins_the_evolution_allows"]
 
 DELTA_DEVIANCE_MIN = 25.0
 """Likelihood-ratio threshold 2 Delta log L for adding a spin or a layer."""
@@ -66,6 +69,11 @@ shallow NV: c ~ 0.9 at every tau, validate seed 20) pass for "nothing"."""
 NOMINAL_FLIP_PROBABILITY = 0.5
 """Flip probability assumed for the detection limit when no spectrum was measured."""
 _NU_MAX_HZ = 20e6
+EXCLUSION_POWER = 0.95
+"""A coupling is excluded by an evolution that would have detected it (deviance drop
+>= the threshold) with at least this probability (:func:`unexcluded_couplings`)."""
+COUPLING_CLASS_RATIO = 2.5
+"""Couplings within this ratio share one survey's free time (:func:`coupling_classes`)."""
 
 
 def evidence(delta_deviance: float, threshold: float = DELTA_DEVIANCE_MIN) -> dict:
@@ -239,6 +247,25 @@ SPLIT_FRACTIONS = (0.2, 0.35)
 """Relative splits nu (1 -/+ f) of an accepted spin tried as starts for one more spin."""
 
 
+def _multiplied_peak(ev: _Evolution, coherence: NDArray, resid: NDArray
+                     ) -> tuple[float, float]:
+    """(nu, A) of the curve A w(nu, tau) coherence(tau) that best fits ``resid`` by
+    weighted least squares (nu on the periodogram's grid; (0, 0) if no A > 0 helps)."""
+    t, wts = ev.taus, 1.0 / ev.contrast_sigma**2
+    dt = float(np.min(np.diff(np.sort(t))))
+    step = 0.2 / (np.pi * float(np.max(t)))
+    nus = np.arange(step, min(_NU_MAX_HZ, 1.0 / max(dt, 1e-12)) + step, step)
+    best = (0.0, 0.0, 0.0)
+    for i in range(0, nus.size, 2000):
+        d = physics.deer_weight(nus[i:i + 2000, None], t[None, :]) * coherence[None, :]
+        dd, rd = (d**2) @ wts, d @ (wts * resid)
+        gain = np.where((rd > 0) & (dd > 0), rd**2 / np.where(dd > 0, dd, 1.0), 0.0)
+        j = int(np.argmax(gain))
+        if gain[j] > best[0]:
+            best = (float(gain[j]), float(nus[i + j]), float(rd[j] / dd[j]))
+    return best[1], best[2]
+
+
 def _spin_candidate(ev: _Evolution, model: _Model, fit: SweepFit, split: bool = False
                     ) -> tuple[_Model, SweepFit]:
     """One more spin, started at the periodogram peak of the remaining contrast; with
@@ -249,13 +276,22 @@ def _spin_candidate(ev: _Evolution, model: _Model, fit: SweepFit, split: bool = 
     between them, where the first spin's fit settles; the residual's periodogram then
     offers no start near either, while splitting that spin does.
     """
-    resid = ev.contrast - _model_contrast(ev, model, fit.theta)
+    current = _model_contrast(ev, model, fit.theta)
+    resid = ev.contrast - current
     _, nu, amp, _ = periodogram_peak(ev.taus, resid, ev.contrast_sigma)
     spins = list(fit.theta[1:1 + 2 * model.n_spins])
     new = _Model(model.n_spins + 1, model.layer_height_nm)
     tail = list(fit.theta[1 + 2 * model.n_spins:])
     starts = [np.array([fit.theta[0], *spins, nu / 1e6, float(np.clip(amp, 0.02, 0.98)),
                         *tail])]
+    if model.n_spins or model.layer_height_nm is not None:
+        # the new spin multiplies the coherence the others leave: its curve is
+        # A w(nu, tau) x that coherence, whose frequencies the plain periodogram misses
+        # (it sees the products' sums and differences); the best such curve is a start too
+        nu_m, amp_m = _multiplied_peak(ev, 1.0 + fit.theta[0] - current, resid)
+        if nu_m > 0:
+            starts.append(np.array([fit.theta[0], *spins, nu_m / 1e6,
+                                    float(np.clip(amp_m, 0.02, 0.98)), *tail]))
     for j in range(model.n_spins if split else 0):
         nu_j, amp_j = spins[2 * j], float(np.clip(spins[2 * j + 1], 0.02, 0.98))
         for f in SPLIT_FRACTIONS:
@@ -501,7 +537,8 @@ def spins_the_evolution_allows(ds: xr.Dataset, couplings_hz: tuple[float, ...],
     return tuple(support), tuple(i in keep for i in range(n))
 
 
-def coupling_classes(couplings_hz: tuple[float, ...], ratio: float = 2.5) -> list[float]:
+def coupling_classes(couplings_hz: tuple[float, ...], ratio: float = COUPLING_CLASS_RATIO
+                     ) -> list[float]:
     """Couplings that need a survey of their own: each at least ``ratio`` below the previous.
 
     One DEER free time serves couplings within ``ratio`` of each other (their
@@ -546,3 +583,194 @@ def detection_limit_hz(ds: xr.Dataset, flip_probability: float = NOMINAL_FLIP_PR
         expected[i:i + 2000] = np.sum((flip_probability * w / ev.contrast_sigma) ** 2, axis=1)
     passing = np.nonzero(expected >= threshold)[0]
     return float(nus[passing[0]]) if passing.size else float("inf")
+
+
+def _content_model(content: EvolutionContent) -> tuple[_Model, NDArray]:
+    """The accepted model of ``content`` and its parameters (baseline 0: it enters linearly)."""
+    th = [0.0]
+    for nu, amp in zip(content.couplings_hz, content.amplitudes, strict=True):
+        th += [abs(nu) / 1e6, amp]
+    if content.layer:
+        th.append(content.layer_rate)
+    return _Model(len(content.couplings_hz), content.layer_height_nm), np.array(th)
+
+
+def extra_spin_deviance(ds: xr.Dataset, content: EvolutionContent, nus_hz: NDArray,
+                        flip_probability: float | None = None, coord: str = "tau") -> NDArray:
+    """Expected deviance drop one more spin of coupling nu would bring beside ``content``.
+
+    The accepted components multiply the new spin's oscillation: its contrast
+    is c_new - c = p w(nu, tau) prod_j [1 - A_j w(nu_j, tau)] (x the layer's
+    decay), so beside strongly flipped spins a weak one leaves far less signal
+    than alone (two spins flipped with p ~ 0.5 keep ~15 % of its power on
+    average).  Linearised (a Gauss-Newton step), the expected drop is the
+    squared norm of that difference, weighted by the measured contrast sigmas,
+    after projecting out what the accepted model's own parameters (baseline,
+    each spin's nu and A, the layer's rate) can absorb.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The tip-free evolution ``content`` was read from.
+    content : EvolutionContent
+        Its accepted components.
+    nus_hz : array_like
+        Couplings of the extra spin, Hz.
+    flip_probability : float, optional
+        The extra spin's amplitude; default the median of the accepted spins'
+        amplitudes (every point spin is on the same line), else nominal.
+    coord : str
+
+    Returns
+    -------
+    ndarray
+        Expected 2 Delta log L per coupling.
+    """
+    ev = _evolution(ds, coord)
+    model, th = _content_model(content)
+    if flip_probability is None:
+        flip_probability = (float(np.median(content.amplitudes)) if content.amplitudes
+                            else NOMINAL_FLIP_PROBABILITY)
+    jt = (_decay_shape(ev.taus, model.layer_height_nm)
+          if model.layer_height_nm is not None else None)
+    base = model.contrast(th, ev.taus, jt)
+    _, _, fd = model.bounds()
+    cols = [np.ones_like(ev.taus)]                   # the baseline
+    for k in range(1, th.size):                      # the other parameters, central differences
+        h = np.zeros_like(th)
+        h[k] = fd[k]
+        cols.append((model.contrast(th + h, ev.taus, jt) - model.contrast(th - h, ev.taus, jt))
+                    / (2 * fd[k]))
+    jac = np.stack(cols, axis=1) / ev.contrast_sigma[:, None]
+    q, _ = np.linalg.qr(jac)
+    coherence = 1.0 + th[0] - base                   # what the accepted components leave
+    nus = np.atleast_1d(np.asarray(nus_hz, float))
+    out = np.empty(nus.size)
+    for i in range(0, nus.size, 2000):
+        d = (flip_probability * physics.deer_weight(nus[i:i + 2000, None], ev.taus[None, :])
+             * coherence[None, :] / ev.contrast_sigma[None, :])
+        d = d - (d @ q) @ q.T
+        out[i:i + 2000] = np.sum(d**2, axis=1)
+    return out
+
+
+def _uncovered(couplings_hz: tuple[float, ...], nu_min_hz: float, ratio: float) -> NDArray:
+    """Couplings (1 kHz grid, from ``nu_min_hz``) below every class's survey, Hz."""
+    top = min(coupling_classes(couplings_hz, ratio)) / ratio
+    return np.arange(nu_min_hz, top, 1e3)
+
+
+def _excluding_deviance(threshold: float, power: float) -> float:
+    """Expected deviance drop detected with probability ``power``: (sqrt(T) + z_power)^2."""
+    from scipy.stats import norm
+
+    return float((np.sqrt(threshold) + norm.ppf(power)) ** 2)
+
+
+def evolution_shot_factor(ds: xr.Dataset, content: EvolutionContent,
+                          couplings_hz: tuple[float, ...] | None = None,
+                          nu_min_hz: float = 50e3, ratio: float = COUPLING_CLASS_RATIO,
+                          power: float = EXCLUSION_POWER,
+                          threshold: float = DELTA_DEVIANCE_MIN,
+                          flip_probability: float | None = None, coord: str = "tau") -> float:
+    """How many times the evolution's shots would exclude every coupling below the classes.
+
+    The expected deviance drop of an extra spin (:func:`extra_spin_deviance`)
+    grows in proportion to the shots (the contrast variance falls as 1/N), so
+    the factor is (sqrt(threshold) + z_power)^2 over the smallest expected drop
+    among the couplings no class surveys (from ``nu_min_hz`` to the weakest
+    class / ``ratio``): 1.0 when none is left, inf when one leaves no signal.
+    The arguments are those of :func:`unexcluded_couplings`.
+    """
+    surveyed = tuple(content.couplings_hz if couplings_hz is None else couplings_hz)
+    if not surveyed:
+        return 1.0
+    nus = _uncovered(surveyed, nu_min_hz, ratio)
+    if nus.size == 0:
+        return 1.0
+    weakest = float(np.min(extra_spin_deviance(ds, content, nus, flip_probability, coord)))
+    needed = _excluding_deviance(threshold, power)
+    return max(1.0, needed / weakest) if weakest > 0 else float("inf")
+
+
+def combine_evolutions(datasets: list[xr.Dataset], coord: str = "tau") -> xr.Dataset:
+    """Several tip-free evolutions at the same free times as one: counts and shots add.
+
+    The gates' counts are Poisson sums of the same means per shot (the same
+    sample, RF and free times), so the sum is the evolution of all the shots.
+
+    Raises
+    ------
+    NvmriError
+        If the runs' free times differ.
+    """
+    first = datasets[0]
+    for other in datasets[1:]:
+        if np.shape(other[coord]) != np.shape(first[coord]) or not np.allclose(
+                other[coord].values, first[coord].values, rtol=1e-9, atol=0.0):
+            raise NvmriError("the DEER evolutions to combine have different free times")
+    out = first.copy()
+    for g in GATES:
+        out[g] = sum(d[g] for d in datasets)
+    out.attrs["shots"] = float(sum(float(d.attrs.get("shots", 1.0)) for d in datasets))
+    return out
+
+
+def unexcluded_couplings(ds: xr.Dataset, content: EvolutionContent,
+                         couplings_hz: tuple[float, ...] | None = None,
+                         nu_min_hz: float = 50e3, ratio: float = COUPLING_CLASS_RATIO,
+                         power: float = EXCLUSION_POWER,
+                         threshold: float = DELTA_DEVIANCE_MIN,
+                         flip_probability: float | None = None, coord: str = "tau"
+                         ) -> tuple[float, ...]:
+    """Couplings a spin survey must be designed for because the evolution cannot exclude them.
+
+    A coupling nu (from ``nu_min_hz``, the weakest of the searched prior, up)
+    is *excluded* when one more spin of that coupling, beside the accepted
+    components, would have passed the threshold with probability >= ``power``:
+    its expected deviance drop (:func:`extra_spin_deviance`) is at least
+    (sqrt(threshold) + z_power)^2 (the likelihood ratio of one added
+    amplitude, sqrt(2 Delta log L) ~ N(sqrt(expected), 1); 44.2 for 25 and
+    95 %).  Couplings within ``ratio`` below a surveyed class are imaged by
+    that class's survey (:func:`coupling_classes`); below the weakest class,
+    the strongest coupling not excluded becomes a class of its own, and so on
+    down to ``nu_min_hz``.
+
+    A weak spin beside strong ones is what this finds: seed 25 of ``nvmri
+    validate`` (310 and 232 kHz seen, a 63 kHz spin beside them expected to
+    bring a drop of ~15 at the evolution's 200 000 shots, against ~290 alone).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The tip-free evolution.
+    content : EvolutionContent
+        Its model choice.
+    couplings_hz : tuple of float, optional
+        Couplings the surveys are designed for already; default the content's.
+    nu_min_hz : float
+        Weakest coupling searched, Hz.
+    ratio, power, threshold : float
+    flip_probability : float, optional
+        As :func:`extra_spin_deviance`.
+    coord : str
+
+    Returns
+    -------
+    tuple of float
+        Extra couplings to survey for, strongest first, Hz (empty if none).
+    """
+    surveyed = tuple(content.couplings_hz if couplings_hz is None else couplings_hz)
+    if not surveyed:
+        return ()
+    needed = _excluding_deviance(threshold, power)
+    nus = _uncovered(surveyed, nu_min_hz, ratio)
+    if nus.size == 0:
+        return ()
+    hidden = nus[extra_spin_deviance(ds, content, nus, flip_probability, coord) < needed]
+    extra: list[float] = []
+    while hidden.size:
+        nu = float(hidden.max())
+        extra.append(nu)
+        hidden = hidden[hidden * ratio <= nu]
+    return tuple(extra)

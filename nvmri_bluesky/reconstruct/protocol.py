@@ -48,6 +48,7 @@ __all__ = [
     "SPIN_ZOOM_LATERAL_NM", "SPIN_ZOOM_VERTICAL_NM", "SPIN_ZOOM_STEP_NM", "SPIN_ZOOM_POINTS",
     "SPIN_ZOOM_RING_FRACTION", "design_zoom_raster",
     "SPECTRUM_SHOTS", "SPECTRUM_SPAN_HZ", "SPECTRUM_POINTS", "EVOLUTION_TAUS_S",
+    "EVOLUTION_MAX_SHOT_FACTOR",
     "LAYER_PSF_MAP", "LAYER_PLANES_NM", "LAYER_STEP_NM", "LAYER_TAU_S", "LAYER_SHOTS",
     "LAYER_EVOLUTION_TAUS_S", "LAYER_EVOLUTION_SHOTS", "RasterDesign", "design_spin_raster",
     "design_layer_raster", "design_layer_zoom", "choose_tau", "axis_spec", "LOCKABLE_FRACTION",
@@ -108,6 +109,12 @@ SPECTRUM_POINTS = 81
 EVOLUTION_TAUS_S = tuple(np.round(np.r_[np.linspace(0.25e-6, 2.0e-6, 36),
                                           np.linspace(2.5e-6, 30e-6, 40)], 9))
 """Tip-free evolution: 50 ns steps to 2 us (|nu| up to 20 MHz unaliased), then 0.7 us steps."""
+EVOLUTION_MAX_SHOT_FACTOR = 4
+"""The tip-free evolution is repeated (its counts summed) up to this many times in all when
+couplings below the classes it found are not excluded beside them
+(``evidence.evolution_shot_factor``): a weak spin beside strong ones.  One repeat costs
+~0.75 h of instrument time (seed 25 of ``nvmri validate``: 2680 s), a weak class's survey
+~8 h; beyond this factor the survey is the cheaper way to look."""
 
 LAYER_PSF_MAP = {"x": (-60.0, 96.0, 14), "y": (-78.0, 78.0, 14), "z": (9.0, 33.0, 4)}
 """PSF map for layers (covers the layer plane's reach): (start, stop, num), nm.
