@@ -190,15 +190,12 @@ def snr_gain_part(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
 
 
 def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
-    """Height (image: the layer raster and, if taken, the layer zoom raster designed from
-    its height, fitted jointly) and density (tip-free decay) of a layer from its runs."""
+    """Height (image) and density (tip-free decay) of a layer from its runs."""
     from nvmri_bluesky.reconstruct.layers import fit_layer_decay, fit_layer_image
 
     detuning, line = _psf_and_line(cat, uids, "layer_psf_map", "layer_spectrum", model="bath")
     deer = load_run(cat, uids["layer_raster"], ["deer_raster"])
-    rasters = [deer] + ([load_run(cat, uids["layer_zoom"], ["deer_raster"])]
-                        if "layer_zoom" in uids else [])
-    image = fit_layer_image(rasters, detuning, line)
+    image = fit_layer_image(deer, detuning, line)
     decay = fit_layer_decay(load_run(cat, uids["layer_decay"], ["deer_evolution"]),
                             image.height_nm, image.height_sigma_nm, line=line)
     return {"report": layer_report(image, decay), "deer": deer, "image": image,
@@ -595,7 +592,7 @@ def reconstruct_run(cat: Any, uid: str) -> dict[str, Any]:
     out: dict[str, Any] = {"uid": start["uid"], "plan_name": plan,
                            "scenario": start.get("scenario", "")}
     if plan == "deer_raster":
-        layer = start.get("measurement") in ("layer_raster", "layer_zoom")
+        layer = start.get("measurement") == "layer_raster"
         if not start.get("measurement"):
             uids["deer_raster"] = start["uid"]
         needed = (("layer_psf_map", "layer_spectrum", "layer_decay") if layer

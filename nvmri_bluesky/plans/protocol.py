@@ -489,10 +489,7 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
     1. PSF map over the layer's reach, both transitions.
     2. Tip-free DEER spectrum on the predicted line: centre and width.
     3. DEER raster in two planes with the RF offset that puts the resonant
-       dome just below them (``design_layer_raster``); when its image shows a
-       layer, a second raster whose upper plane's dome top lies on the
-       layer's fitted height (``design_layer_zoom``): at h = 15 nm the first
-       gives the height to ~0.45 nm, both together to ~0.1 nm.
+       dome just below them (``design_layer_raster``).
     4. Tip-free DEER decay (many spins: a decay, not an oscillation): the
        density at the imaged height.
 
@@ -521,12 +518,9 @@ def surface_layers(devices: Any, quick: bool = False, md: dict | None = None
 def _layer_runs(devices: Any, quick: bool, md: dict | None, uids: dict[str, str]
                 ) -> Generator[Any, Any, tuple[Any, tuple[Any, Any]]]:
     """:func:`surface_layers`' runs, their uids into ``uids`` as they are taken;
-    (the fitted dark-spin line, (the layer rasters' data: the first and, when its
-    image shows a layer inside the searched heights, the second designed from
-    its height, the layer PSF map's Delta f_dark interpolant))."""
+    (the fitted dark-spin line, (the layer raster's data, the layer PSF map's
+    Delta f_dark interpolant))."""
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN
-    from nvmri_bluesky.reconstruct.layers import fit_layer_image
     from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
 
     detuning, f_plus0, f_line = yield from _psf_ingredients(
@@ -540,15 +534,6 @@ def _layer_runs(devices: Any, quick: bool, md: dict | None, uids: dict[str, str]
     raster = design.design_layer_raster(detuning, line.centre_hz)
     uids["layer_raster"], raster_data = yield from take(_deer_raster(
         devices, raster, f_plus0, {"measurement": "layer_raster", **(md or {})}))
-    raster_data = [raster_data]
-    first = fit_layer_image(raster_data, detuning, line)
-    if first.delta_deviance >= DELTA_DEVIANCE_MIN and not first.at_bound:
-        # the height from the first image designs the second (design_layer_zoom)
-        zoom = design.design_layer_zoom(detuning, line.centre_hz, first.height_nm,
-                                        first.height_sigma_nm)
-        uids["layer_zoom"], zoom_data = yield from take(_deer_raster(
-            devices, zoom, f_plus0, {"measurement": "layer_zoom", **(md or {})}))
-        raster_data.append(zoom_data)
     uids["layer_decay"], _ = yield from take(sweeps.deer_evolution(
         devices, design.LAYER_EVOLUTION_TAUS_S, rf_frequency_hz=line.centre_hz,
         mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,

@@ -23,10 +23,8 @@ Layers (Fig. 3)
 ---------------
 :data:`LAYER_PSF_MAP`, then ``deer_raster`` planes :data:`LAYER_PLANES_NM`
 with :func:`design_layer_raster` (RF offset: dome top 4 nm below the lowest
-plane), step :data:`LAYER_STEP_NM`, tau :data:`LAYER_TAU_S`; then a second
-raster designed from the first one's height (:func:`design_layer_zoom`: the
-upper plane's dome top on the layer plane); plus a tip-free
-``deer_evolution`` at :data:`LAYER_EVOLUTION_TAUS_S`.
+plane), step :data:`LAYER_STEP_NM`, tau :data:`LAYER_TAU_S`; plus a
+tip-free ``deer_evolution`` at :data:`LAYER_EVOLUTION_TAUS_S`.
 """
 
 from __future__ import annotations
@@ -51,7 +49,7 @@ __all__ = [
     "EVOLUTION_MAX_SHOT_FACTOR",
     "LAYER_PSF_MAP", "LAYER_PLANES_NM", "LAYER_STEP_NM", "LAYER_TAU_S", "LAYER_SHOTS",
     "LAYER_EVOLUTION_TAUS_S", "LAYER_EVOLUTION_SHOTS", "RasterDesign", "design_spin_raster",
-    "design_layer_raster", "design_layer_zoom", "choose_tau", "axis_spec", "LOCKABLE_FRACTION",
+    "design_layer_raster", "choose_tau", "axis_spec", "LOCKABLE_FRACTION",
     "line_shift_map", "lowest_lockable_apex_nm",
 ]
 
@@ -520,48 +518,6 @@ def design_layer_raster(detuning: DetuningInterpolant, f_dark0_hz: float,
                         y=axis_spec(yc - half_width_nm, yc + half_width_nm, step_nm),
                         z=planes, rf_frequency_hz=f_dark0_hz + offset, rf_offset_hz=offset,
                         tau_s=float(tau_s), shots=int(shots))
-
-
-def design_layer_zoom(detuning: DetuningInterpolant, f_dark0_hz: float, height_nm: float,
-                      height_sigma_nm: float, planes_nm: ArrayLike = LAYER_PLANES_NM,
-                      **kwargs) -> RasterDesign:
-    """The second layer raster, designed from the first one's height h1 +/- sigma1.
-
-    The image of a layer pins its height best where the resonant dome's top
-    just touches the layer plane in one of the planes: the spot that appears
-    there grows fast with the depth of the layer below the top.  With the
-    first design (dome top 4 nm below the lowest plane) a deep layer lies
-    far below the top in both planes, and the height is only known to
-    0.4-0.6 nm at h = 15-16 nm (synthetic layers, 0.72 /nm^2, 100 000 shots);
-    with the upper plane's top on the layer, 0.03-0.15 nm.  The top is put
-    sigma1 above the estimate (``top_below_nm = h1 - (z_max - z_min) - sigma1``
-    for :func:`design_layer_raster`): a layer a little deeper than the top
-    still images (a ring), one a little above it is lost in that plane.
-
-    Parameters
-    ----------
-    detuning : DetuningInterpolant
-        The layer PSF map.
-    f_dark0_hz : float
-        Tip-free dark-spin line.
-    height_nm, height_sigma_nm : float
-        The first raster's height and its sigma, nm.
-    planes_nm : array_like
-        Apex heights, nm.
-    **kwargs
-        Passed on to :func:`design_layer_raster` (step, window, tau, shots).
-
-    Returns
-    -------
-    RasterDesign
-    """
-    planes = np.atleast_1d(np.asarray(planes_nm, float))
-    sigma = float(height_sigma_nm) if np.isfinite(height_sigma_nm) else 0.0
-    top = float(height_nm) - float(np.ptp(planes)) - sigma
-    lo_map = float(detuning.bounds[2, 0])
-    top = min(max(top, 0.0), float(planes.min()) - lo_map)
-    return design_layer_raster(detuning, f_dark0_hz, planes_nm=planes, top_below_nm=top,
-                               **kwargs)
 
 
 def choose_tau(nu_hz: float, t2_s: float = 20e-6, exponent: float = 1.5,
