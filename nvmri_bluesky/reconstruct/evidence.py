@@ -104,6 +104,15 @@ def _evolution(ds: xr.Dataset, coord: str = "tau") -> _Evolution:
                       shots[good], c[good], s[good])
 
 
+def _coupling_grid(taus_s: NDArray, nu_max_hz: float) -> NDArray:
+    """Couplings searched on free times ``taus_s``: up to the sampling's limit (and
+    ``nu_max_hz``), in steps that keep the phase error at the longest tau below 0.2 rad."""
+    dt = float(np.min(np.diff(np.sort(taus_s))))
+    nu_hi = min(nu_max_hz, 1.0 / max(dt, 1e-12))
+    step = 0.2 / (np.pi * float(np.max(taus_s)))
+    return np.arange(step, nu_hi + step, step)
+
+
 def periodogram_peak(taus_s: NDArray, contrast: NDArray, sigma: NDArray,
                      nu_max_hz: float = _NU_MAX_HZ) -> tuple[float, float, float, float]:
     """Best single-spin curve b + A (1 - cos(pi nu tau)) by weighted least squares on a nu grid.
@@ -120,11 +129,7 @@ def periodogram_peak(taus_s: NDArray, contrast: NDArray, sigma: NDArray,
     (chi2, nu_hz, amplitude, baseline)
     """
     t, cc, wts = np.asarray(taus_s, float), np.asarray(contrast, float), 1.0 / sigma**2
-    dt = float(np.min(np.diff(np.sort(t))))
-    nu_hi = min(nu_max_hz, 1.0 / max(dt, 1e-12))
-    # the step keeps the phase error at the longest tau below 0.2 rad
-    step = 0.2 / (np.pi * float(np.max(t)))
-    nus = np.arange(step, nu_hi + step, step)
+    nus = _coupling_grid(t, nu_max_hz)
     g = 1.0 - np.cos(np.pi * nus[:, None] * t[None, :])           # (n_nu, n_tau)
     s0, s1, s2 = wts.sum(), g @ wts, (g**2) @ wts
     y0, y1 = float(wts @ cc), g @ (wts * cc)
@@ -252,9 +257,7 @@ def _multiplied_peak(ev: _Evolution, coherence: NDArray, resid: NDArray
     """(nu, A) of the curve A w(nu, tau) coherence(tau) that best fits ``resid`` by
     weighted least squares (nu on the periodogram's grid; (0, 0) if no A > 0 helps)."""
     t, wts = ev.taus, 1.0 / ev.contrast_sigma**2
-    dt = float(np.min(np.diff(np.sort(t))))
-    step = 0.2 / (np.pi * float(np.max(t)))
-    nus = np.arange(step, min(_NU_MAX_HZ, 1.0 / max(dt, 1e-12)) + step, step)
+    nus = _coupling_grid(t, _NU_MAX_HZ)
     best = (0.0, 0.0, 0.0)
     for i in range(0, nus.size, 2000):
         d = physics.deer_weight(nus[i:i + 2000, None], t[None, :]) * coherence[None, :]
