@@ -118,13 +118,16 @@ def _class_rasters(uids: dict[str, str]) -> list[list[str]]:
     return classes
 
 
-def _merge_spins(results: list[Any], min_sep_nm: float = 1.0) -> list[Any]:
-    """Spins of every class's fit; one found in several classes kept where it is best known."""
+def _merge_spins(results: list[Any]) -> list[Any]:
+    """Spins of every class's fit; one found in several classes (closer than
+    ``reconstruct.protocol.SAME_SPIN_NM``) kept where it is best known."""
+    from nvmri_bluesky.reconstruct.protocol import SAME_SPIN_NM
+
     spins = sorted((s for r in results for s in r.spins),
                    key=lambda s: float(np.linalg.norm(s.offset_sigma_nm)))
     kept: list[Any] = []
     for s in spins:
-        if all(np.linalg.norm(s.offset_nm - k.offset_nm) >= min_sep_nm for k in kept):
+        if all(np.linalg.norm(s.offset_nm - k.offset_nm) >= SAME_SPIN_NM for k in kept):
             kept.append(s)
     return sorted(kept, key=lambda s: -abs(s.coupling_hz))
 

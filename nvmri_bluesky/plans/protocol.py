@@ -244,8 +244,6 @@ def _raster_name(base: str, k: int) -> str:
     return base if k == 0 else f"{base}_{k + 1}"
 
 
-SAME_SPIN_NM = 1.0
-"""Survey offsets closer than this are one spin (``analysis._merge_spins``' separation), nm."""
 
 
 def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ...],
@@ -327,7 +325,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         # raster covers only the spins new to its survey (the reconstruction merges the
         # classes' spins the same way, analysis._merge_spins)
         new = [s.offset_nm for s in found.spins
-               if all(np.linalg.norm(s.offset_nm - r) >= SAME_SPIN_NM for r in known)]
+               if all(np.linalg.norm(s.offset_nm - r) >= design.SAME_SPIN_NM for r in known)]
         known.extend(s.offset_nm for s in found.spins)
         if not new:
             continue

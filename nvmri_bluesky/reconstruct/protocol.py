@@ -41,7 +41,8 @@ from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
 
 __all__ = [
-    "SPIN_PSF_MAP", "SPIN_PLANE_NM", "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM", "SPIN_SHOTS",
+    "SAME_SPIN_NM", "SPIN_PSF_MAP", "SPIN_PLANE_NM", "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM",
+    "SPIN_SHOTS",
     "SPIN_SURVEY_STEP_NM", "SPIN_FINE_PLANES_NM", "design_fine_raster",
     "SPIN_ZOOM_LATERAL_NM", "SPIN_ZOOM_VERTICAL_NM", "SPIN_ZOOM_STEP_NM", "SPIN_ZOOM_POINTS",
     "SPIN_ZOOM_RING_FRACTION", "design_zoom_raster",
@@ -55,6 +56,9 @@ __all__ = [
 
 PRIOR_LATERAL_NM = 8.0
 PRIOR_DZ_NM = (-6.0, 2.0)
+SAME_SPIN_NM = 1.0
+"""Offsets closer than this are one spin: a weaker class's survey and the merge of the
+classes' fits (``analysis._merge_spins``) both count them once, nm."""
 PRIOR_MIN_COUPLING_HZ = 50e3
 """Weakest coupling of the spins searched (issue #11's envelope), Hz.  A fit weaker than
 this is outside the prior, like one on the box's bound: under a layer, its strongest
