@@ -23,7 +23,7 @@ demo: $(DEMO_VENV)/.installed
 
 test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m ruff check .
-	$(TEST_VENV)/bin/python -m pytest
+	$(TEST_VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/nvmri bench --json

@@ -118,3 +118,17 @@ def make_ioc() -> Iterator[Callable[..., tuple[launch.IocHandle, Any]]]:
         if instrument is not None:
             instrument.destroy()
         handle.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (``make test``) one worker runs a whole module.
+
+    Modules share expensive module-scoped fixtures (a catalog server, a queue
+    server deployment, IOCs), so each goes to one worker as a group; a module
+    that sets ``XDIST_PER_TEST = True`` (independent end-to-end runs, each
+    minutes long) has its tests spread over the workers one by one.
+    """
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and not getattr(module, "XDIST_PER_TEST", False):
+            item.add_marker(pytest.mark.xdist_group(module.__name__))

@@ -25,6 +25,7 @@ import pytest
 from nvmri_bluesky import physics
 
 pytestmark = pytest.mark.timeout(3000)
+XDIST_PER_TEST = True  # independent `nvmri demo` runs: spread over the test workers
 
 AXES = ("dx_nm", "dy_nm", "dz_nm")
 

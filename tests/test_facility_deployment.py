@@ -15,8 +15,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -104,6 +106,52 @@ def _wait_status(rm: Any, condition: Any, timeout: float, what: str) -> dict[str
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout} s: {status}")
         time.sleep(0.05)
+
+
+@contextmanager
+def _relayed_events(address: str) -> Iterator[Any]:
+    """A live count of the event documents the 0MQ proxy relays from ``address``.
+
+    Yields a callable ``wait(n, timeout)`` that returns once ``n`` more events
+    than at its previous call have been seen (what a pause needs to land
+    mid-run however slowly the worker starts its plan).
+    """
+    import zmq
+
+    socket = zmq.Context.instance().socket(zmq.SUB)
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    socket.setsockopt(zmq.RCVTIMEO, 100)
+    socket.connect(f"tcp://{address}")
+    seen = [0]
+    done = threading.Event()
+
+    def count() -> None:
+        while not done.is_set():
+            try:
+                message = socket.recv()
+            except zmq.Again:
+                continue
+            if message.split(b" ", 2)[1] in (b"event", b"event_page"):
+                seen[0] += 1
+
+    thread = threading.Thread(target=count, daemon=True)
+    thread.start()
+    mark = [0]
+
+    def wait(n: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while seen[0] < mark[0] + n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{n} events not relayed in {timeout} s ({seen[0]} in all)")
+            time.sleep(0.02)
+        mark[0] = seen[0]
+
+    try:
+        yield wait
+    finally:
+        done.set()
+        thread.join(5)
+        socket.close(linger=0)
 
 
 def _stored_events(cat: Any, uid: str) -> tuple[int, list[int], dict[str, Any]]:
@@ -266,49 +314,50 @@ def test_pause_resume_stop_and_abort_over_the_api(deployment: SimpleNamespace,
     # every pause lands mid-run
     long_raster = BPlan("deer_raster", x=[-20, 20, 30], y=[-20, 20, 30], z=30.0,
                         rf_frequency_hz=DEER_RF_HZ)
-    try:
-        if not rm.status()["worker_environment_exists"]:
-            if rm.status()["manager_state"] != "creating_environment":
-                rm.environment_open()
-            rm.wait_for_idle(timeout=120)
-        n_history = len(rm.history_get()["items"])
+    with _relayed_events(deployment.proxy.out_address) as wait_events:
+        try:
+            if not rm.status()["worker_environment_exists"]:
+                if rm.status()["manager_state"] != "creating_environment":
+                    rm.environment_open()
+                rm.wait_for_idle(timeout=120)
+            n_history = len(rm.history_get()["items"])
 
-        # Deferred pause (at the next checkpoint), resume, immediate pause, stop.
-        rm.item_add(long_raster)
-        rm.queue_start()
-        _wait_status(rm, lambda s: s["re_state"] == "running", 60, "running")
-        time.sleep(0.3)
-        rm.re_pause("deferred")
-        rm.wait_for_idle_or_paused(timeout=60)
-        status = rm.status(reload=True)
-        assert (status["manager_state"], status["re_state"]) == ("paused", "paused"), status
-        rm.re_resume()
-        _wait_status(rm, lambda s: s["re_state"] == "running", 30, "running after resume")
-        time.sleep(0.3)
-        rm.re_pause("immediate")
-        rm.wait_for_idle_or_paused(timeout=60)
-        assert rm.status(reload=True)["re_state"] == "paused"
-        rm.re_stop()
-        rm.wait_for_idle(timeout=60)
-        stopped = _history_results(rm)[n_history]
-        assert stopped["exit_status"] == "stopped", stopped
+            # Deferred pause (at the next checkpoint), resume, immediate pause, stop.
+            rm.item_add(long_raster)
+            rm.queue_start()
+            _wait_status(rm, lambda s: s["re_state"] == "running", 60, "running")
+            wait_events(2)
+            rm.re_pause("deferred")
+            rm.wait_for_idle_or_paused(timeout=60)
+            status = rm.status(reload=True)
+            assert (status["manager_state"], status["re_state"]) == ("paused", "paused"), status
+            rm.re_resume()
+            _wait_status(rm, lambda s: s["re_state"] == "running", 30, "running after resume")
+            wait_events(2)
+            rm.re_pause("immediate")
+            rm.wait_for_idle_or_paused(timeout=60)
+            assert rm.status(reload=True)["re_state"] == "paused"
+            rm.re_stop()
+            rm.wait_for_idle(timeout=60)
+            stopped = _history_results(rm)[n_history]
+            assert stopped["exit_status"] == "stopped", stopped
 
-        # Abort: the run closes as aborted and the item goes back to the queue.
-        assert rm.status(reload=True)["items_in_queue"] == 0  # a stopped plan is done
-        rm.item_add(long_raster)
-        rm.queue_start()
-        _wait_status(rm, lambda s: s["re_state"] == "running", 60, "running")
-        time.sleep(0.3)
-        rm.re_pause("immediate")
-        rm.wait_for_idle_or_paused(timeout=60)
-        rm.re_abort()
-        rm.wait_for_idle(timeout=60)
-        aborted = _history_results(rm)[n_history + 1]
-        assert aborted["exit_status"] == "aborted", aborted
-        assert rm.status(reload=True)["items_in_queue"] == 1
-        rm.queue_clear()
-    finally:
-        rm.close()
+            # Abort: the run closes as aborted and the item goes back to the queue.
+            assert rm.status(reload=True)["items_in_queue"] == 0  # a stopped plan is done
+            rm.item_add(long_raster)
+            rm.queue_start()
+            _wait_status(rm, lambda s: s["re_state"] == "running", 60, "running")
+            wait_events(2)
+            rm.re_pause("immediate")
+            rm.wait_for_idle_or_paused(timeout=60)
+            rm.re_abort()
+            rm.wait_for_idle(timeout=60)
+            aborted = _history_results(rm)[n_history + 1]
+            assert aborted["exit_status"] == "aborted", aborted
+            assert rm.status(reload=True)["items_in_queue"] == 1
+            rm.queue_clear()
+        finally:
+            rm.close()
 
     with catalog.open() as cat:
         for result, status in ((stopped, "success"), (aborted, "abort")):
