@@ -176,3 +176,38 @@ def test_spin_under_a_layer_with_its_image_as_a_fitted_background():
     assert np.all(np.abs(err) <= 3 * fit.offset_sigma_nm + 0.02), (err, fit.offset_sigma_nm)
     scale, scale_sigma = result.layer_scale
     assert scale_sigma > 0 and 0.8 < scale * 0.9 < 1.3
+
+
+def test_the_matched_filter_puts_a_start_at_the_spin():
+    """The matched filter's best offset for one more spin is the spin (on a 4 nm survey
+    lattice, at the envelope's edge), and a spin already in the model leaves nothing
+    there to find."""
+    from nvmri_bluesky.reconstruct.localize import (
+        PRIOR_BOX,
+        _matched_starts,
+        _prepare,
+        feasible_offset_box,
+    )
+
+    rng = np.random.default_rng(29)
+    inst = syn.instrument(10.0)
+    spin = np.array([[7.5, -1.5, 1.0]])
+    nu = float(physics.dipolar_coupling(spin, inst.nv_axis)[0])
+    tau = protocol.choose_tau(nu)
+    det = _detuning(10.0, 29)
+    line = FlipLine(centre_hz=inst.f_dark0, centre_sigma_hz=200e3)
+    design = protocol.design_spin_raster(det, line.centre_hz, tau,
+                                         step_nm=protocol.SPIN_SURVEY_STEP_NM)
+    ds = syn.deer_raster(inst, spin, *design.axes(), design.rf_frequency_hz, tau, design.shots,
+                         rng)
+    raster = _prepare(ds, det, line)
+    box = feasible_offset_box(raster.tips, det, PRIOR_BOX)
+    starts = _matched_starts(ds, raster, np.zeros((0, 4)), 0.0, box, 1.0, 3)
+    assert len(starts) == 3
+    best, w = starts[0]
+    assert np.linalg.norm(best - spin[0]) < 0.8, best
+    assert 0.5 < w < 2.5
+    # with the spin in the model the residual holds no comparable ring
+    weight = float(physics.deer_weight(nu, tau))
+    rest = _matched_starts(ds, raster, np.c_[spin, [weight]], 0.0, box, 1.0, 3)
+    assert all(np.linalg.norm(p - spin[0]) >= 0.8 or abs(wr) < 0.3 * w for p, wr in rest)
