@@ -172,13 +172,6 @@ def test_demo_finds_two_spins(tmp_path: Path) -> None:
     grade(run_demo(tmp_path, scenario), scenario, truth, [])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 11, point 4; session 8): with the evolution's baseline bounded (|b| <= 0.1) "
-    "seed 1103's evolution reads the layer with a faster decay (q 35.7 at h 6 nm), the "
-    "hidden-spin surveys are taken at tau 1.45 / 1.50 us, and without the layer image as "
-    "their background (its map failed here) the surveys' fit finds no spin: no fine raster, "
-    "the 216 kHz spin is missed.  The report, not_done and the layer map's stop reason are "
-    "as asserted; test_demo_spin_and_layer_on_one_nv (no fault) finds the spin"))
 def test_demo_a_layer_map_whose_lock_cannot_follow_leaves_the_spin_reported(
         tmp_path: Path) -> None:
     """The spin and layer of ``test_demo_spin_and_layer_on_one_nv``, with the counter
