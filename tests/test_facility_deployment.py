@@ -154,6 +154,14 @@ def _relayed_events(address: str) -> Iterator[Any]:
         socket.close(linger=0)
 
 
+def _start_mid_run(rm: Any, item: Any, wait_events: Any) -> None:
+    """Queue ``item``, start the queue, return once its run has relayed 2 events."""
+    rm.item_add(item)
+    rm.queue_start()
+    _wait_status(rm, lambda s: s["re_state"] == "running", 60, "running")
+    wait_events(2)
+
+
 def _stored_events(cat: Any, uid: str) -> tuple[int, list[int], dict[str, Any]]:
     """(rows in the primary stream, their seq_nums, the stop document) of a stored run."""
     run = cat.run(uid)
@@ -323,10 +331,7 @@ def test_pause_resume_stop_and_abort_over_the_api(deployment: SimpleNamespace,
             n_history = len(rm.history_get()["items"])
 
             # Deferred pause (at the next checkpoint), resume, immediate pause, stop.
-            rm.item_add(long_raster)
-            rm.queue_start()
-            _wait_status(rm, lambda s: s["re_state"] == "running", 60, "running")
-            wait_events(2)
+            _start_mid_run(rm, long_raster, wait_events)
             rm.re_pause("deferred")
             rm.wait_for_idle_or_paused(timeout=60)
             status = rm.status(reload=True)
@@ -344,10 +349,7 @@ def test_pause_resume_stop_and_abort_over_the_api(deployment: SimpleNamespace,
 
             # Abort: the run closes as aborted and the item goes back to the queue.
             assert rm.status(reload=True)["items_in_queue"] == 0  # a stopped plan is done
-            rm.item_add(long_raster)
-            rm.queue_start()
-            _wait_status(rm, lambda s: s["re_state"] == "running", 60, "running")
-            wait_events(2)
+            _start_mid_run(rm, long_raster, wait_events)
             rm.re_pause("immediate")
             rm.wait_for_idle_or_paused(timeout=60)
             rm.re_abort()
