@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import reconstruct_synth as syn
 
 from nvmri_bluesky import physics
@@ -66,6 +67,7 @@ def test_dark_detuning_sigma_from_lock_record():
     assert np.corrcoef(sig.ravel(), (np.abs(u_plus) + np.abs(u_minus)).ravel())[0, 1] > 0.5
 
 
+@pytest.mark.timeout(900)  # 103 fits: 154 s on a quiet machine (matched-filter starts)
 def test_offset_sigmas_cover_the_truth_with_a_noisy_map():
     clean = _map(np.random.default_rng(0), 0.0)
     line0 = FlipLine(centre_hz=INST.f_dark0, t2_star_s=INST.dark_t2_star_s, t_pi_s=100e-9,
