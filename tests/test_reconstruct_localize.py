@@ -186,6 +186,7 @@ def test_the_matched_filter_puts_a_start_at_the_spin():
         PRIOR_BOX,
         _matched_starts,
         _prepare,
+        _spin_contrast,
         feasible_offset_box,
     )
 
@@ -202,12 +203,14 @@ def test_the_matched_filter_puts_a_start_at_the_spin():
                          rng)
     raster = _prepare(ds, det, line)
     box = feasible_offset_box(raster.tips, det, PRIOR_BOX)
-    starts = _matched_starts(ds, raster, np.zeros((0, 4)), 0.0, box, 1.0, 3)
+    starts = _matched_starts(raster, *_spin_contrast(ds, raster, np.zeros((0, 4)), 0.0),
+                             0.0, box, 3)
     assert len(starts) == 3
     best, w = starts[0]
     assert np.linalg.norm(best - spin[0]) < 0.8, best
     assert 0.5 < w < 2.5
     # with the spin in the model the residual holds no comparable ring
     weight = float(physics.deer_weight(nu, tau))
-    rest = _matched_starts(ds, raster, np.c_[spin, [weight]], 0.0, box, 1.0, 3)
+    rest = _matched_starts(raster, *_spin_contrast(ds, raster, np.c_[spin, [weight]], 0.0),
+                           0.0, box, 3)
     assert all(np.linalg.norm(p - spin[0]) >= 0.8 or abs(wr) < 0.3 * w for p, wr in rest)

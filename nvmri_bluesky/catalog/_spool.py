@@ -200,7 +200,6 @@ class SpoolWriter:
         self._index = RunIndex()
         self._streams: dict[str, str] = {}          # descriptor uid -> stream name
         self._gaps: dict[str, _Gap] = {}            # run -> documents not written yet
-        self._reported: set[str] = set()             # runs whose spool failure is logged
         self._recorded: dict[str, list[str]] = {}   # run -> gaps written to its spool
         self.errors: list[str] = []
 
@@ -248,10 +247,9 @@ class SpoolWriter:
         gap = self._gaps.get(run)
         if gap is None:
             # a write into the file's last page can succeed on a full disk, so a run
-            # may have several gaps: each is recorded, the failure is logged once
+            # may have several gaps: each is recorded, the failure logged at the first
             gap = self._gaps[run] = _Gap(reason)
-            if run not in self._reported:
-                self._reported.add(run)
+            if run not in self._recorded:
                 msg = (f"spool {self.paths[run]}: cannot write ({reason}); the run goes on, "
                        "and the documents not spooled are recorded once the spool can write "
                        "again")
@@ -263,7 +261,6 @@ class SpoolWriter:
         """Close a run's file after its stop document, written or not (no leaked handle)."""
         fh = self._files.pop(run, None)
         gap = self._gaps.pop(run, None)
-        self._reported.discard(run)
         self._recorded.pop(run, None)
         if gap is not None:
             msg = f"spool {self.paths.get(run)}: {describe_gap(gap.record(run))}; " \

@@ -244,8 +244,6 @@ def _raster_name(base: str, k: int) -> str:
     return base if k == 0 else f"{base}_{k + 1}"
 
 
-
-
 def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ...],
                  quick: bool = False, md: dict | None = None,
                  coherence: Any = None, line: Any = None, layer: Any = None,

@@ -632,13 +632,14 @@ MATCHED_FILTER_BUDGET = 4e6
 grid step follows (at least 0.5 nm: ~0.6 nm over the prior box for a 400-point survey)."""
 
 
-def _matched_starts(ds: xr.Dataset, r0: _Raster, spins: NDArray, shift_hz: float,
-                    box: NDArray, layer_scale: float, n: int, min_sep_nm: float = 1.5,
+def _matched_starts(r0: _Raster, contrast: NDArray, sigma: NDArray, shift_hz: float,
+                    box: NDArray, n: int, min_sep_nm: float = 1.5,
                     budget: float = MATCHED_FILTER_BUDGET) -> list[tuple[NDArray, float]]:
     """Starts for one more spin from a matched filter on the residual contrast.
 
-    With residual contrast c_p and sigma s_p (:func:`_spin_contrast`), one more
-    spin at r of weight w adds w g_p(r), g_p(r) = PSF(t_p - r), and removes
+    With residual contrast c_p and sigma s_p at ``r0.tips`` (:func:`_spin_contrast`,
+    line shift ``shift_hz``), one more spin at r of weight w adds w g_p(r),
+    g_p(r) = PSF(t_p - r), and removes
 
         chi^2 gain = <c, g>^2 / <g, g>  at  w = <c, g> / <g, g>  (w > 0),
 
@@ -650,12 +651,10 @@ def _matched_starts(ds: xr.Dataset, r0: _Raster, spins: NDArray, shift_hz: float
     list of (offset (3,) nm, w)
         The ``n`` best offsets, each ``min_sep_nm`` from a better one.
     """
-    d = ds.transpose("x", "y", "z", ...)
-    c, s = _spin_contrast(d, r0, spins, shift_hz, layer_scale)
-    ok = np.isfinite(c) & np.isfinite(s) & (s > 0)
+    ok = np.isfinite(contrast) & np.isfinite(sigma) & (sigma > 0)
     if not ok.any():
         return []
-    tips, c, iv = r0.tips[ok], c[ok], 1.0 / s[ok] ** 2
+    tips, c, iv = r0.tips[ok], contrast[ok], 1.0 / sigma[ok] ** 2
     step = max(0.5, (float(np.prod(box[:, 1] - box[:, 0])) * len(tips) / budget) ** (1 / 3))
     axes = [np.linspace(lo, hi, max(2, int(round((hi - lo) / step)) + 1)) for lo, hi in box]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
@@ -913,17 +912,22 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
     fit = _fit(rasters, np.r_[nuis0, 0.0, [1.0] if layer else []], box, line)
     devs = [fit.deviance]
     op = shift_operator(sets[0], rasters[0].psf, box, dz_step)
-    residual = (np.zeros((0, 4)), 0.0, _Layout(n_sets, 0, layer).layer_scale(fit.theta))
-    density = _residual_density(sets[0], rasters[0], residual[0], residual[1], box, dz_step,
-                                op, residual[2])
-    source = density
+
+    def residual_starts(spins: NDArray, shift_hz: float, layer_scale: float, n_peaks: int
+                        ) -> tuple[xr.DataArray, list[tuple[NDArray, float]]]:
+        """The residual's deconvolution and the starts for one more spin: its peaks
+        and the matched filter's best offsets."""
+        c, s = _spin_contrast(sets[0], rasters[0], spins, shift_hz, layer_scale)
+        source = _residual_density(sets[0], rasters[0], c, s, box, dz_step, op)
+        return source, (_peaks(source, box, n_peaks)
+                        + _matched_starts(rasters[0], c, s, shift_hz, box, MATCHED_STARTS))
+
+    density, starts = residual_starts(np.zeros((0, 4)), 0.0,
+                                      _Layout(n_sets, 0, layer).layer_scale(fit.theta), n_starts)
     n_spins = 0
     gains: list[float] = []
     for _ in range(max_spins):
         best = None
-        starts = (_peaks(source, box, n_starts if n_spins == 0 else 2)
-                  + _matched_starts(sets[0], rasters[0], residual[0], residual[1], box,
-                                    residual[2], MATCHED_STARTS))
         for pos, wsum in starts:
             th0 = np.r_[fit.theta, pos, float(np.clip(wsum, 0.2, 1.9))]
             trial = _fit(rasters, th0, box, line, max_iter=25)
@@ -943,10 +947,8 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         fit, n_spins = best, n_spins + 1
         devs.append(fit.deviance)
         if n_spins < max_spins:
-            residual = (lay.spins(fit.theta), float(fit.theta[lay.shift]) * 1e6,
-                        lay.layer_scale(fit.theta))
-            source = _residual_density(sets[0], rasters[0], residual[0], residual[1], box,
-                                       dz_step, op, residual[2])
+            _, starts = residual_starts(lay.spins(fit.theta), float(fit.theta[lay.shift]) * 1e6,
+                                        lay.layer_scale(fit.theta), 2)
 
     lay = _Layout(n_sets, n_spins, layer)
     cov = fit.covariance(inflate=True)
@@ -1005,17 +1007,15 @@ def _spin_contrast(ds: xr.Dataset, r: _Raster, spins: NDArray, shift_hz: float,
     return 1.0 - (1.0 - c_data) / keep - c_model, s_data / keep
 
 
-def _residual_density(ds: xr.Dataset, r0: _Raster, spins: NDArray, shift_hz: float,
-                      box: NDArray, dz_step: float, op: ShiftOperator,
-                      layer_scale: float = 1.0) -> xr.DataArray:
-    """Deconvolution of the contrast the current spins (and the known background) leave
-    (:func:`_spin_contrast`) on the raster's own offset grid."""
+def _residual_density(ds: xr.Dataset, r0: _Raster, contrast: NDArray, sigma: NDArray,
+                      box: NDArray, dz_step: float, op: ShiftOperator) -> xr.DataArray:
+    """Deconvolution, on the raster's own offset grid, of the contrast the current spins
+    (and the known background) leave (:func:`_spin_contrast`: ``contrast``, ``sigma``)."""
     d = ds.transpose("x", "y", "z", ...)
     ok = valid_points(d).transpose("x", "y", "z").values
-    resid, sigma = np.full(ok.shape, np.nan), np.full(ok.shape, np.inf)
-    resid[ok], sigma[ok] = _spin_contrast(d, r0, spins, shift_hz, layer_scale)
-    return deconvolve_deer(d, r0.psf, box, dz_step, contrast=resid, sigma=sigma,
-                           operator=op)
+    resid, sig = np.full(ok.shape, np.nan), np.full(ok.shape, np.inf)
+    resid[ok], sig[ok] = contrast, sigma
+    return deconvolve_deer(d, r0.psf, box, dz_step, contrast=resid, sigma=sig, operator=op)
 
 
 def fine_density(deer: Sequence[xr.Dataset], detuning: DetuningInterpolant, line: FlipLine,
