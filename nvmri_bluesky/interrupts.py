@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
+import threading
 from types import FrameType
 
-__all__ = ["end_with_parent", "handle_sigterm", "reason", "terminated"]
+__all__ = ["end_with", "end_with_parent", "handle_sigterm", "reason", "terminated"]
 
 _received: list[int] = []
 
@@ -74,3 +76,26 @@ def end_with_parent() -> None:
         return
     if os.getppid() != parent:          # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def end_with(pid: int) -> None:
+    """Have this process receive SIGTERM when process ``pid`` ends (Linux; a no-op elsewhere).
+
+    For workers whose parent is not the process they serve: a
+    ``multiprocessing`` fork server's workers (:func:`end_with_parent` would
+    watch the fork server, which itself waits for its workers to end).  A
+    daemon thread waits on a pidfd of ``pid``.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:          # gone already
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    except (AttributeError, OSError):   # not Linux >= 5.3
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name=f"nvmri-end-with-{pid}", daemon=True).start()

@@ -209,6 +209,23 @@ def test_sigkill_to_nvmri_demo_leaves_no_process_behind(tmp_path: Path) -> None:
     assert not left, "".join(err)
 
 
+def test_end_with_delivers_sigterm_when_the_watched_process_ends() -> None:
+    """A fork server's worker watches the main process, not its parent (the fork server)."""
+    watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    code = ("import signal, sys, time\n"
+            "from nvmri_bluesky.interrupts import end_with\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+            f"end_with({watched.pid})\n"
+            "time.sleep(60)\n"
+            "sys.exit(0)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        assert worker.wait(30) == 7          # SIGTERM came within 30 s, not after the 60 s sleep
+    finally:
+        worker.kill()
+        watched.wait(10)
+
+
 def test_sigterm_to_nvmri_demo_leaves_no_process_behind(tmp_path: Path) -> None:
     demo, err, reader = _demo_under_way("--scenario", "paper-fig2", "--jobs", "1", "--out",
                                         str(tmp_path / "out"))

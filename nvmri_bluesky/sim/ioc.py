@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -82,6 +83,12 @@ def _reason(exc: BaseException) -> str:
 def program_checksum(text: str) -> str:
     """``PG:CHECKSUM`` of a loaded program: the SHA-256 hex digest of its JSON text (UTF-8)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_program(text: str) -> Program:
+    """``Program.from_json``, remembered: a raster loads the same few programs at every point."""
+    return Program.from_json(text)
 
 
 class _NoWriteAlarm(ChannelAlarm):
@@ -579,7 +586,7 @@ class NvmriIOC(PVGroup):
             if len(value) >= MAX_PROGRAM_CHARS:
                 raise NvmriError(f"the program has {len(value)} or more characters; "
                                  f"PG:PROGRAM holds fewer than {MAX_PROGRAM_CHARS}")
-            loaded = Program.from_json(value)
+            loaded = _parse_program(value)
             if len(loaded.gates) > MAX_GATES:
                 raise NvmriError(f"{len(loaded.gates)} gates; the counter holds {MAX_GATES}")
             self.engine.load(loaded)
