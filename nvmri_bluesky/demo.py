@@ -40,8 +40,9 @@ STEP_COST = {"calibration": 1, "layers": 3, "spins": 4, "sample": 5}
 #: pyepics): the fork server imports them once before it forks the workers.
 WORKER_PRELOAD = ("nvmri_bluesky.analysis", "nvmri_bluesky.figures",
                   "nvmri_bluesky.reconstruct.localize", "nvmri_bluesky.reconstruct.evidence",
-                  "nvmri_bluesky.catalog", "nvmri_bluesky.callbacks", "bluesky",
-                  "bluesky_tiled_plugins", "tiled.client", "matplotlib.backends.backend_agg")
+                  "nvmri_bluesky.catalog", "nvmri_bluesky.callbacks", "nvmri_bluesky.run_engine",
+                  "nvmri_bluesky.plans.accounting", "bluesky", "bluesky_tiled_plugins",
+                  "tiled.client", "matplotlib.backends.backend_agg", "scipy.stats")
 """Relative wall time of the protocol steps (to start the longest samples first)."""
 
 
@@ -153,16 +154,30 @@ def _in_parallel(samples: list[tuple[str, tuple[str, ...]]], common: dict[str, A
                    key=lambda i: -sum(STEP_COST[step] for step in samples[i][1]))
     # workers log like this process (the CLI quiets bluesky's tracebacks unless --debug)
     level = logging.getLogger("bluesky").level
-    with ProcessPoolExecutor(min(jobs, len(samples)), mp_context=context,
-                             initializer=_worker_init, initargs=(level, os.getpid())) as pool:
-        futures = {i: pool.submit(_sample_in_worker, *samples[i], **common) for i in order}
-        try:
-            return dict(futures[i].result() for i in range(len(samples)))
-        except KeyboardInterrupt:
-            for f in futures.values():
-                f.cancel()
-            _say("interrupted; runs so far are stored in the catalog")
-            raise
+    try:
+        with ProcessPoolExecutor(min(jobs, len(samples)), mp_context=context,
+                                 initializer=_worker_init, initargs=(level, os.getpid())) as pool:
+            futures = {i: pool.submit(_sample_in_worker, *samples[i], **common) for i in order}
+            try:
+                return dict(futures[i].result() for i in range(len(samples)))
+            except KeyboardInterrupt:
+                for f in futures.values():
+                    f.cancel()
+                _say("interrupted; runs so far are stored in the catalog")
+                raise
+    finally:
+        _stop_fork_server()
+
+
+def _stop_fork_server() -> None:
+    """End the fork server and wait for it (its workers have ended), so that nothing
+    outlives the demo and the workers' CPU time counts as this process's children's
+    (``/usr/bin/time``, ``resource.getrusage``)."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)     # CPython 3.11-3.13
+    if stop is not None:
+        stop()
 
 
 def _worker_init(level: int, main_pid: int) -> None:

@@ -28,6 +28,21 @@ def test_ca_environment_is_private_loopback() -> None:
     assert env["EPICS_CAS_AUTO_BEACON_ADDR_LIST"] == "NO"
 
 
+def test_the_demos_fork_server_preloads_no_channel_access() -> None:
+    """The demo's workers configure Channel Access themselves: what their fork server
+    imports beforehand must not bring in a CA client (pyepics, ophyd)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\n"
+            "from nvmri_bluesky.demo import WORKER_PRELOAD\n"
+            "for name in WORKER_PRELOAD: importlib.import_module(name)\n"
+            "print(sorted(m for m in ('epics', 'ophyd') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
 def test_reconfiguring_after_ca_started_is_refused(devices: Any) -> None:
     assert launch.ca_initialised()
     with pytest.raises(NvmriError, match="before `import ophyd`"):
