@@ -36,14 +36,14 @@ DEFAULT_STEPS = ("calibration", "sample")
 """What a scenario file gets: the Fig. 2 calibration, then the protocol that decides
 from the data what the sample holds (``plans.protocol.any_sample``)."""
 STEP_COST = {"calibration": 1, "layers": 3, "spins": 4, "sample": 5}
-#: Modules the demo's workers import, none of them Channel Access (ophyd,
-#: pyepics): the fork server imports them once before it forks the workers.
+"""Relative wall time of the protocol steps (to start the longest samples first)."""
 WORKER_PRELOAD = ("nvmri_bluesky.analysis", "nvmri_bluesky.figures",
                   "nvmri_bluesky.reconstruct.localize", "nvmri_bluesky.reconstruct.evidence",
                   "nvmri_bluesky.catalog", "nvmri_bluesky.callbacks", "nvmri_bluesky.run_engine",
                   "nvmri_bluesky.plans.accounting", "bluesky", "bluesky_tiled_plugins",
                   "tiled.client", "matplotlib.backends.backend_agg", "scipy.stats")
-"""Relative wall time of the protocol steps (to start the longest samples first)."""
+"""Modules the demo's workers import, none of them a Channel Access client (ophyd,
+pyepics): the fork server imports them once before it forks the workers."""
 
 
 def _say(text: str) -> None:

@@ -10,14 +10,13 @@ worker processes are stopped) and forwards it to this process's
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
 import threading
 from types import FrameType
 
-__all__ = ["end_with", "end_with_parent", "handle_sigterm", "reason", "terminated"]
+__all__ = ["end_with", "handle_sigterm", "reason", "terminated"]
 
 _received: list[int] = []
 
@@ -59,32 +58,15 @@ def handle_sigterm() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def end_with_parent() -> None:
-    """Have Linux send this process SIGTERM when its parent dies (a no-op elsewhere).
-
-    For worker processes: with :func:`handle_sigterm` installed, a parent that
-    was killed outright (SIGKILL, a crash) still ends its workers like Ctrl-C,
-    so their runs are closed and their simulated IOCs stopped.
-    """
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:          # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def end_with(pid: int) -> None:
     """Have this process receive SIGTERM when process ``pid`` ends (Linux; a no-op elsewhere).
 
-    For workers whose parent is not the process they serve: a
-    ``multiprocessing`` fork server's workers (:func:`end_with_parent` would
-    watch the fork server, which itself waits for its workers to end).  A
-    daemon thread waits on a pidfd of ``pid``.
+    For worker processes: with :func:`handle_sigterm` installed, a main process
+    that was killed outright (SIGKILL, a crash) still ends its workers like
+    Ctrl-C, so their runs are closed and their simulated IOCs stopped.  It
+    watches ``pid`` itself, not the parent: a ``multiprocessing`` fork server's
+    workers are its children, and it waits for them to end.  A daemon thread
+    waits on a pidfd of ``pid``.
     """
     try:
         fd = os.pidfd_open(pid)

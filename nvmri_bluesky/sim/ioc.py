@@ -87,7 +87,8 @@ def program_checksum(text: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _parse_program(text: str) -> Program:
-    """``Program.from_json``, remembered: a raster loads the same few programs at every point."""
+    """``Program.from_json``, remembered: plans load the same few programs again and again
+    (a lock's comb search and the program it restores, each run's ``prepare``)."""
     return Program.from_json(text)
 
 
