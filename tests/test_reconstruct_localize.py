@@ -214,3 +214,25 @@ def test_the_matched_filter_puts_a_start_at_the_spin():
     rest = _matched_starts(raster, *_spin_contrast(ds, raster, np.c_[spin, [weight]], 0.0),
                            0.0, box, 3)
     assert all(np.linalg.norm(p - spin[0]) >= 0.8 or abs(wr) < 0.3 * w for p, wr in rest)
+
+
+@pytest.mark.parametrize("dz", [protocol.PRIOR_DZ_NM[0], protocol.PRIOR_DZ_NM[1]])
+def test_a_spin_on_the_envelopes_edge_is_found_not_left_on_the_bound(dz):
+    """A spin exactly on the envelope's dz edge: noise pushes half of the fits beyond it,
+    which a search box equal to the envelope turned into a rejected at-bound fit (a
+    missed spin); the box's margin (``protocol.SEARCH_MARGIN_NM``) keeps them."""
+    inst = syn.instrument(9.0)
+    spin = np.array([2.5, -3.0, dz])
+    tau = protocol.choose_tau(abs(float(physics.dipolar_coupling(spin[None], inst.nv_axis)[0])))
+    det = _detuning(9.0, 7)
+    line = FlipLine(centre_hz=inst.f_dark0, centre_sigma_hz=200e3)
+    design = protocol.design_spin_raster(det, line.centre_hz, tau)
+    for seed in (40, 43):
+        ds = syn.deer_raster(inst, spin[None], *design.axes(), design.rf_frequency_hz, tau,
+                             design.shots, np.random.default_rng(seed))
+        result = localize_spins(ds, det, line, max_spins=1)
+        assert len(result.spins) == 1
+        fit = result.spins[0]
+        assert not fit.at_bound.any(), (seed, fit.offset_nm)
+        err = fit.offset_nm - spin
+        assert np.all(np.abs(err) <= 0.3) and np.all(np.abs(err) <= 3 * fit.offset_sigma_nm)

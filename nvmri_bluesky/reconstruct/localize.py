@@ -102,6 +102,7 @@ from nvmri_bluesky.reconstruct.deconvolve import (
     richardson_lucy_operator,
 )
 from nvmri_bluesky.reconstruct.evidence import periodogram_peak
+from nvmri_bluesky.reconstruct.protocol import PRIOR_DZ_NM, PRIOR_LATERAL_NM, SEARCH_MARGIN_NM
 from nvmri_bluesky.reconstruct.psf import (
     DarkSpinPSF,
     DetuningInterpolant,
@@ -116,8 +117,11 @@ __all__ = [
     "with_layer_background", "fine_density",
 ]
 
-PRIOR_BOX = np.array([[-8.0, 8.0], [-8.0, 8.0], [-6.0, 2.0]])
-"""Default search box for spin offsets (spin - NV), [[dx], [dy], [dz]] nm."""
+PRIOR_BOX = np.array([[-PRIOR_LATERAL_NM, PRIOR_LATERAL_NM]] * 2 + [list(PRIOR_DZ_NM)]
+                     ) + SEARCH_MARGIN_NM * np.array([-1.0, 1.0])
+"""Default search box for spin offsets (spin - NV), [[dx], [dy], [dz]] nm: the
+protocol's envelope grown by ``protocol.SEARCH_MARGIN_NM``, cut further where the
+PSF map does not reach (:func:`~.psf.feasible_offset_box`)."""
 
 _N_NUIS = 3          # per dataset: a (photons/shot), optical contrast C, echo E
 GATE_ORDER = ("signal", "echo", "bright", "dark")

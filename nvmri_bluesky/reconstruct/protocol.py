@@ -41,7 +41,8 @@ from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
 
 __all__ = [
-    "SAME_SPIN_NM", "SPIN_PSF_MAP", "SPIN_PLANE_NM", "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM",
+    "SAME_SPIN_NM", "SEARCH_MARGIN_NM", "SEARCH_DZ_NM", "SPIN_PSF_MAP", "SPIN_PLANE_NM",
+    "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM",
     "SPIN_SHOTS",
     "SPIN_SURVEY_STEP_NM", "SPIN_FINE_PLANES_NM", "design_fine_raster",
     "SPIN_ZOOM_LATERAL_NM", "SPIN_ZOOM_VERTICAL_NM", "SPIN_ZOOM_STEP_NM", "SPIN_ZOOM_POINTS",
@@ -56,6 +57,14 @@ __all__ = [
 
 PRIOR_LATERAL_NM = 8.0
 PRIOR_DZ_NM = (-6.0, 2.0)
+"""The envelope of spin offsets the protocol images (issue #11): |dx|, |dy| and dz, nm."""
+SEARCH_MARGIN_NM = 0.5
+"""The fit searches the envelope grown by this on every side (``localize.PRIOR_BOX``),
+nm.  A spin on the envelope's edge is then not pushed onto the search box's bound by
+noise, where it would be rejected as an object outside the searched volume (a 77 kHz
+spin at dz = -5.99 nm under a 14.9 nm NV ended at -6.0 in 1 of 10 noise draws);
+0.5 nm is > 10 sigma of any survey fit."""
+SEARCH_DZ_NM = (PRIOR_DZ_NM[0] - SEARCH_MARGIN_NM, PRIOR_DZ_NM[1] + SEARCH_MARGIN_NM)
 SAME_SPIN_NM = 1.0
 """Offsets closer than this are one spin: a weaker class's survey and the merge of the
 classes' fits (``analysis._merge_spins``) both count them once, nm."""
@@ -439,7 +448,7 @@ def design_zoom_raster(detuning: DetuningInterpolant, survey: RasterDesign, f_da
                        vertical_nm: float = SPIN_ZOOM_VERTICAL_NM,
                        step_nm: float = SPIN_ZOOM_STEP_NM, points: int = SPIN_ZOOM_POINTS,
                        fraction: float = SPIN_ZOOM_RING_FRACTION,
-                       dz_prior_nm: tuple[float, float] = PRIOR_DZ_NM,
+                       dz_prior_nm: tuple[float, float] = SEARCH_DZ_NM,
                        plane_step_nm: float = 1.0) -> RasterDesign | None:
     """A small, finely stepped DEER raster across the spin's ring, low enough to resolve it.
 
@@ -467,7 +476,8 @@ def design_zoom_raster(detuning: DetuningInterpolant, survey: RasterDesign, f_da
     points : int
     fraction : float
     dz_prior_nm : (lo, hi)
-        dz bounds of the offsets the fit searches, nm.
+        dz bounds of the offsets the fit searches (default: the envelope grown by
+        ``SEARCH_MARGIN_NM``), nm.
     plane_step_nm : float
         Spacing of the candidate planes, nm.
 
