@@ -86,12 +86,12 @@ SPIN_RASTERS = ("deer_raster", "deer_survey", "deer_zoom")
 def _psf_and_line(cat: Any, uids: dict[str, str], psf_name: str = "psf_map",
                   spectrum_name: str = "deer_spectrum", model: str = "single"
                   ) -> tuple[Any, Any]:
-    from nvmri_bluesky.reconstruct.psf import (
+    from nvmri_bluesky.reconstruct.detuning import (
         DetuningInterpolant,
         dark_detuning_map,
         dark_detuning_sigma,
-        fit_deer_spectrum,
     )
+    from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
 
     psf = load_run(cat, uids[psf_name], ["psf_map"])
     detuning = DetuningInterpolant.from_map(dark_detuning_map(psf), dark_detuning_sigma(psf))
@@ -156,12 +156,8 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
     -------
     (LocalizationResult of class 1, its rasters (fine first), merged list of SpinFit)
     """
-    from nvmri_bluesky.reconstruct.localize import (
-        CouplingFit,
-        fit_deer_evolution,
-        localize_spins,
-        with_layer_background,
-    )
+    from nvmri_bluesky.reconstruct.localize import CouplingFit, fit_deer_evolution, localize_spins
+    from nvmri_bluesky.reconstruct.spinmodel import with_layer_background
 
     detuning, line = _spin_psf_and_line(cat, uids)
     coupling = None               # several or no couplings seen: from w and the geometry
@@ -307,8 +303,8 @@ def _located(spin: dict[str, Any]) -> bool:
 
 def _fine_map(result: Any, rasters: list[Any], detuning: Any, line: Any) -> Any:
     """Fig. 4's fine-voxel density around the strongest spin from all the class's rasters
-    (``localize.fine_density``; None without a spin)."""
-    from nvmri_bluesky.reconstruct.localize import fine_density
+    (``density.fine_density``; None without a spin)."""
+    from nvmri_bluesky.reconstruct.density import fine_density
 
     if not result.spins:
         return None

@@ -168,7 +168,7 @@ def map_spline_error_nm(grid: dict, lo: list[float], hi: list[float], seed: int,
     """Position error (nm) of a noise-free detuning map on ``grid`` at n random tips in [lo, hi]."""
     import xarray as xr
 
-    from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
+    from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant
 
     axes = [np.linspace(*grid[a]) for a in "xyz"]
     tips = np.stack(np.meshgrid(*axes, indexing="ij"), -1)

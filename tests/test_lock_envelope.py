@@ -41,7 +41,7 @@ from nvmri_bluesky.plans.lock import (
 )
 from nvmri_bluesky.plans.rasters import Descent, approach_heights
 from nvmri_bluesky.reconstruct import protocol as design
-from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
 from nvmri_bluesky.reconstruct.runs import run_dataset
 
 ENVELOPE_DEPTHS_NM = (6.0, 6.8, 7.3, 8.0, 10.0, 13.0, 16.0)

@@ -168,7 +168,7 @@ def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None,
                      ) -> Generator[Any, Any, tuple[Any, float, float]]:
     """PSF map run (its uid into ``uids[name]``) -> (detuning interpolant, f+ retracted,
     predicted dark line)."""
-    from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
+    from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
 
     uids[name], psf = yield from take(rasters.psf_map(
         devices, x=grid["x"], y=grid["y"], z=grid["z"], shots=shots,
@@ -274,7 +274,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         A dark-spin line measured already (a layer's spectrum): no spectrum run.
     layer : LayerFit, optional
         A layer imaged on the same NV: the survey's spins are found with its
-        expected image as a known background (``localize.with_layer_background``),
+        expected image as a known background (``spinmodel.with_layer_background``),
         so the layer's resonant ring is not taken for a spin.
     layer_detuning : DetuningInterpolant, optional
         The layer's PSF map (where the spin map does not reach the layer plane).
@@ -290,8 +290,9 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     """
     from nvmri_bluesky.reconstruct import protocol as design
     from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN, coupling_classes
-    from nvmri_bluesky.reconstruct.localize import localize_spins, with_layer_background
-    from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
+    from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
+    from nvmri_bluesky.reconstruct.localize import localize_spins
+    from nvmri_bluesky.reconstruct.spinmodel import with_layer_background
 
     detuning, f_plus0, f_line = ingredients
     taus = [design.choose_tau(nu, coherence=coherence) for nu in coupling_classes(couplings_hz)]
@@ -517,7 +518,7 @@ def _layer_runs(devices: Any, quick: bool, md: dict | None, uids: dict[str, str]
     (the fitted dark-spin line, (the layer raster's data, the layer PSF map's
     Delta f_dark interpolant))."""
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
+    from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
 
     detuning, f_plus0, f_line = yield from _psf_ingredients(
         devices, design.LAYER_PSF_MAP, design.LAYER_SHOTS, md, uids, name="layer_psf_map")

@@ -46,7 +46,9 @@ from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.reconstruct._poisson import fit_sweep, gate_means, initial_nuisance, poisson_ml
 from nvmri_bluesky.reconstruct.counts import check_gates, contrast_with_sigma, valid_points
-from nvmri_bluesky.reconstruct.psf import DarkSpinPSF, DetuningInterpolant, FlipLine
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant
+from nvmri_bluesky.reconstruct.lines import FlipLine
+from nvmri_bluesky.reconstruct.psf import DarkSpinPSF
 
 __all__ = [
     "LayerFit", "layer_weights", "layer_integral", "layer_contrast", "layer_decay_integral",
@@ -335,7 +337,7 @@ def fit_layer_image(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningI
     n integral G^2 d^2 rho.  Plus the PSF map's spline interpolation error as a
     systematic: the optimum's linearised shift if Delta f_dark were off by the
     quartic-minus-cubic spline difference
-    (:meth:`~.psf.DetuningInterpolant.interpolation_error`).
+    (:meth:`~.detuning.DetuningInterpolant.interpolation_error`).
 
     Parameters
     ----------

@@ -38,7 +38,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant
 
 __all__ = [
     "SAME_SPIN_NM", "SPIN_PSF_MAP", "SPIN_PLANE_NM", "SPIN_TOP_MARGIN_NM", "SPIN_STEP_NM",
