@@ -190,7 +190,7 @@ def snr_gain_part(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
 
 def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
     """Height (image) and density (tip-free decay) of a layer from its runs."""
-    from nvmri_bluesky.reconstruct.layers import fit_layer_decay, fit_layer_image
+    from nvmri_bluesky.reconstruct.layer_fits import fit_layer_decay, fit_layer_image
 
     detuning, line = _psf_and_line(cat, uids, "layer_psf_map", "layer_spectrum", model="bath")
     deer = load_run(cat, uids["layer_raster"], ["deer_raster"])
@@ -209,7 +209,7 @@ def layer_with_spins(cat: Any, uids: dict[str, str], found: dict[str, Any],
     oscillations (couplings from the spin fit) enter the decay's model as known
     factors, so they are not read as layer density.
     """
-    from nvmri_bluesky.reconstruct.layers import fit_layer_decay
+    from nvmri_bluesky.reconstruct.layer_fits import fit_layer_decay
 
     image = found["image"]
     decay = fit_layer_decay(load_run(cat, uids["layer_decay"], ["deer_evolution"]),

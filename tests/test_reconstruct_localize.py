@@ -144,7 +144,7 @@ def test_spin_under_a_layer_with_its_image_as_a_fitted_background():
     """A spin under a dense surface layer (0.86 spins/nm^2, 11.4 nm up): the survey's spin
     is found with the layer's expected image as a background whose scale is fitted
     jointly (the image density given 10 % low), and the layer's ring is no spin."""
-    from nvmri_bluesky.reconstruct.layers import LayerFit
+    from nvmri_bluesky.reconstruct.layer_fits import LayerFit
     from nvmri_bluesky.reconstruct.spinmodel import with_layer_background
 
     rng = np.random.default_rng(1103)

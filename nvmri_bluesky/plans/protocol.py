@@ -415,7 +415,7 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
         unexcluded_couplings,
         without_refuted_layer,
     )
-    from nvmri_bluesky.reconstruct.layers import fit_layer_image
+    from nvmri_bluesky.reconstruct.layer_fits import fit_layer_image
 
     uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
     content = classify_evolution(evolution)

@@ -25,10 +25,8 @@ from nvmri_bluesky.reconstruct.fig2 import (
     ramsey_local_periods,
     shortest_fringe_period,
 )
+from nvmri_bluesky.reconstruct.layer_fits import LayerFit, fit_layer_decay, fit_layer_image
 from nvmri_bluesky.reconstruct.layers import (
-    LayerFit,
-    fit_layer_decay,
-    fit_layer_image,
     layer_contrast,
     layer_decay,
     layer_decay_integral,

@@ -111,7 +111,7 @@ def with_layer_background(deer: xr.Dataset, detuning: DetuningInterpolant, line:
     """A spin raster with a fitted layer's expected contrast as its :data:`BACKGROUND`.
 
     The layer's expected image (``layers.layer_contrast``, height and density of
-    ``layer``, a :class:`~.layers.LayerFit`) on the raster, from the measured map
+    ``layer``, a :class:`~.layer_fits.LayerFit`) on the raster, from the measured map
     ``detuning`` (and ``fallback``, e.g. the layer's own PSF map, where the
     layer plane's t - r' leaves it).
     """
