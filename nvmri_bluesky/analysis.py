@@ -252,8 +252,8 @@ def _empty_report(location: str) -> dict[str, Any]:
 
 def evolution_data(cat: Any, uids: dict[str, str]) -> Any:
     """The sample's tip-free evolution; with the protocol's repeat, the counts added (as the
-    protocol read them, ``evidence.combine_evolutions``)."""
-    from nvmri_bluesky.reconstruct.evidence import combine_evolutions
+    protocol read them, ``crosscheck.combine_evolutions``)."""
+    from nvmri_bluesky.reconstruct.crosscheck import combine_evolutions
 
     ds = load_run(cat, uids["deer_evolution"], ["deer_evolution"])
     if "deer_evolution_2" in uids:
@@ -273,11 +273,10 @@ def evolution_report(cat: Any, uids: dict[str, str], line: Any = None,
     (EvolutionContent, dict)
         The content, and ``{"detection_limit_hz", "evolution"}`` for the report.
     """
+    from nvmri_bluesky.reconstruct.crosscheck import NOMINAL_FLIP_PROBABILITY, detection_limit_hz
     from nvmri_bluesky.reconstruct.evidence import (
         DELTA_DEVIANCE_MIN,
-        NOMINAL_FLIP_PROBABILITY,
         classify_evolution,
-        detection_limit_hz,
         without_refuted_layer,
     )
 
@@ -320,12 +319,12 @@ def _vetted_by_evolution(cat: Any, uids: dict[str, str], spins: list[Any],
     both; the rest as ``rejected`` entries.
 
     ``evidence.value`` becomes the rasters' 2 Delta log L plus the evolution's
-    (``evidence.spins_the_evolution_allows``), with both parts; without an
+    (``crosscheck.spins_the_evolution_allows``), with both parts; without an
     evolution run the rasters' alone.  ``layer_height_nm``: the decay of a
     layer on the same NV (the imaged one, else the evolution's own) enters the
     evolution's models.
     """
-    from nvmri_bluesky.reconstruct.evidence import spins_the_evolution_allows
+    from nvmri_bluesky.reconstruct.crosscheck import spins_the_evolution_allows
     from nvmri_bluesky.reconstruct.localize import MIN_DELTA_DEVIANCE
 
     if "deer_evolution" not in uids or not spins:

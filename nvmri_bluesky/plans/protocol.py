@@ -251,7 +251,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     """DEER spectrum, then a survey and a fine raster per coupling class.
 
     The spectrum is taken at the tau of the strongest coupling; each class of
-    couplings (:func:`~nvmri_bluesky.reconstruct.evidence.coupling_classes`)
+    couplings (:func:`~nvmri_bluesky.reconstruct.crosscheck.coupling_classes`)
     gets a survey at its own tau (a weak spin beside a strong one needs a
     longer free time) and a fine raster over the rings of the spins that
     survey found and no stronger class's survey had found.
@@ -289,7 +289,8 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         measurement -> uid.
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN, coupling_classes
+    from nvmri_bluesky.reconstruct.crosscheck import coupling_classes
+    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN
     from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
     from nvmri_bluesky.reconstruct.localize import localize_spins
     from nvmri_bluesky.reconstruct.spinmodel import with_layer_background
@@ -407,12 +408,14 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
         not be measured and why (the layer runs, when their lock could not follow).
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import (
-        DELTA_DEVIANCE_MIN,
-        classify_evolution,
+    from nvmri_bluesky.reconstruct.crosscheck import (
         combine_evolutions,
         evolution_shot_factor,
         unexcluded_couplings,
+    )
+    from nvmri_bluesky.reconstruct.evidence import (
+        DELTA_DEVIANCE_MIN,
+        classify_evolution,
         without_refuted_layer,
     )
     from nvmri_bluesky.reconstruct.layer_fits import fit_layer_image

@@ -114,7 +114,7 @@ EVOLUTION_TAUS_S = tuple(np.round(np.r_[np.linspace(0.25e-6, 2.0e-6, 36),
 EVOLUTION_MAX_SHOT_FACTOR = 4
 """The tip-free evolution is repeated (its counts summed) up to this many times in all when
 couplings below the classes it found are not excluded beside them
-(``evidence.evolution_shot_factor``): a weak spin beside strong ones.  One repeat costs
+(``crosscheck.evolution_shot_factor``): a weak spin beside strong ones.  One repeat costs
 ~0.75 h of instrument time (seed 25 of ``nvmri validate``: 2680 s), a weak class's survey
 ~8 h; beyond this factor the survey is the cheaper way to look."""
 
