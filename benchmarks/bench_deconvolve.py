@@ -57,24 +57,17 @@ def _interleaved(fn_a, fn_b, repeats: int = 20) -> tuple[float, Any, float, Any]
     return ta, out_a, tb, out_b
 
 
-def _raster() -> tuple[Any, Any, Any]:
-    """The survey raster, its PSF and the PSF map's interpolant (module doc)."""
+def _raster() -> tuple[Any, Any]:
+    """The survey raster and its PSF (module doc)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import reconstruct_synth as syn
 
     from nvmri_bluesky import physics
     from nvmri_bluesky.reconstruct import protocol
-    from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
-    from nvmri_bluesky.reconstruct.lines import FlipLine
     from nvmri_bluesky.reconstruct.psf import DarkSpinPSF
 
     rng = np.random.default_rng(2024)
-    inst = syn.instrument(DEPTH)
-    m = protocol.SPIN_PSF_MAP
-    pm = syn.psf_map(inst, np.linspace(*m["x"]), np.linspace(*m["y"]), np.linspace(*m["z"]),
-                     rng)
-    det = DetuningInterpolant.from_map(dark_detuning_map(pm))
-    line = FlipLine(centre_hz=inst.f_dark0, t2_star_s=inst.dark_t2_star_s)
+    inst, det, line = syn.spin_psf_setup(DEPTH, rng)
     tau = protocol.choose_tau(abs(float(physics.dipolar_coupling(SPIN, inst.nv_axis))))
     design = protocol.design_spin_raster(det, line.centre_hz, tau,
                                          step_nm=protocol.SPIN_SURVEY_STEP_NM)

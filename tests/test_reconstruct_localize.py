@@ -176,7 +176,8 @@ def test_the_matched_filter_puts_a_start_at_the_spin():
     lattice, at the envelope's edge), and a spin already in the model leaves nothing
     there to find."""
     from nvmri_bluesky.reconstruct.density import _matched_starts, _spin_contrast
-    from nvmri_bluesky.reconstruct.localize import PRIOR_BOX, feasible_offset_box
+    from nvmri_bluesky.reconstruct.localize import PRIOR_BOX
+    from nvmri_bluesky.reconstruct.psf import feasible_offset_box
     from nvmri_bluesky.reconstruct.spinmodel import _prepare
 
     rng = np.random.default_rng(29)
