@@ -32,22 +32,10 @@ def run() -> dict[str, Any]:
     import reconstruct_synth as syn
 
     from nvmri_bluesky import physics
-    from nvmri_bluesky.reconstruct import (
-        DetuningInterpolant,
-        FlipLine,
-        dark_detuning_map,
-        fisher_information,
-        localize_spins,
-        protocol,
-    )
+    from nvmri_bluesky.reconstruct import fisher_information, localize_spins, protocol
 
     rng = np.random.default_rng(2024)
-    inst = syn.instrument(DEPTH)
-    m = protocol.SPIN_PSF_MAP
-    pm = syn.psf_map(inst, np.linspace(*m["x"]), np.linspace(*m["y"]), np.linspace(*m["z"]),
-                     rng)
-    det = DetuningInterpolant.from_map(dark_detuning_map(pm))
-    line = FlipLine(centre_hz=inst.f_dark0, t2_star_s=inst.dark_t2_star_s)
+    inst, det, line = syn.spin_psf_setup(DEPTH, rng)
     nu = float(physics.dipolar_coupling(SPIN, inst.nv_axis))
     tau = protocol.choose_tau(abs(nu))
     design = protocol.design_spin_raster(det, line.centre_hz, tau)

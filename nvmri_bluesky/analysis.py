@@ -86,12 +86,12 @@ SPIN_RASTERS = ("deer_raster", "deer_survey", "deer_zoom")
 def _psf_and_line(cat: Any, uids: dict[str, str], psf_name: str = "psf_map",
                   spectrum_name: str = "deer_spectrum", model: str = "single"
                   ) -> tuple[Any, Any]:
-    from nvmri_bluesky.reconstruct.psf import (
+    from nvmri_bluesky.reconstruct.detuning import (
         DetuningInterpolant,
         dark_detuning_map,
         dark_detuning_sigma,
-        fit_deer_spectrum,
     )
+    from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
 
     psf = load_run(cat, uids[psf_name], ["psf_map"])
     detuning = DetuningInterpolant.from_map(dark_detuning_map(psf), dark_detuning_sigma(psf))
@@ -156,12 +156,8 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
     -------
     (LocalizationResult of class 1, its rasters (fine first), merged list of SpinFit)
     """
-    from nvmri_bluesky.reconstruct.localize import (
-        CouplingFit,
-        fit_deer_evolution,
-        localize_spins,
-        with_layer_background,
-    )
+    from nvmri_bluesky.reconstruct.localize import CouplingFit, fit_deer_evolution, localize_spins
+    from nvmri_bluesky.reconstruct.spinmodel import with_layer_background
 
     detuning, line = _spin_psf_and_line(cat, uids)
     coupling = None               # several or no couplings seen: from w and the geometry
@@ -194,7 +190,7 @@ def snr_gain_part(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
 
 def layers_result(cat: Any, uids: dict[str, str]) -> dict[str, Any]:
     """Height (image) and density (tip-free decay) of a layer from its runs."""
-    from nvmri_bluesky.reconstruct.layers import fit_layer_decay, fit_layer_image
+    from nvmri_bluesky.reconstruct.layer_fits import fit_layer_decay, fit_layer_image
 
     detuning, line = _psf_and_line(cat, uids, "layer_psf_map", "layer_spectrum", model="bath")
     deer = load_run(cat, uids["layer_raster"], ["deer_raster"])
@@ -213,7 +209,7 @@ def layer_with_spins(cat: Any, uids: dict[str, str], found: dict[str, Any],
     oscillations (couplings from the spin fit) enter the decay's model as known
     factors, so they are not read as layer density.
     """
-    from nvmri_bluesky.reconstruct.layers import fit_layer_decay
+    from nvmri_bluesky.reconstruct.layer_fits import fit_layer_decay
 
     image = found["image"]
     decay = fit_layer_decay(load_run(cat, uids["layer_decay"], ["deer_evolution"]),
@@ -256,8 +252,8 @@ def _empty_report(location: str) -> dict[str, Any]:
 
 def evolution_data(cat: Any, uids: dict[str, str]) -> Any:
     """The sample's tip-free evolution; with the protocol's repeat, the counts added (as the
-    protocol read them, ``evidence.combine_evolutions``)."""
-    from nvmri_bluesky.reconstruct.evidence import combine_evolutions
+    protocol read them, ``crosscheck.combine_evolutions``)."""
+    from nvmri_bluesky.reconstruct.crosscheck import combine_evolutions
 
     ds = load_run(cat, uids["deer_evolution"], ["deer_evolution"])
     if "deer_evolution_2" in uids:
@@ -277,11 +273,10 @@ def evolution_report(cat: Any, uids: dict[str, str], line: Any = None,
     (EvolutionContent, dict)
         The content, and ``{"detection_limit_hz", "evolution"}`` for the report.
     """
+    from nvmri_bluesky.reconstruct.crosscheck import NOMINAL_FLIP_PROBABILITY, detection_limit_hz
     from nvmri_bluesky.reconstruct.evidence import (
         DELTA_DEVIANCE_MIN,
-        NOMINAL_FLIP_PROBABILITY,
         classify_evolution,
-        detection_limit_hz,
         without_refuted_layer,
     )
 
@@ -307,8 +302,8 @@ def _located(spin: dict[str, Any]) -> bool:
 
 def _fine_map(result: Any, rasters: list[Any], detuning: Any, line: Any) -> Any:
     """Fig. 4's fine-voxel density around the strongest spin from all the class's rasters
-    (``localize.fine_density``; None without a spin)."""
-    from nvmri_bluesky.reconstruct.localize import fine_density
+    (``density.fine_density``; None without a spin)."""
+    from nvmri_bluesky.reconstruct.density import fine_density
 
     if not result.spins:
         return None
@@ -324,12 +319,12 @@ def _vetted_by_evolution(cat: Any, uids: dict[str, str], spins: list[Any],
     both; the rest as ``rejected`` entries.
 
     ``evidence.value`` becomes the rasters' 2 Delta log L plus the evolution's
-    (``evidence.spins_the_evolution_allows``), with both parts; without an
+    (``crosscheck.spins_the_evolution_allows``), with both parts; without an
     evolution run the rasters' alone.  ``layer_height_nm``: the decay of a
     layer on the same NV (the imaged one, else the evolution's own) enters the
     evolution's models.
     """
-    from nvmri_bluesky.reconstruct.evidence import spins_the_evolution_allows
+    from nvmri_bluesky.reconstruct.crosscheck import spins_the_evolution_allows
     from nvmri_bluesky.reconstruct.localize import MIN_DELTA_DEVIANCE
 
     if "deer_evolution" not in uids or not spins:

@@ -5,7 +5,7 @@
 * Fig. 3: DEER contrast maps of a layer, one panel per plane.
 * Fig. 4: the DEER contrast map of the single-spin raster and orthogonal cuts
   at the fitted spin (marked) through the fine-voxel deconvolution of all the
-  class's rasters (``reconstruct.localize.fine_density``).
+  class's rasters (``reconstruct.density.fine_density``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def spins(deer: xr.Dataset, result: Any, path: Path, zoom: xr.Dataset | None = N
     """Fig. 4: contrast map, cuts of the deconvolved map at the spin, the zoom raster.
 
     Every image has a colour bar and a scale bar.  ``fine``: the fine-voxel
-    density around the spin (``reconstruct.localize.fine_density``); without
+    density around the spin (``reconstruct.density.fine_density``); without
     it the localisation's coarse one (``result.density``, the raster's step).
     """
     c = _contrast(deer)

@@ -168,7 +168,7 @@ def map_spline_error_nm(grid: dict, lo: list[float], hi: list[float], seed: int,
     """Position error (nm) of a noise-free detuning map on ``grid`` at n random tips in [lo, hi]."""
     import xarray as xr
 
-    from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
+    from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant
 
     axes = [np.linspace(*grid[a]) for a in "xyz"]
     tips = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
@@ -178,3 +178,18 @@ def map_spline_error_nm(grid: dict, lo: list[float], hi: list[float], seed: int,
     pts = np.random.default_rng(seed).uniform(lo, hi, (n, 3))
     value, grad = det.value_and_gradient(pts)
     return np.abs(value - exact_dark_detuning(pts)) / np.linalg.norm(grad, axis=-1)
+
+
+def spin_psf_setup(depth_nm: float, rng: np.random.Generator):
+    """The instrument with the NV ``depth_nm`` deep, the interpolant of its noisy
+    protocol single-spin PSF map (``protocol.SPIN_PSF_MAP``) and the exact tip-free
+    line, as the benchmarks start: ``(inst, detuning, line)``."""
+    from nvmri_bluesky.reconstruct import protocol
+    from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
+    from nvmri_bluesky.reconstruct.lines import FlipLine
+
+    inst = instrument(depth_nm)
+    m = protocol.SPIN_PSF_MAP
+    pm = psf_map(inst, np.linspace(*m["x"]), np.linspace(*m["y"]), np.linspace(*m["z"]), rng)
+    det = DetuningInterpolant.from_map(dark_detuning_map(pm))
+    return inst, det, FlipLine(centre_hz=inst.f_dark0, t2_star_s=inst.dark_t2_star_s)

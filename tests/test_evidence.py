@@ -12,9 +12,7 @@ from reconstruct_synth import deer_evolution, instrument, layer_offsets, random_
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.reconstruct import protocol as design
-from nvmri_bluesky.reconstruct.evidence import (
-    DELTA_DEVIANCE_MIN,
-    classify_evolution,
+from nvmri_bluesky.reconstruct.crosscheck import (
     combine_evolutions,
     coupling_classes,
     detection_limit_hz,
@@ -23,6 +21,10 @@ from nvmri_bluesky.reconstruct.evidence import (
     extra_spin_deviance,
     spins_the_evolution_allows,
     unexcluded_couplings,
+)
+from nvmri_bluesky.reconstruct.evidence import (
+    DELTA_DEVIANCE_MIN,
+    classify_evolution,
     without_refuted_layer,
 )
 from nvmri_bluesky.reconstruct.report import quantity

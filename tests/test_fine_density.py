@@ -14,8 +14,9 @@ import reconstruct_synth as syn
 from nvmri_bluesky import physics
 from nvmri_bluesky.reconstruct import protocol
 from nvmri_bluesky.reconstruct.deconvolve import PointOperator, richardson_lucy_operator
-from nvmri_bluesky.reconstruct.localize import fine_density
-from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, FlipLine, dark_detuning_map
+from nvmri_bluesky.reconstruct.density import fine_density
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
+from nvmri_bluesky.reconstruct.lines import FlipLine
 
 INST = syn.instrument(10.0)
 SPIN = np.array([4.0, 5.1, -3.65])                      # spin - NV, nm

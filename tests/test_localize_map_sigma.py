@@ -19,13 +19,13 @@ import reconstruct_synth as syn
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.reconstruct import protocol
-from nvmri_bluesky.reconstruct.localize import localize_spins
-from nvmri_bluesky.reconstruct.psf import (
+from nvmri_bluesky.reconstruct.detuning import (
     DetuningInterpolant,
-    FlipLine,
     dark_detuning_map,
     dark_detuning_sigma,
 )
+from nvmri_bluesky.reconstruct.lines import FlipLine
+from nvmri_bluesky.reconstruct.localize import localize_spins
 
 INST = syn.instrument(10.0)
 SPIN = np.array([4.0, 5.1, -3.65])                      # Fig. 4 offset from the NV, nm

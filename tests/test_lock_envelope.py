@@ -40,8 +40,9 @@ from nvmri_bluesky.plans.lock import (
     next_plane_miss_hz,
 )
 from nvmri_bluesky.plans.rasters import Descent, approach_heights
+from nvmri_bluesky.reconstruct import lockable
 from nvmri_bluesky.reconstruct import protocol as design
-from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
 from nvmri_bluesky.reconstruct.runs import run_dataset
 
 ENVELOPE_DEPTHS_NM = (6.0, 6.8, 7.3, 8.0, 10.0, 13.0, 16.0)
@@ -108,7 +109,7 @@ def _line_map(depth_nm: float, z: tuple[float, float, int]) -> DetuningInterpola
     inst = syn.instrument(depth_nm)
     psf = syn.psf_map(inst, np.linspace(-40, 40, 21), np.linspace(-40, 40, 21), np.linspace(*z),
                       np.random.default_rng(5))
-    return design.line_shift_map(psf)
+    return lockable.line_shift_map(psf)
 
 
 def _true_raster_miss(depth_nm: float, x: tuple, y: tuple, z_nm: float) -> float:
@@ -129,18 +130,18 @@ def test_lowest_lockable_apex_follows_the_measured_map() -> None:
     lowest = {}
     for depth in (6.0, 16.0):
         line = _line_map(depth, (9.0, 33.0, 13))
-        z = design.lowest_lockable_apex_nm(line, x, y, reach_hz=reach)
+        z = lockable.lowest_lockable_apex_nm(line, x, y, reach_hz=reach)
         assert 9.0 < z < 33.0, z
         assert _true_raster_miss(depth, x, y, z) <= 1.05 * reach
         assert _true_raster_miss(depth, x, y, z - 1.0) > 0.95 * reach
         lowest[depth] = z
     assert lowest[6.0] > lowest[16.0] + 3.0, lowest
     # a deep NV with a wide reach: the whole map is lockable, never below its bottom
-    assert design.lowest_lockable_apex_nm(_line_map(16.0, (9.0, 33.0, 13)), x, y) == 9.0
+    assert lockable.lowest_lockable_apex_nm(_line_map(16.0, (9.0, 33.0, 13)), x, y) == 9.0
     with pytest.raises(NvmriError, match="cannot follow"):
-        design.lowest_lockable_apex_nm(_line_map(6.0, (9.0, 33.0, 13)), x, y, reach_hz=1e3)
+        lockable.lowest_lockable_apex_nm(_line_map(6.0, (9.0, 33.0, 13)), x, y, reach_hz=1e3)
     with pytest.raises(NvmriError, match="leaves the measured map"):
-        design.lowest_lockable_apex_nm(_line_map(6.0, (9.0, 33.0, 13)), (-80.0, 0.0, 5), y)
+        lockable.lowest_lockable_apex_nm(_line_map(6.0, (9.0, 33.0, 13)), (-80.0, 0.0, 5), y)
 
 
 def test_a_map_that_stopped_descending_uses_its_complete_planes() -> None:

@@ -7,13 +7,10 @@ import pytest
 import reconstruct_synth as syn
 
 from nvmri_bluesky.reconstruct import protocol
-from nvmri_bluesky.reconstruct.layers import (
-    fit_layer_decay,
-    fit_layer_image,
-    layer_decay,
-    layer_decay_integral,
-)
-from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, FlipLine, dark_detuning_map
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
+from nvmri_bluesky.reconstruct.layer_fits import fit_layer_decay, fit_layer_image
+from nvmri_bluesky.reconstruct.layers import layer_decay, layer_decay_integral
+from nvmri_bluesky.reconstruct.lines import FlipLine
 from nvmri_bluesky.reconstruct.report import layer_report
 
 DENSITY = 0.5

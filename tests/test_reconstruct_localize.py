@@ -15,18 +15,11 @@ import reconstruct_synth as syn
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.reconstruct import protocol
-from nvmri_bluesky.reconstruct.localize import (
-    fisher_information,
-    fit_deer_evolution,
-    localize_spins,
-)
-from nvmri_bluesky.reconstruct.psf import (
-    DetuningInterpolant,
-    FlipLine,
-    dark_detuning_map,
-    fit_deer_spectrum,
-)
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
+from nvmri_bluesky.reconstruct.lines import FlipLine, fit_deer_spectrum
+from nvmri_bluesky.reconstruct.localize import fit_deer_evolution, localize_spins
 from nvmri_bluesky.reconstruct.report import resolution_report, spins_report
+from nvmri_bluesky.reconstruct.spinmodel import fisher_information
 
 SEEDS = (1000, 1001, 1002, 1003, 1004)
 
@@ -151,8 +144,8 @@ def test_spin_under_a_layer_with_its_image_as_a_fitted_background():
     """A spin under a dense surface layer (0.86 spins/nm^2, 11.4 nm up): the survey's spin
     is found with the layer's expected image as a background whose scale is fitted
     jointly (the image density given 10 % low), and the layer's ring is no spin."""
-    from nvmri_bluesky.reconstruct.layers import LayerFit
-    from nvmri_bluesky.reconstruct.localize import with_layer_background
+    from nvmri_bluesky.reconstruct.layer_fits import LayerFit
+    from nvmri_bluesky.reconstruct.spinmodel import with_layer_background
 
     rng = np.random.default_rng(1103)
     depth, density = 11.4, 0.86
@@ -182,13 +175,10 @@ def test_the_matched_filter_puts_a_start_at_the_spin():
     """The matched filter's best offset for one more spin is the spin (on a 4 nm survey
     lattice, at the envelope's edge), and a spin already in the model leaves nothing
     there to find."""
-    from nvmri_bluesky.reconstruct.localize import (
-        PRIOR_BOX,
-        _matched_starts,
-        _prepare,
-        _spin_contrast,
-        feasible_offset_box,
-    )
+    from nvmri_bluesky.reconstruct.density import _matched_starts, _spin_contrast
+    from nvmri_bluesky.reconstruct.localize import PRIOR_BOX
+    from nvmri_bluesky.reconstruct.psf import feasible_offset_box
+    from nvmri_bluesky.reconstruct.spinmodel import _prepare
 
     rng = np.random.default_rng(29)
     inst = syn.instrument(10.0)

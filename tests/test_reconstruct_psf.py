@@ -10,16 +10,14 @@ import xarray as xr
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.reconstruct import protocol
-from nvmri_bluesky.reconstruct.psf import (
-    DarkSpinPSF,
-    DetuningInterpolant,
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
+from nvmri_bluesky.reconstruct.lines import (
     FlipLine,
-    dark_detuning_map,
-    feasible_offset_box,
     fit_deer_spectrum,
     fit_flip_line,
     fit_lorentzian,
 )
+from nvmri_bluesky.reconstruct.psf import DarkSpinPSF, feasible_offset_box
 
 INST = syn.instrument(10.0)
 

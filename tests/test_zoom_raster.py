@@ -13,7 +13,7 @@ import reconstruct_synth as syn
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.reconstruct import protocol
-from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
 
 INST = physics.Instrument()
 SPIN = np.array([4.0, 5.1, -3.65])                      # Fig. 4 offset from the NV, nm

@@ -168,7 +168,7 @@ def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None,
                      ) -> Generator[Any, Any, tuple[Any, float, float]]:
     """PSF map run (its uid into ``uids[name]``) -> (detuning interpolant, f+ retracted,
     predicted dark line)."""
-    from nvmri_bluesky.reconstruct.psf import DetuningInterpolant, dark_detuning_map
+    from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
 
     uids[name], psf = yield from take(rasters.psf_map(
         devices, x=grid["x"], y=grid["y"], z=grid["z"], shots=shots,
@@ -251,7 +251,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     """DEER spectrum, then a survey and a fine raster per coupling class.
 
     The spectrum is taken at the tau of the strongest coupling; each class of
-    couplings (:func:`~nvmri_bluesky.reconstruct.evidence.coupling_classes`)
+    couplings (:func:`~nvmri_bluesky.reconstruct.crosscheck.coupling_classes`)
     gets a survey at its own tau (a weak spin beside a strong one needs a
     longer free time) and a fine raster over the rings of the spins that
     survey found and no stronger class's survey had found.
@@ -274,7 +274,7 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         A dark-spin line measured already (a layer's spectrum): no spectrum run.
     layer : LayerFit, optional
         A layer imaged on the same NV: the survey's spins are found with its
-        expected image as a known background (``localize.with_layer_background``),
+        expected image as a known background (``spinmodel.with_layer_background``),
         so the layer's resonant ring is not taken for a spin.
     layer_detuning : DetuningInterpolant, optional
         The layer's PSF map (where the spin map does not reach the layer plane).
@@ -289,9 +289,11 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         measurement -> uid.
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN, coupling_classes
-    from nvmri_bluesky.reconstruct.localize import localize_spins, with_layer_background
-    from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
+    from nvmri_bluesky.reconstruct.crosscheck import coupling_classes
+    from nvmri_bluesky.reconstruct.evidence import DELTA_DEVIANCE_MIN
+    from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
+    from nvmri_bluesky.reconstruct.localize import localize_spins
+    from nvmri_bluesky.reconstruct.spinmodel import with_layer_background
 
     detuning, f_plus0, f_line = ingredients
     taus = [design.choose_tau(nu, coherence=coherence) for nu in coupling_classes(couplings_hz)]
@@ -406,15 +408,17 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
         not be measured and why (the layer runs, when their lock could not follow).
     """
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.evidence import (
-        DELTA_DEVIANCE_MIN,
-        classify_evolution,
+    from nvmri_bluesky.reconstruct.crosscheck import (
         combine_evolutions,
         evolution_shot_factor,
         unexcluded_couplings,
+    )
+    from nvmri_bluesky.reconstruct.evidence import (
+        DELTA_DEVIANCE_MIN,
+        classify_evolution,
         without_refuted_layer,
     )
-    from nvmri_bluesky.reconstruct.layers import fit_layer_image
+    from nvmri_bluesky.reconstruct.layer_fits import fit_layer_image
 
     uids, ingredients, evolution = yield from _spin_ingredients(devices, md)
     content = classify_evolution(evolution)
@@ -517,7 +521,7 @@ def _layer_runs(devices: Any, quick: bool, md: dict | None, uids: dict[str, str]
     (the fitted dark-spin line, (the layer raster's data, the layer PSF map's
     Delta f_dark interpolant))."""
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.psf import fit_deer_spectrum
+    from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
 
     detuning, f_plus0, f_line = yield from _psf_ingredients(
         devices, design.LAYER_PSF_MAP, design.LAYER_SHOTS, md, uids, name="layer_psf_map")

@@ -1,15 +1,4 @@
-"""FFT deconvolution of n-D maps: Wiener and Richardson-Lucy, and the MRI shift operator.
-
-Two layers:
-
-* Generic n-D deconvolution of an image by a centred PSF array (same shape as
-  the image or smaller), in the convention of ``scipy.signal.convolve(...,
-  mode="same")`` / ``skimage.restoration``: the image is modelled as the
-  *linear* (zero-padded, not circular) convolution of the object with the PSF,
-  cropped to the image.  :func:`richardson_lucy` reproduces
-  ``skimage.restoration.richardson_lucy(image, psf, num_iter, clip=False)``
-  exactly (same update, same ``eps``) but pads only as much as the 'same' crop
-  needs, precomputes both OTFs once and runs multithreaded ``scipy.fft``.
+"""Deconvolution of DEER rasters: the MRI imaging operators and Richardson-Lucy with them.
 
 * :class:`ShiftOperator`, the imaging model of a DEER raster: a spin at offset
   r' from the NV contributes ``PSF(t - r')`` at tip position t, so a raster
@@ -21,19 +10,16 @@ Two layers:
   positions (several rasters, irregular points) onto a fine voxel grid in a
   small box: ``y_p = sum_v x_v K(t_p - r_v)``.
 
-Regularisation rules (both chosen from the data's noise ``sigma``):
+Regularisation: Morozov's discrepancy principle.  Iterate until the
+reblurred estimate fits the data to the noise level,
+``mean(((y - A x) / sigma)^2) <= 1``, or ``max_iter``.  The check is free:
+``A x`` is computed by every iteration anyway.  ``sigma`` is either given
+(e.g. propagated from photon counts, scalar or per-point) or estimated by
+:func:`estimate_noise` (MAD of first differences).
 
-* Wiener: a white-object prior.  With ``y = h * x + n``, ``var(n) = sigma^2`` and
-  a white object of variance ``s_x^2``, ``E[y^2] = s_x^2 sum(h^2) + sigma^2``;
-  hence ``s_x^2 = (mean(y^2) - sigma^2) / sum(h^2)`` and the Wiener balance
-  ``K = sigma^2 / s_x^2``: ``X = conj(H) Y / (|H|^2 + K)``.
-* Richardson-Lucy: Morozov's discrepancy principle.  Iterate until the
-  reblurred estimate fits the data to the noise level,
-  ``mean(((y - h * x) / sigma)^2) <= 1``, or ``max_iter``.  The check is free:
-  ``h * x`` is computed by every iteration anyway.
-
-``sigma`` is either given (e.g. propagated from photon counts, scalar or
-per-point) or estimated by :func:`estimate_noise` (MAD of first differences).
+The generic n-D FFT Richardson-Lucy of an image by a PSF array (scikit-image
+compatible), the alternative the ``deconvolve`` benchmark times these against:
+:mod:`.deconvolve_fft`.
 """
 
 from __future__ import annotations
@@ -48,45 +34,12 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.interpolate import CubicSpline
 
 __all__ = [
-    "estimate_noise", "wiener", "wiener_balance", "richardson_lucy",
-    "RichardsonLucyResult", "richardson_lucy_discrepancy", "same_pad_shape",
-    "ShiftOperator", "PointOperator", "ImagingOperator", "richardson_lucy_operator",
+    "estimate_noise", "RichardsonLucyResult", "ShiftOperator", "PointOperator",
+    "ImagingOperator", "richardson_lucy_operator",
 ]
 
 _EPS = 1e-12          # skimage's guard against division by zero
 _WORKERS = -1         # all cores for scipy.fft
-
-
-def _float_type(dtype: np.dtype) -> type:
-    """skimage's ``_supported_float_type``: float32 stays, everything else float64."""
-    if np.dtype(dtype) in (np.dtype(np.float16), np.dtype(np.float32)):
-        return np.float32
-    return np.float64
-
-
-def same_pad_shape(image_shape: Sequence[int], psf_shape: Sequence[int]) -> tuple[int, ...]:
-    """Smallest fast FFT shape with which a circular convolution equals the 'same' crop.
-
-    The 'same' output is the window ``[c, c + n)`` of the full linear
-    convolution (length ``n + m - 1``), ``c = (m - 1) // 2``.  A circular
-    convolution of length ``L`` aliases full indices ``q >= L`` onto ``q - L``;
-    the window is clean when ``L >= n + m - 1 - c``.  That is ``n + m/2`` instead
-    of the ``n + m - 1`` that ``fftconvolve`` uses: 96 instead of 128 per axis
-    for a 64-point image and 64-point PSF.
-    """
-    out = []
-    for n, m in zip(image_shape, psf_shape, strict=True):
-        if m > n:
-            raise ValueError(f"PSF larger than the image along an axis ({m} > {n})")
-        c = (m - 1) // 2
-        out.append(sfft.next_fast_len(n + m - 1 - c, real=True))
-    return tuple(out)
-
-
-def _crop_same(full: NDArray, image_shape: Sequence[int], psf_shape: Sequence[int]) -> NDArray:
-    sl = tuple(slice((m - 1) // 2, (m - 1) // 2 + n) for n, m in zip(image_shape, psf_shape,
-                                                                       strict=True))
-    return full[sl]
 
 
 def estimate_noise(image: ArrayLike) -> float:
@@ -118,112 +71,6 @@ def estimate_noise(image: ArrayLike) -> float:
     return float(1.4826 * mad / np.sqrt(2.0))
 
 
-def wiener_balance(image: ArrayLike, psf: ArrayLike, sigma: float | ArrayLike) -> float:
-    """Wiener regularisation K = sigma^2 / s_x^2 from the white-object rule (module doc).
-
-    Parameters
-    ----------
-    image : array_like
-        Blurred, noisy map.
-    psf : array_like
-        PSF array (not necessarily normalised).
-    sigma : float or array_like
-        Noise standard deviation (scalar or per point; the RMS is used).
-
-    Returns
-    -------
-    float
-        K, in units of psf^2 (the |H|^2 of the unnormalised DFT of the PSF).
-    """
-    y = np.asarray(image, float)
-    s2 = float(np.mean(np.square(sigma)))
-    h2 = float(np.sum(np.square(psf)))
-    excess = float(np.mean(y**2)) - s2
-    sx2 = max(excess, 1e-3 * s2, 1e-300) / h2
-    return s2 / sx2
-
-
-def wiener(image: ArrayLike, psf: ArrayLike, balance: float | None = None,
-           sigma: float | ArrayLike | None = None) -> NDArray:
-    """Wiener deconvolution of an n-D image by a centred PSF (zero-padded, linear model).
-
-    Parameters
-    ----------
-    image : array_like, shape (n1, ..., nd)
-        Blurred, noisy map (e.g. DEER contrast on a tip raster).
-    psf : array_like, shape (m1, ..., md), each mi <= ni
-        PSF sampled on the same grid step, centred at index ``(mi - 1) // 2``
-        (the 'same'-mode convention).
-    balance : float, optional
-        Regularisation K; default :func:`wiener_balance` from ``sigma``.
-    sigma : float or array_like, optional
-        Noise standard deviation; default :func:`estimate_noise`.
-
-    Returns
-    -------
-    ndarray, shape (n1, ..., nd)
-        Object estimate X = conj(H) Y / (|H|^2 + K), float64.
-
-    Notes
-    -----
-    The image is zero-padded to the 'same'-exact FFT shape, i.e. the object
-    is assumed to produce no signal outside the raster (true for DEER contrast
-    far from resonance).
-    """
-    y = np.asarray(image, float)
-    h = np.asarray(psf, float)
-    if y.ndim != h.ndim:
-        raise ValueError("image and psf need the same number of dimensions")
-    if balance is None:
-        if sigma is None:
-            sigma = estimate_noise(y)
-        balance = wiener_balance(y, h, sigma)
-    shape = same_pad_shape(y.shape, h.shape)
-    axes = tuple(range(y.ndim))
-    hf = sfft.rfftn(h, s=shape, axes=axes, workers=_WORKERS)
-    # shift by c so that the circular convolution output starts at the 'same' window
-    for ax, (m, length) in enumerate(zip(h.shape, shape, strict=True)):
-        c = (m - 1) // 2
-        freqs = (sfft.rfftfreq(length) if ax == y.ndim - 1 else sfft.fftfreq(length))
-        phase = np.exp(2j * np.pi * freqs * c)
-        hf = hf * phase.reshape([-1 if k == ax else 1 for k in range(y.ndim)])
-    yf = sfft.rfftn(y, s=shape, axes=axes, workers=_WORKERS)
-    xf = np.conj(hf) * yf / (np.abs(hf) ** 2 + balance)
-    x = sfft.irfftn(xf, s=shape, axes=axes, workers=_WORKERS)
-    return x[tuple(slice(0, n) for n in y.shape)]
-
-
-class _SameConvolver:
-    """'same'-mode convolution by a fixed PSF and by its mirror, OTFs precomputed."""
-
-    def __init__(self, image_shape: Sequence[int], psf: NDArray) -> None:
-        self.image_shape = tuple(image_shape)
-        self.psf_shape = psf.shape
-        self.shape = same_pad_shape(image_shape, psf.shape)
-        self.axes = tuple(range(psf.ndim))
-        self.otf = sfft.rfftn(psf, s=self.shape, axes=self.axes, workers=_WORKERS)
-        self.otf_mirror = sfft.rfftn(np.flip(psf), s=self.shape, axes=self.axes,
-                                     workers=_WORKERS)
-        self.crop = tuple(slice((m - 1) // 2, (m - 1) // 2 + n)
-                          for n, m in zip(self.image_shape, psf.shape, strict=True))
-        self.inner = tuple(slice(0, n) for n in self.image_shape)
-        self.buf = np.zeros(self.shape, dtype=psf.dtype)
-
-    def _apply(self, x: NDArray, otf: NDArray) -> NDArray:
-        # copying into a persistent zero-padded buffer is much faster than rfftn(s=...)
-        self.buf[self.inner] = x
-        f = sfft.rfftn(self.buf, axes=self.axes, workers=_WORKERS)
-        f *= otf
-        return sfft.irfftn(f, s=self.shape, axes=self.axes, workers=_WORKERS,
-                           overwrite_x=True)[self.crop]
-
-    def conv(self, x: NDArray) -> NDArray:
-        return self._apply(x, self.otf)
-
-    def conv_mirror(self, x: NDArray) -> NDArray:
-        return self._apply(x, self.otf_mirror)
-
-
 @dataclass(frozen=True)
 class RichardsonLucyResult:
     """Result of a Richardson-Lucy run with the discrepancy stopping rule.
@@ -244,109 +91,6 @@ class RichardsonLucyResult:
     num_iter: int
     chi2: float
     converged: bool
-
-
-def richardson_lucy_discrepancy(image: ArrayLike, psf: ArrayLike,
-                                sigma: float | ArrayLike | None = None,
-                                max_iter: int = 500, *, clip: bool = False,
-                                filter_epsilon: float | None = None) -> RichardsonLucyResult:
-    """Richardson-Lucy with the iteration count chosen by the discrepancy principle.
-
-    Parameters
-    ----------
-    image, psf : array_like
-        As for :func:`richardson_lucy`.
-    sigma : float or array_like, optional
-        Noise standard deviation (scalar or the image's shape); default
-        :func:`estimate_noise`.
-    max_iter : int
-        Upper bound on iterations.
-
-    Returns
-    -------
-    RichardsonLucyResult
-        Stops at the first iteration whose *input* estimate reblurs to
-        ``mean(((y - h * x) / sigma)^2) <= 1`` (that estimate is returned).
-    """
-    return _rl(image, psf, max_iter, clip, filter_epsilon,
-               sigma if sigma is not None else estimate_noise(image), stop=True)
-
-
-def richardson_lucy(image: ArrayLike, psf: ArrayLike, num_iter: int | None = 50, *,
-                    clip: bool = False, filter_epsilon: float | None = None,
-                    sigma: float | ArrayLike | None = None) -> NDArray:
-    """Richardson-Lucy deconvolution, n-D, FFT with precomputed OTFs.
-
-    Same algorithm as ``skimage.restoration.richardson_lucy``: start at 0.5,
-    ``x <- x * (y / (h * x + 1e-12)) * h_mirror``, 'same'-mode linear
-    convolutions, float32 kept as float32.
-
-    Parameters
-    ----------
-    image : array_like, shape (n1, ..., nd)
-        Blurred map, non-negative for the usual RL meaning.
-    psf : array_like, shape (m1, ..., md), each mi <= ni
-        Centred PSF (index ``(mi - 1) // 2`` is zero offset), normalised to
-        sum 1 as skimage assumes (RL's multiplicative update has no other
-        normalisation).
-    num_iter : int or None
-        Iterations; ``None`` chooses them by the discrepancy principle
-        (:func:`richardson_lucy_discrepancy`, ``max_iter`` 500).
-    clip : bool
-        Clip the result to [-1, 1] as skimage does by default (default False
-        here: physical maps are not in [-1, 1]).
-    filter_epsilon : float, optional
-        As in skimage: ``y / conv`` set to 0 where ``conv < filter_epsilon``.
-    sigma : float or array_like, optional
-        Noise level for ``num_iter=None``; default :func:`estimate_noise`.
-
-    Returns
-    -------
-    ndarray
-        The deconvolved map.
-    """
-    if num_iter is None:
-        return richardson_lucy_discrepancy(image, psf, sigma, clip=clip,
-                                           filter_epsilon=filter_epsilon).image
-    return _rl(image, psf, int(num_iter), clip, filter_epsilon, None, stop=False).image
-
-
-def _rl(image: ArrayLike, psf: ArrayLike, num_iter: int, clip: bool,
-        filter_epsilon: float | None, sigma: float | ArrayLike | None,
-        stop: bool) -> RichardsonLucyResult:
-    y0 = np.asarray(image)
-    ft = _float_type(y0.dtype)
-    y = y0.astype(ft, copy=False)
-    h = np.asarray(psf).astype(ft, copy=False)
-    if y.ndim != h.ndim:
-        raise ValueError("image and psf need the same number of dimensions")
-    conv_op = _SameConvolver(y.shape, h)
-    x = np.full(y.shape, 0.5, dtype=ft)
-    inv_s2 = None if sigma is None else 1.0 / np.square(np.asarray(sigma, float))
-    chi2 = float("nan")
-    done = 0
-    converged = False
-    for _ in range(num_iter):
-        conv = conv_op.conv(x)
-        if inv_s2 is not None:
-            chi2 = float(np.mean((y - conv) ** 2 * inv_s2))
-            if stop and chi2 <= 1.0:
-                converged = True
-                break
-        conv += _EPS
-        if filter_epsilon:
-            rel = np.where(conv < filter_epsilon, 0, y / conv)
-        else:
-            rel = np.divide(y, conv, out=conv)
-        x *= conv_op.conv_mirror(rel).astype(ft, copy=False)
-        done += 1
-    else:
-        if inv_s2 is not None:
-            chi2 = float(np.mean((y - conv_op.conv(x)) ** 2 * inv_s2))
-            converged = chi2 <= 1.0
-    if clip:
-        x = np.clip(x, -1, 1)
-    return RichardsonLucyResult(image=x, num_iter=done, chi2=chi2, converged=converged)
 
 
 # --------------------------------------------------------------------------- #

@@ -25,6 +25,9 @@ Layers (Fig. 3)
 with :func:`design_layer_raster` (RF offset: dome top 4 nm below the lowest
 plane), step :data:`LAYER_STEP_NM`, tau :data:`LAYER_TAU_S`; plus a
 tip-free ``deer_evolution`` at :data:`LAYER_EVOLUTION_TAUS_S`.
+
+Where a locked raster's lock can follow the measured line (for designers
+lowering a raster): :mod:`.lockable`.
 """
 
 from __future__ import annotations
@@ -33,12 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import xarray as xr
 from numpy.typing import ArrayLike, NDArray
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
-from nvmri_bluesky.reconstruct.psf import DetuningInterpolant
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant
 
 __all__ = [
     "SAME_SPIN_NM", "SEARCH_MARGIN_NM", "SEARCH_DZ_NM", "SPIN_PSF_MAP", "SPIN_PLANE_NM",
@@ -51,8 +53,7 @@ __all__ = [
     "EVOLUTION_MAX_SHOT_FACTOR",
     "LAYER_PSF_MAP", "LAYER_PLANES_NM", "LAYER_STEP_NM", "LAYER_TAU_S", "LAYER_SHOTS",
     "LAYER_EVOLUTION_TAUS_S", "LAYER_EVOLUTION_SHOTS", "RasterDesign", "design_spin_raster",
-    "design_layer_raster", "choose_tau", "axis_spec", "LOCKABLE_FRACTION",
-    "line_shift_map", "lowest_lockable_apex_nm",
+    "design_layer_raster", "choose_tau", "axis_spec",
 ]
 
 PRIOR_LATERAL_NM = 8.0
@@ -123,7 +124,7 @@ EVOLUTION_TAUS_S = tuple(np.round(np.r_[np.linspace(0.25e-6, 2.0e-6, 36),
 EVOLUTION_MAX_SHOT_FACTOR = 4
 """The tip-free evolution is repeated (its counts summed) up to this many times in all when
 couplings below the classes it found are not excluded beside them
-(``evidence.evolution_shot_factor``): a weak spin beside strong ones.  One repeat costs
+(``crosscheck.evolution_shot_factor``): a weak spin beside strong ones.  One repeat costs
 ~0.75 h of instrument time (seed 25 of ``nvmri validate``: 2680 s), a weak class's survey
 ~8 h; beyond this factor the survey is the cheaper way to look."""
 
@@ -152,94 +153,6 @@ HIDDEN_SPIN_COUPLINGS_HZ = (HIDDEN_SPIN_COUPLING_HZ, 60e3)
 survey each (tau 3.3 and 8.3 us), so a spin of the envelope's 50 kHz still gets
 w = 1 - cos(pi nu tau) >= 1 in one of them (a 91.5 kHz spin, seed 1123 of test_demo, gave
 w = 0.12 at the 1.7 us that the tip-free layer decay's coherence chose), Hz."""
-
-
-LOCKABLE_FRACTION = 0.5
-"""A raster is designed so that its lock's prediction misses stay within this fraction of
-the lock's reach (:data:`~nvmri_bluesky.plans.lock.LOCK_REACH_HZ`): margin for the map's
-interpolation and the apex drift."""
-
-
-def line_shift_map(psf: xr.Dataset) -> DetuningInterpolant:
-    """The measured shift of the locked NV line (ms=0->+1), f+(tip) - f+(retracted), Hz.
-
-    Parameters
-    ----------
-    psf : xarray.Dataset
-        A ``psf_map`` run (``lock_frequency`` on x, y, z; ``f_nv0_hz`` in attrs).
-
-    Returns
-    -------
-    DetuningInterpolant
-        Over the map's complete planes.
-    """
-    return DetuningInterpolant.from_map(psf["lock_frequency"] - float(psf.attrs["f_nv0_hz"]))
-
-
-def lowest_lockable_apex_nm(line_map: DetuningInterpolant, x: tuple[float, float, int],
-                            y: tuple[float, float, int], reach_hz: float | None = None,
-                            dz_nm: float = 0.5) -> float:
-    """Lowest apex height at which a locked raster's lock can follow the line, nm.
-
-    A locked raster predicts each point's line frequency by linear
-    extrapolation along its step (:class:`~nvmri_bluesky.plans.lock.Predictor`);
-    its miss is the line's second difference over one step.  This is that
-    miss, on the raster's lateral grid (x, y) at heights from the map's top
-    down in ``dz_nm`` steps, from the *measured* map: the lowest height down
-    to which it stays within ``reach_hz`` on every plane in between.  Never
-    below the map's lowest plane (below it the line is not known).
-
-    Parameters
-    ----------
-    line_map : DetuningInterpolant
-        The locked line's measured shift map (:func:`line_shift_map`), Hz.
-    x, y : (start, stop, num)
-        The raster's lateral axes, nm (the step is the predictor's step).
-    reach_hz : float, optional
-        Largest miss allowed, Hz; default :data:`LOCKABLE_FRACTION` of the
-        lock's reach.
-    dz_nm : float
-        Height resolution of the answer, nm.
-
-    Returns
-    -------
-    float
-        Apex height, nm.
-
-    Raises
-    ------
-    NvmriError
-        If the lock could not follow even at the map's top.
-    """
-    from nvmri_bluesky.plans.lock import LOCK_REACH_HZ
-
-    reach = LOCKABLE_FRACTION * LOCK_REACH_HZ if reach_hz is None else float(reach_hz)
-    xs, ys = np.linspace(*x), np.linspace(*y)
-    z_lo, z_hi = line_map.bounds[2]
-    lowest = None
-    for z in np.arange(z_hi, z_lo - 1e-9, -dz_nm):
-        if raster_miss_hz(line_map, xs, ys, float(z)) > reach:
-            break
-        lowest = float(z)
-    if lowest is None:
-        raise NvmriError(f"the lock cannot follow the line over this raster even at apex "
-                         f"{z_hi:g} nm (prediction misses above {reach / 1e6:.0f} MHz)")
-    return lowest
-
-
-def raster_miss_hz(line_map: DetuningInterpolant, xs: NDArray, ys: NDArray, z_nm: float
-                   ) -> float:
-    """Largest linear-extrapolation miss (second difference) along x and y on a plane, Hz.
-
-    Raises :class:`NvmriError` if the plane leaves the map.
-    """
-    gx, gy = np.meshgrid(xs, ys, indexing="ij")
-    f = line_map(np.stack([gx, gy, np.full_like(gx, z_nm)], -1))
-    if not np.isfinite(f).all():
-        raise NvmriError(f"the raster (x {xs[0]:g}..{xs[-1]:g}, y {ys[0]:g}..{ys[-1]:g} nm at "
-                         f"apex {z_nm:g} nm) leaves the measured map")
-    misses = [np.abs(np.diff(f, 2, axis=a)).max() for a in (0, 1) if f.shape[a] > 2]
-    return float(max(misses, default=0.0))
 
 
 def axis_spec(start: float, stop: float, step: float) -> tuple[float, float, int]:

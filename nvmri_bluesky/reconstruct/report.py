@@ -22,7 +22,8 @@ from nvmri_bluesky.reconstruct.fig2 import (
     fringe_gradient,
     shortest_fringe_period,
 )
-from nvmri_bluesky.reconstruct.layers import LayerFit, layer_coupling_rate
+from nvmri_bluesky.reconstruct.layer_fits import LayerFit
+from nvmri_bluesky.reconstruct.layers import layer_coupling_rate
 from nvmri_bluesky.reconstruct.localize import LocalizationResult
 
 __all__ = ["quantity", "spins_report", "resolution_report", "layer_report",
