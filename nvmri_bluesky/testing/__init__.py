@@ -72,12 +72,13 @@ from nvmri_bluesky.testing.queue_server import (
     start_re_manager,
     start_zmq_proxy,
 )
-from nvmri_bluesky.testing.services import Service
+from nvmri_bluesky.testing.services import HttpService, Service
 
 __all__ = [
     "PROFILE_DIR", "STARTUP_DIR", "EXISTING_PLANS_AND_DEVICES", "USER_GROUP_PERMISSIONS",
     "TILED_CONFIG", "REDIS_ADDR", "POSTGRES_URI", "LOOPBACK",
-    "Service", "CatalogServer", "ZmqProxy", "ReManager", "HttpServer", "HTTP_SERVER_CONFIG",
+    "Service", "HttpService", "CatalogServer", "ZmqProxy", "ReManager", "HttpServer",
+    "HTTP_SERVER_CONFIG",
     "free_port", "unique_name", "tcp_open", "redis_available", "postgres_available",
     "start_simulated_ioc", "start_catalog_server", "start_zmq_proxy", "start_re_manager",
     "start_http_server", "http_server_config",

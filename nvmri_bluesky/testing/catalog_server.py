@@ -7,26 +7,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.testing.ports import LOOPBACK, POSTGRES_URI, free_port, unique_name
 from nvmri_bluesky.testing.profile import TILED_CONFIG
-from nvmri_bluesky.testing.services import Service, base_env, spawn
+from nvmri_bluesky.testing.services import HttpService, base_env, spawn, stopped_on_failure
 
 __all__ = ["CatalogServer", "start_catalog_server", "drop_databases"]
 
 
-class CatalogServer(Service):
+class CatalogServer(HttpService):
     """The facility tiled server (``nvmri serve-catalog``) on its own PostgreSQL databases.
 
-    Attributes
-    ----------
-    uri : str
-        ``http://127.0.0.1:<port>``.
+    It creates its databases on first start, so :meth:`wait_ready` may take a while.
+
+    Attributes (besides :class:`HttpService`'s ``uri``)
+    ----------------------------------------------------
     db_prefix : str
         Databases ``<db_prefix>_catalog``, ``_storage``, ``_authn``.
     postgres : str
@@ -39,25 +37,15 @@ class CatalogServer(Service):
 
     def __init__(self, process: subprocess.Popen, log_path: Path, *, uri: str, db_prefix: str,
                  postgres: str, admin_password: str, data_dir: Path) -> None:
-        super().__init__("catalog-server", process, log_path)
-        self.uri = uri
+        super().__init__("catalog-server", process, log_path, uri)
         self.db_prefix = db_prefix
         self.postgres = postgres
         self.admin_password = admin_password
         self.data_dir = data_dir
 
     def ready(self) -> bool:
-        """True once the server answers ``GET /api/v1/``."""
-        try:
-            with urllib.request.urlopen(f"{self.uri}/api/v1/", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def wait_ready(self, timeout: float = 180.0) -> CatalogServer:
-        """Block until the server answers (it creates its databases on first start)."""
-        self.wait_until(self.ready, timeout, f"answering at {self.uri}")
-        return self
+        """True once the server answers ``GET /api/v1/`` with 200."""
+        return self._answers("/api/v1/")
 
     def create_api_key(self, scopes: Sequence[str] | None = None, note: str | None = None,
                        instrument: str | None = None) -> str:
@@ -124,11 +112,8 @@ def start_catalog_server(*, port: int | None = None, db_prefix: str | None = Non
                            db_prefix=db_prefix, postgres=postgres.rstrip("/"),
                            admin_password=admin_password, data_dir=data_dir)
     if wait:
-        try:
+        with stopped_on_failure(server, drop=True):
             server.wait_ready(timeout)
-        except BaseException:
-            server.stop(drop=True)
-            raise
     return server
 
 

@@ -7,8 +7,6 @@ import os
 import secrets
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,14 @@ from nvmri_bluesky.testing.profile import (
     STARTUP_DIR,
     USER_GROUP_PERMISSIONS,
 )
-from nvmri_bluesky.testing.services import Service, base_env, entry_point, spawn
+from nvmri_bluesky.testing.services import (
+    HttpService,
+    Service,
+    base_env,
+    entry_point,
+    spawn,
+    stopped_on_failure,
+)
 
 __all__ = ["ZmqProxy", "start_zmq_proxy", "ReManager", "start_re_manager", "clear_redis",
            "HttpServer", "http_server_config", "start_http_server"]
@@ -62,12 +67,9 @@ def start_zmq_proxy(in_port: int | None = None, out_port: int | None = None,
            "--out-address", f"{LOOPBACK}:{out_port}"]
     process, log_path = spawn("zmq-proxy", cmd, base_env(), Path(log_dir) if log_dir else None)
     proxy = ZmqProxy(process, log_path, in_port, out_port)
-    try:
+    with stopped_on_failure(proxy):
         proxy.wait_until(lambda: tcp_open(in_port) and tcp_open(out_port), timeout,
                          "listening")
-    except BaseException:
-        proxy.stop()
-        raise
     return proxy
 
 
@@ -220,7 +222,7 @@ def start_re_manager(env: Mapping[str, str], *, startup_dir: str | Path = STARTU
     manager = ReManager(process, log_path, control_addr=f"tcp://{LOOPBACK}:{control_port}",
                         info_addr=f"tcp://{LOOPBACK}:{info_port}", redis_addr=redis_addr,
                         redis_prefix=redis_prefix, public_key=public_key)
-    try:
+    with stopped_on_failure(manager):
         manager.wait_until(manager.ready, timeout, "answering requests")
         if open_environment:
             rm = manager.api()
@@ -232,38 +234,26 @@ def start_re_manager(env: Mapping[str, str], *, startup_dir: str | Path = STARTU
                                      f"failed to load):\n{manager.log_tail(30)}")
             finally:
                 rm.close()
-    except BaseException:
-        manager.stop()
-        raise
     return manager
 
 
-class HttpServer(Service):
+class HttpServer(HttpService):
     """bluesky-httpserver in front of a :class:`ReManager`: logins, roles, groups.
 
-    Attributes
-    ----------
-    uri : str
-        ``http://127.0.0.1:<port>``.
+    Attributes (besides :class:`HttpService`'s ``uri``)
+    ----------------------------------------------------
     provider : str
         The login provider's name in the config (``/api/auth/provider/<provider>/token``).
     """
 
     def __init__(self, process: subprocess.Popen, log_path: Path, *, uri: str,
                  provider: str) -> None:
-        super().__init__("http-server", process, log_path)
-        self.uri = uri
+        super().__init__("http-server", process, log_path, uri)
         self.provider = provider
 
     def ready(self) -> bool:
-        """True once the server answers (any HTTP status)."""
-        try:
-            with urllib.request.urlopen(f"{self.uri}/api", timeout=2):
-                return True
-        except urllib.error.HTTPError:
-            return True
-        except (urllib.error.URLError, OSError):
-            return False
+        """True once the server answers ``/api`` (any HTTP status)."""
+        return self._answers("/api", any_status=True)
 
     def api(self, username: str | None = None, password: str | None = None,
             **kwargs: Any) -> Any:
@@ -354,10 +344,7 @@ def start_http_server(manager: ReManager, *, users: Mapping[str, tuple[str, str]
     process, log_path = spawn("http-server", cmd, env, log_dir, cwd=log_dir)
     provider = data["authentication"]["providers"][0]["provider"]
     server = HttpServer(process, log_path, uri=f"http://{LOOPBACK}:{port}", provider=provider)
-    try:
-        server.wait_until(server.ready, timeout, f"answering at {server.uri}")
-    except BaseException:
-        server.stop()
-        raise
+    with stopped_on_failure(server):
+        server.wait_ready(timeout)
     return server
 

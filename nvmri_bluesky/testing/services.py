@@ -14,13 +14,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Self
 
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.sim.launch import ProcessHandle, stoppable_by_sigint
 
-__all__ = ["Service", "spawn", "base_env", "entry_point"]
+__all__ = ["Service", "HttpService", "stopped_on_failure", "spawn", "base_env", "entry_point"]
 
 
 def entry_point(target: str) -> list[str]:
@@ -82,6 +85,49 @@ class Service(ProcessHandle):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         return rc
+
+
+class HttpService(Service):
+    """A server subprocess that answers HTTP at ``uri``.
+
+    Attributes
+    ----------
+    uri : str
+        ``http://127.0.0.1:<port>``.
+    """
+
+    def __init__(self, name: str, process: subprocess.Popen, log_path: Path, uri: str) -> None:
+        super().__init__(name, process, log_path)
+        self.uri = uri
+
+    def _answers(self, path: str, any_status: bool = False) -> bool:
+        """True if ``GET <uri><path>`` gives 200 (with ``any_status``: any HTTP answer)."""
+        try:
+            with urllib.request.urlopen(f"{self.uri}{path}", timeout=2) as response:
+                return any_status or response.status == 200
+        except urllib.error.HTTPError:
+            return any_status
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def ready(self) -> bool:
+        """True once the server answers."""
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 180.0) -> Self:
+        """Block until :meth:`ready`; raise ``NvmriError`` on timeout or exit."""
+        self.wait_until(self.ready, timeout, f"answering at {self.uri}")
+        return self
+
+
+@contextlib.contextmanager
+def stopped_on_failure(service: Service, **stop: Any) -> Iterator[Service]:
+    """Stop ``service`` (``service.stop(**stop)``) if the block raises, even on Ctrl-C."""
+    try:
+        yield service
+    except BaseException:
+        service.stop(**stop)
+        raise
 
 
 def spawn(name: str, cmd: Sequence[str], env: Mapping[str, str], log_dir: Path | None,
