@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: the working directory of ``python -m benchmarks.catalog``."""
 
 
 def require_service(ok: bool, what: str) -> None:

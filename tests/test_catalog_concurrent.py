@@ -23,9 +23,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from services import require_service
+from services import REPO, require_service
 
-from nvmri_bluesky import facility
+from nvmri_bluesky import testing
 from nvmri_bluesky.catalog import (
     DEFAULT_BATCH_SIZE,
     READ_SCOPES,
@@ -43,7 +43,7 @@ RF_HZ = 3.4e9
 
 
 def _require_postgres() -> None:
-    require_service(facility.postgres_available(), f"PostgreSQL at {facility.POSTGRES_URI}")
+    require_service(testing.postgres_available(), f"PostgreSQL at {testing.POSTGRES_URI}")
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(workdir: Path) -> Iterator[SimpleNamespace]:
     _require_postgres()
-    catalog_server = facility.start_catalog_server(log_dir=workdir / "logs",
-                                                   data_dir=workdir / "tiled-data", timeout=240)
+    catalog_server = testing.start_catalog_server(log_dir=workdir / "logs",
+                                                  data_dir=workdir / "tiled-data", timeout=240)
     try:
         yield SimpleNamespace(uri=catalog_server.uri, log_tail=catalog_server.log_tail,
                               write_key=catalog_server.create_api_key(WRITE_SCOPES),
@@ -66,7 +66,7 @@ def server(workdir: Path) -> Iterator[SimpleNamespace]:
 
 @pytest.fixture(scope="module")
 def iocs() -> Iterator[list[Any]]:
-    handles = [facility.start_simulated_ioc("default") for _ in range(WRITERS)]
+    handles = [testing.start_simulated_ioc("default") for _ in range(WRITERS)]
     try:
         yield handles
     finally:
@@ -84,13 +84,13 @@ def _round(server: SimpleNamespace, iocs: list[Any], workdir: Path,
     writers: list[subprocess.Popen] = []
     try:
         for i, (ioc, batch) in enumerate(zip(iocs, BATCHES, strict=True)):
-            env = facility.profile_env(ioc, catalog=server.uri, api_key=server.write_key,
-                                       spool=workdir / f"spool-{label}-{i}")
+            env = testing.profile_env(ioc, catalog=server.uri, api_key=server.write_key,
+                                      spool=workdir / f"spool-{label}-{i}")
             writers.append(subprocess.Popen(
-                [sys.executable, "-m", "nvmri_bluesky.facility", "write-raster",
+                [sys.executable, "-m", "benchmarks.catalog", "write-raster",
                  "--shape", f"{SHAPE[0]},{SHAPE[1]}", "--rf", str(RF_HZ),
                  "--batch", str(batch), "--go", str(go)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
         for writer in writers:
             assert writer.stdout is not None
             line = writer.stdout.readline()

@@ -20,21 +20,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from services import REPO
 
-from nvmri_bluesky import facility
+from nvmri_bluesky import testing
 from nvmri_bluesky.catalog import open_catalog, verify_run
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def _writer(ioc, directory: Path, shape: str, go: Path | None = None) -> subprocess.Popen:
-    env = facility.profile_env(ioc, catalog=str(directory))
-    cmd = [sys.executable, "-m", "nvmri_bluesky.facility", "write-raster", "--shape", shape,
+    env = testing.profile_env(ioc, catalog=str(directory))
+    cmd = [sys.executable, "-m", "benchmarks.catalog", "write-raster", "--shape", shape,
            "--batch", "20"]
     if go is not None:
         cmd += ["--go", str(go)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, cwd=REPO)
 
 
 def _nvmri(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -51,7 +52,7 @@ def test_readers_share_the_catalog_while_a_raster_writes(tmp_path: Path) -> None
     assert calibration.returncode == 0, calibration.stderr[-3000:]
     fig2 = json.loads((tmp_path / "fig2" / "report.json").read_text())
     ramsey = fig2["runs"]["paper-fig2/ramsey_line"]
-    ioc = facility.start_simulated_ioc("default")
+    ioc = testing.start_simulated_ioc("default")
     writer = None
     try:
         first = _writer(ioc, directory, "6,5")

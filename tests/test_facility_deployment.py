@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 import yaml
-from services import require_service
+from services import REPO, require_service
 
-from nvmri_bluesky import facility
+from nvmri_bluesky import testing
 
 pytestmark = [pytest.mark.facility, pytest.mark.timeout(900)]
 
@@ -43,22 +43,22 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def catalog_server(workdir: Path) -> Iterator[facility.CatalogServer]:
+def catalog_server(workdir: Path) -> Iterator[testing.CatalogServer]:
     """The facility tiled server, started early (it takes a while) and waited for on use."""
-    require_service(facility.postgres_available(), f"PostgreSQL at {facility.POSTGRES_URI}")
-    server = facility.start_catalog_server(wait=False, log_dir=workdir / "logs",
-                                           data_dir=workdir / "tiled-data")
+    require_service(testing.postgres_available(), f"PostgreSQL at {testing.POSTGRES_URI}")
+    server = testing.start_catalog_server(wait=False, log_dir=workdir / "logs",
+                                          data_dir=workdir / "tiled-data")
     yield server
     server.stop(drop=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _boot_catalog_early(catalog_server: facility.CatalogServer) -> None:
+def _boot_catalog_early(catalog_server: testing.CatalogServer) -> None:
     """Start the catalog server before the first test so it boots while others run."""
 
 
 @pytest.fixture(scope="module")
-def catalog(catalog_server: facility.CatalogServer) -> SimpleNamespace:
+def catalog(catalog_server: testing.CatalogServer) -> SimpleNamespace:
     """``uri``, ``write_key``, ``read_key`` and ``open()`` (a reading ``Catalog``)."""
     from nvmri_bluesky.catalog import READ_SCOPES, WRITE_SCOPES, open_catalog
 
@@ -72,17 +72,17 @@ def catalog(catalog_server: facility.CatalogServer) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def deployment(workdir: Path, catalog: SimpleNamespace) -> Iterator[SimpleNamespace]:
     """IOC + 0MQ proxy + RE Manager (environment closed) wired to the catalog."""
-    require_service(facility.redis_available(), f"Redis at {facility.REDIS_ADDR}")
+    require_service(testing.redis_available(), f"Redis at {testing.REDIS_ADDR}")
     stack: list[Any] = []
     try:
-        ioc = facility.start_simulated_ioc("default")
+        ioc = testing.start_simulated_ioc("default")
         stack.append(ioc)
-        proxy = facility.start_zmq_proxy(log_dir=workdir / "logs")
+        proxy = testing.start_zmq_proxy(log_dir=workdir / "logs")
         stack.append(proxy)
-        env = facility.profile_env(ioc, catalog=catalog.uri, api_key=catalog.write_key,
-                                   spool=workdir / "spool", zmq=proxy.in_address,
-                                   figures=workdir / "figures")
-        manager = facility.start_re_manager(env, log_dir=workdir / "logs")
+        env = testing.profile_env(ioc, catalog=catalog.uri, api_key=catalog.write_key,
+                                  spool=workdir / "spool", zmq=proxy.in_address,
+                                  figures=workdir / "figures")
+        manager = testing.start_re_manager(env, log_dir=workdir / "logs")
         stack.append(manager)
         rm = manager.api()
         rm.environment_open()  # the worker loads the profile while the first tests run
@@ -188,11 +188,11 @@ def test_profile_files_match_the_startup_code(tmp_path: Path) -> None:
     """The committed plan list is what the startup code gives; the groups match the profile."""
     from nvmri_bluesky.profile import MEASUREMENT_PLANS, SERVICE_PLANS, bound_plans
 
-    fresh = facility.regenerate_existing_plans_and_devices(tmp_path / "epd.yaml")
-    committed = yaml.safe_load(facility.EXISTING_PLANS_AND_DEVICES.read_text())
+    fresh = testing.regenerate_existing_plans_and_devices(tmp_path / "epd.yaml")
+    committed = yaml.safe_load(testing.EXISTING_PLANS_AND_DEVICES.read_text())
     regenerated = yaml.safe_load(fresh.read_text())
     stale = ("profile_collection/existing_plans_and_devices.yaml is stale: run "
-             "`python -m nvmri_bluesky.facility regenerate`")
+             "`python -m nvmri_bluesky.testing regenerate`")
     # Plans exactly; devices by their trees of names (what the queue checks arguments against).
     assert committed["existing_plans"] == regenerated["existing_plans"], stale
     assert (_device_names(committed["existing_devices"])
@@ -210,7 +210,7 @@ def test_profile_files_match_the_startup_code(tmp_path: Path) -> None:
         assert plans[name].get("description"), name
         for p in described.values():
             assert "'" not in p.get("annotation", {}).get("type", ""), (name, p)
-    groups = yaml.safe_load(facility.USER_GROUP_PERMISSIONS.read_text())["user_groups"]
+    groups = yaml.safe_load(testing.USER_GROUP_PERMISSIONS.read_text())["user_groups"]
     assert set(groups["operator"]["allowed_plans"]) == set(MEASUREMENT_PLANS) | set(SERVICE_PLANS)
     assert set(groups["user"]["allowed_plans"]) == set(MEASUREMENT_PLANS)
     assert set(groups["primary"]["allowed_plans"]) == set(MEASUREMENT_PLANS)
@@ -402,12 +402,12 @@ def test_three_runengines_write_to_one_catalog_at_once(catalog: SimpleNamespace,
     """Three RunEngine processes, each with its own IOC, write rasters at once; no event is lost."""
     n, batch = 4, 3
     go = workdir / "go"
-    iocs = [facility.start_simulated_ioc("default") for _ in range(3)]
+    iocs = [testing.start_simulated_ioc("default") for _ in range(3)]
     writers: list[subprocess.Popen] = []
     try:
         for i, ioc in enumerate(iocs):
-            env = facility.profile_env(ioc, catalog=catalog.uri, api_key=catalog.write_key,
-                                       spool=workdir / f"spool-{i}")
+            env = testing.profile_env(ioc, catalog=catalog.uri, api_key=catalog.write_key,
+                                      spool=workdir / f"spool-{i}")
             env["NVMRI_LIVE"] = "0"
             writers.append(subprocess.Popen([sys.executable, "-c", WRITER, str(n), str(batch),
                                              str(DEER_RF_HZ), str(go)],
@@ -444,8 +444,8 @@ def test_three_runengines_write_to_one_catalog_at_once(catalog: SimpleNamespace,
 def test_catalog_overhead_per_point(catalog: SimpleNamespace, workdir: Path) -> None:
     """The same raster with no catalog, the embedded one and the PostgreSQL one (docs numbers)."""
     result = subprocess.run(
-        [sys.executable, "-m", "nvmri_bluesky.facility", "overhead", "--n", "6", "--repeats", "1",
-         "--catalog", catalog.uri, "--api-key", catalog.write_key],
+        [sys.executable, "-m", "benchmarks.catalog", "overhead", "--n", "6", "--repeats", "1",
+         "--catalog", catalog.uri, "--api-key", catalog.write_key], cwd=REPO,
         capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
     assert result.returncode == 0, result.stderr[-3000:]
     numbers = json.loads(result.stdout)

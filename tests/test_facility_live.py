@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from event_model import compose_run
 
-from nvmri_bluesky import facility
+from nvmri_bluesky import testing
 from nvmri_bluesky.callbacks.remote import LiveCounter, LiveSummary, run_live
 from nvmri_bluesky.errors import NvmriError
 
@@ -81,13 +81,13 @@ def test_run_live_rejects_bad_arguments(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def proxy(tmp_path: Path) -> Iterator[facility.ZmqProxy]:
-    service = facility.start_zmq_proxy(log_dir=tmp_path / "logs")
+def proxy(tmp_path: Path) -> Iterator[testing.ZmqProxy]:
+    service = testing.start_zmq_proxy(log_dir=tmp_path / "logs")
     yield service
     service.stop()
 
 
-def test_nvmri_live_receives_every_event_through_the_proxy(proxy: facility.ZmqProxy,
+def test_nvmri_live_receives_every_event_through_the_proxy(proxy: testing.ZmqProxy,
                                                           tmp_path: Path) -> None:
     from bluesky.callbacks.zmq import Publisher
 

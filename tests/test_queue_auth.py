@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 from services import require_service
 
-from nvmri_bluesky import facility
+from nvmri_bluesky import testing
 
 pytestmark = [pytest.mark.facility, pytest.mark.timeout(600)]
 
 
 def _require_redis() -> None:
-    require_service(facility.redis_available(), f"Redis at {facility.REDIS_ADDR}")
+    require_service(testing.redis_available(), f"Redis at {testing.REDIS_ADDR}")
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,12 @@ def queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
              for name, role in (("olga", "operator"), ("ulrich", "user"), ("otto", "observer"))}
     stack: list[Any] = []
     try:
-        ioc = facility.start_simulated_ioc("default")
+        ioc = testing.start_simulated_ioc("default")
         stack.append(ioc)
-        manager = facility.start_re_manager(facility.profile_env(ioc, catalog="none"),
-                                            log_dir=logs)
+        manager = testing.start_re_manager(testing.profile_env(ioc, catalog="none"),
+                                           log_dir=logs)
         stack.append(manager)
-        http = facility.start_http_server(manager, users=users, log_dir=logs)
+        http = testing.start_http_server(manager, users=users, log_dir=logs)
         stack.append(http)
         yield SimpleNamespace(manager=manager, http=http, users=users, logs=logs)
     finally:

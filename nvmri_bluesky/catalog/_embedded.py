@@ -33,6 +33,7 @@ from urllib.parse import quote_plus
 import httpx
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.net import LOOPBACK
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class EmbeddedServer:
         _own_settings(self.app, self.api_key)
         self._server = ThreadedServer(
             uvicorn.Config(
-                self.app, host="127.0.0.1", port=port, loop="asyncio", log_config=log_config
+                self.app, host=LOOPBACK, port=port, loop="asyncio", log_config=log_config
             )
         )
         self._cm: contextlib.AbstractContextManager[str] = self._server.run_in_thread()

@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.net import LOOPBACK
 
 KEY_FILE = "api_key"
 SERVER_FILE = "server.json"
 LOCK_FILE = "server.lock"
 PROFILE_DIR = "profiles"
 PROFILE_NAME = "nvmri"
-LOOPBACK = "127.0.0.1"
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelAlarm, ChannelType
 from caproto.server import PVGroup, PvpropertyInteger, SubGroup, pvproperty
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.net import LOOPBACK
 from nvmri_bluesky.pulses import Program
 from nvmri_bluesky.sim import access
 from nvmri_bluesky.sim.engine import AXES, MAX_SHOTS, Engine
@@ -819,7 +820,7 @@ def _check_port_free(port: int) -> None:
             if kind == socket.SOCK_STREAM:      # (a closed connection's TIME_WAIT is no holder)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((LOOPBACK, port))
             except OSError as exc:
                 raise NvmriError(f"--port {port} is taken on 127.0.0.1 ({name}: "
                                  f"{exc.strerror}); choose a free port") from None

@@ -46,15 +46,13 @@ from types import TracebackType
 from typing import Any
 
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.net import LOOPBACK, free_port
 from nvmri_bluesky.timeouts import timeout_s
 
 __all__ = [
     "LOOPBACK", "IocHandle", "start_ioc", "configure_ca_env", "reserve_ca_ports", "ioc_env",
     "find_free_port", "client_ports", "ca_initialised", "unique_prefix", "search_pv",
 ]
-
-LOOPBACK = "127.0.0.1"
-"""The only interface the simulated IOC listens on."""
 
 _lock = threading.RLock()
 _configured: list[int] | None = None   # the ports configure_ca_env gave the client
@@ -252,9 +250,7 @@ def find_free_port(exclude: Sequence[int] = ()) -> int:
         If none is found in 50 tries.
     """
     for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((LOOPBACK, 0))
-            port = s.getsockname()[1]
+        port = free_port()
         if port not in exclude and port not in _live and _port_free(port):
             return port
     raise NvmriError("no free TCP/UDP port on 127.0.0.1 for the simulated IOC")
