@@ -75,10 +75,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from nvmri_bluesky import validate
+    from nvmri_bluesky.validate.runner import run
 
-    validate.run(args.seeds, jobs=args.jobs, as_json=args.json, out=args.out, start=args.start,
-                 timeout_s=args.timeout)
+    run(args.seeds, jobs=args.jobs, as_json=args.json, out=args.out, start=args.start,
+        timeout_s=args.timeout)
     return 0
 
 

@@ -9,11 +9,20 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from nvmri_bluesky import physics, validate
+from nvmri_bluesky import physics
 from nvmri_bluesky.cli import build_parser
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.sim.scenario import load_scenario
-from nvmri_bluesky.validate import Truth, draw_sample, grade_report, grade_sample, summarise
+from nvmri_bluesky.validate.generator import KINDS, Truth, draw_sample
+from nvmri_bluesky.validate.grader import (
+    AXES,
+    grade_report,
+    grade_sample,
+    instrument_time_s,
+    summarise,
+)
+from nvmri_bluesky.validate.runner import run_sample
+from nvmri_bluesky.validate.text import table
 
 SEEDS = range(120)
 AXIS = physics.Instrument().nv_axis
@@ -42,7 +51,7 @@ def test_every_sample_is_inside_the_envelope(seed):
 
 def test_the_first_nine_seeds_cover_every_named_case():
     truths = [draw_sample(s) for s in range(9)]
-    assert [t.kind for t in truths] == list(validate.KINDS)
+    assert [t.kind for t in truths] == list(KINDS)
     by_kind = {t.kind: t for t in truths}
     assert len(by_kind["single"].spins) == 1 and by_kind["single"].layer_height_nm is None
     assert len(by_kind["pair"].spins) == 2
@@ -221,7 +230,7 @@ def test_a_failed_run_is_an_error_with_the_last_line_of_stderr():
     ({"instrument_time_s": {"value": 7.0, "sigma": None}}, 7.0),
 ])
 def test_instrument_time_is_read_when_present(report, expected):
-    assert validate.instrument_time_s(report) == expected
+    assert instrument_time_s(report) == expected
 
 
 def _sample_with_errors(z_values, sigma=0.1, status="pass"):
@@ -229,7 +238,7 @@ def _sample_with_errors(z_values, sigma=0.1, status="pass"):
     return {"seed": 0, "kind": "single", "truth": "", "status": status, "passed": True,
             "spins_true": len(z_values), "spins_found": len(z_values), "spins_missed": 0,
             "spins_spurious": 0, "layers_true": 0, "layers_found": 0, "layers_missed": 0,
-            "layers_spurious": 0, "errors": {a: list(errors) for a in validate.AXES},
+            "layers_spurious": 0, "errors": {a: list(errors) for a in AXES},
             "causes": [], "wall_s": 100.0, "instrument_time_s": None}
 
 
@@ -263,7 +272,7 @@ def test_summary_counts_errors_spurious_and_missed():
     assert not s["criteria"]["no sample ended in an error"]
     assert not s["criteria"]["spurious spins + layers <= 1"]
     assert all(math.isnan(v) is False for v in (s["wall_s"]["total"],))
-    text = validate.table([error, spurious], s)
+    text = table([error, spurious], s)
     assert "seed 0 (pair): RuntimeError: boom" in text
     assert "spurious layer (height 8.00 nm)" in text and "n/a" in text
 
@@ -309,7 +318,7 @@ def _fake_demo(tmp_path, mode):
 
 def test_run_sample_writes_the_scenario_runs_the_command_and_grades(tmp_path):
     truth = draw_sample(4)                                # a pair, no layer
-    g = validate.run_sample(truth, tmp_path, command=_fake_demo(tmp_path, "ok"))
+    g = run_sample(truth, tmp_path, command=_fake_demo(tmp_path, "ok"))
     assert g["status"] == "pass" and g["returncode"] == 0 and g["spins_found"] == 2
     assert g["instrument_time_s"] == 12.5 and g["wall_s"] >= 0
     here = tmp_path / "seed-0004"
@@ -318,13 +327,13 @@ def test_run_sample_writes_the_scenario_runs_the_command_and_grades(tmp_path):
 
 
 def test_run_sample_reports_a_failed_demo_by_its_last_stderr_line(tmp_path):
-    g = validate.run_sample(draw_sample(0), tmp_path, command=_fake_demo(tmp_path, "fail"))
+    g = run_sample(draw_sample(0), tmp_path, command=_fake_demo(tmp_path, "fail"))
     assert g["status"] == "error" and g["returncode"] == 1
     assert g["causes"] == ["nvmri demo: error: frequency lock lost near 5.5 GHz"]
 
 
 def test_run_sample_stops_a_demo_that_runs_out_of_time(tmp_path):
-    g = validate.run_sample(draw_sample(0), tmp_path, timeout_s=1.0,
+    g = run_sample(draw_sample(0), tmp_path, timeout_s=1.0,
                             command=_fake_demo(tmp_path, "hang"))
     assert g["status"] == "error" and g["returncode"] is None
     assert g["causes"] == ["timed out after 1 s (stopped)"]
