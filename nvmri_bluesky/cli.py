@@ -62,7 +62,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from nvmri_bluesky.analysis import cli_reconstruct
+    from nvmri_bluesky.analysis.run import cli_reconstruct
 
     print(cli_reconstruct(args.uid, args.catalog, api_key=args.api_key, as_json=args.json))
     return 0

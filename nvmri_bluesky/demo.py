@@ -37,7 +37,7 @@ DEFAULT_STEPS = ("calibration", "sample")
 from the data what the sample holds (``plans.protocol.any_sample``)."""
 STEP_COST = {"calibration": 1, "layers": 3, "spins": 4, "sample": 5}
 """Relative wall time of the protocol steps (to start the longest samples first)."""
-WORKER_PRELOAD = ("nvmri_bluesky.analysis", "nvmri_bluesky.figures",
+WORKER_PRELOAD = ("nvmri_bluesky.analysis.sample", "nvmri_bluesky.figures",
                   "nvmri_bluesky.reconstruct.localize", "nvmri_bluesky.reconstruct.evidence",
                   "nvmri_bluesky.catalog", "nvmri_bluesky.callbacks", "nvmri_bluesky.run_engine",
                   "nvmri_bluesky.plans.accounting", "bluesky", "bluesky_tiled_plugins",
@@ -124,7 +124,8 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
             parts = dict(_sample(source, steps, **common) for source, steps in samples)
         else:
             parts = _in_parallel(samples, common, jobs)
-    from nvmri_bluesky.analysis import merge, table
+    from nvmri_bluesky.analysis.sample import merge
+    from nvmri_bluesky.analysis.text import table
 
     report = merge(parts, location)
     report["not_done"] = [entry for part in parts.values() for entry in part.get("not_done", [])]
@@ -208,13 +209,13 @@ def _sample(source: str, steps: tuple[str, ...], *, catalog: str, api_key: str |
     Returns
     -------
     (str, dict)
-        The sample's name and its partial report (:func:`analysis.analyse_sample`).
+        The sample's name and its partial report (:func:`analysis.sample.analyse_sample`).
     """
     from nvmri_bluesky.sim import launch
 
     if prefix is None:
         launch.reserve_ca_ports()                      # before ophyd is imported
-    from nvmri_bluesky.analysis import analyse_sample
+    from nvmri_bluesky.analysis.sample import analyse_sample
     from nvmri_bluesky.catalog import open_catalog
 
     name = _sample_name(source, prefix)

@@ -100,7 +100,8 @@ class _Catalog:
 
 
 def test_report_sums_instrument_time_per_sample_and_in_total():
-    from nvmri_bluesky.analysis import instrument_time_part, merge, table
+    from nvmri_bluesky.analysis.sample import instrument_time_part, merge
+    from nvmri_bluesky.analysis.text import table
 
     cat = _Catalog({"a": {"instrument_time_s": 10.0}, "b": {"instrument_time_s": 5.5},
                     "c": {}, "d": {"instrument_time_s": 100.0}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nvmri_bluesky.analysis import _class_rasters, _located, _merge_spins
+from nvmri_bluesky.analysis.spins import _merge_spins, class_rasters, located
 from nvmri_bluesky.reconstruct.localize import SpinFit
 
 
@@ -23,8 +23,8 @@ class _Result:
 def test_class_rasters_fine_first_per_coupling_class() -> None:
     uids = {"psf_map": "a", "deer_survey": "b", "deer_raster": "c", "deer_survey_2": "d",
             "layer_raster": "e"}
-    assert _class_rasters(uids) == [["deer_raster", "deer_survey"], ["deer_survey_2"]]
-    assert _class_rasters({"layer_raster": "e"}) == []
+    assert class_rasters(uids) == [["deer_raster", "deer_survey"], ["deer_survey_2"]]
+    assert class_rasters({"layer_raster": "e"}) == []
 
 
 def test_a_spin_found_in_two_classes_is_reported_once_where_best_known() -> None:
@@ -38,5 +38,5 @@ def test_a_spin_found_in_two_classes_is_reported_once_where_best_known() -> None
 
 def test_a_spin_with_an_undetermined_offset_is_not_located() -> None:
     ok = {a: {"value": 1.0, "sigma": 0.1} for a in ("dx_nm", "dy_nm", "dz_nm")}
-    assert _located(ok)
-    assert not _located({**ok, "dz_nm": {"value": None, "sigma": None, "why": "bound"}})
+    assert located(ok)
+    assert not located({**ok, "dz_nm": {"value": None, "sigma": None, "why": "bound"}})
