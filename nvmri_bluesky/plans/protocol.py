@@ -17,55 +17,21 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-import bluesky.preprocessors as bpp
 import numpy as np
 import xarray as xr
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans import rasters, sweeps
-from nvmri_bluesky.reconstruct.fig2 import field_gradient_map, gradient_crossing
-from nvmri_bluesky.reconstruct.runs import run_dataset
-
-
-class _Collector:
-    """Keeps one run's start, primary events and stop as they are emitted."""
-
-    def __init__(self) -> None:
-        self.start: dict | None = None
-        self.stop: dict | None = None
-        self.events: list[dict] = []
-        self._primary: str | None = None
-
-    def __call__(self, name: str, doc: dict) -> None:
-        if name == "start":
-            self.start, self.events, self._primary = doc, [], None
-        elif name == "descriptor" and doc.get("name") == "primary":
-            self._primary = doc["uid"]
-        elif name == "event" and doc["descriptor"] == self._primary:
-            self.events.append(doc)
-        elif name == "stop":
-            self.stop = doc
-
-
-def take(plan: Generator) -> Generator[Any, Any, tuple[str, xr.Dataset]]:
-    """Run a measurement plan and return (uid, its data as a dataset)."""
-    collector = _Collector()
-    yield from bpp.subs_wrapper(plan, collector)
-    if collector.start is None:
-        raise NvmriError("the measurement produced no run")
-    return collector.start["uid"], run_dataset(collector.start, collector.events,
-                                               collector.stop)
-
-
-def _line_axis(ds: xr.Dataset, axis: str) -> np.ndarray:
-    return ds[axis].values
+from nvmri_bluesky.plans.take import take
+from nvmri_bluesky.reconstruct import calibration_design as cal
 
 
 def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
-                ramsey_height_nm: float = 30.0, ramsey_tau_s: float = 450e-9,
-                cw_height_nm: float = 10.0, cw_gradient_gauss_per_nm: float = 12.0,
-                line_half_nm: float = 60.0, shots: int = 300_000,
+                ramsey_height_nm: float = cal.RAMSEY_HEIGHT_NM,
+                ramsey_tau_s: float = cal.RAMSEY_TAU_S, cw_height_nm: float = cal.CW_HEIGHT_NM,
+                cw_gradient_gauss_per_nm: float = cal.CW_GRADIENT_GAUSS_PER_NM,
+                line_half_nm: float = cal.LINE_HALF_NM, shots: int = cal.SHOTS,
                 md: dict | None = None) -> Generator[Any, Any, dict[str, str]]:
     """Fig. 2: tip gradient, Ramsey fringe period and CW-ESR slice width.
 
@@ -106,46 +72,24 @@ def calibration(devices: Any, mw_frequency_hz: float = rasters.F_NV_START_HZ,
         measurement name -> run uid.
     """
     uids: dict[str, str] = {}
-    n = int(line_half_nm) + 1                                  # 2 nm steps
-    line = (-line_half_nm, line_half_nm, n)
+    line = cal.lock_line(line_half_nm)
     uids["gradient_line"], grad_line = yield from take(rasters.psf_map(
         devices, x=(0.0, 0.0, 1), y=line, z=ramsey_height_nm, mw_frequency_hz=mw_frequency_hz,
         shots=shots, snake=False, md={"measurement": "gradient_line", **(md or {})}))
-    y = grad_line["y"].values
-    f_plus = grad_line["lock_frequency"].values.ravel()
-    grads = field_gradient_map(grad_line, along="y")
-    # the fringes follow f+: centre the Ramsey line where f+ is steepest (physics.md Fig. 2a)
-    i_peak = int(np.nanargmax(np.abs(grads["dfplus_equiv"].values.ravel()[1:-1]))) + 1
-    y_peak, f_peak = float(y[i_peak]), float(f_plus[i_peak])
-    f_slope = abs(float(grads["dfplus_equiv"].values.ravel()[i_peak])) * 1e-4 * physics.GAMMA_E
-    period_guess = 1.0 / (ramsey_tau_s * max(f_slope, 1.0))
-    half = max(8 * period_guess, 1.0)
-    step = period_guess / 10
-    y_lo = round(y_peak - half, 3)
+    ramsey = cal.design_ramsey_line(grad_line, ramsey_tau_s)
     uids["ramsey_line"], _ = yield from take(rasters.ramsey_raster(
-        devices, x=(0.0, 0.0, 1), y=(y_lo, round(y_lo + 2 * half, 3),
-                                      int(round(2 * half / step)) + 1),
-        z=ramsey_height_nm, mw_frequency_hz=f_peak, tau_s=ramsey_tau_s, shots=shots,
-        md={"measurement": "ramsey_line", "gradient_peak_nm": y_peak, **(md or {})}))
+        devices, x=(0.0, 0.0, 1), y=ramsey.axis, z=ramsey_height_nm,
+        mw_frequency_hz=ramsey.mw_frequency_hz, tau_s=ramsey_tau_s, shots=shots,
+        md={"measurement": "ramsey_line", "gradient_peak_nm": ramsey.centre_nm, **(md or {})}))
 
     uids["cw_gradient_line"], cw_line = yield from take(rasters.psf_map(
         devices, x=line, y=(0.0, 0.0, 1), z=cw_height_nm, mw_frequency_hz=mw_frequency_hz,
         shots=shots, snake=False, md={"measurement": "cw_gradient_line", **(md or {})}))
-    x = cw_line["x"].values
-    f_plus = cw_line["lock_frequency"].values.ravel()
-    grads = field_gradient_map(cw_line, along="x")
-    grad = np.abs(grads["dbpar"].values.ravel())
-    # the slice measures the f+-equivalent gradient: find where that is the target
-    x_c = gradient_crossing(x, grads["dfplus_equiv"].values.ravel(), grad,
-                            cw_gradient_gauss_per_nm)
-    f_c = float(np.interp(x_c, x, f_plus))
-    i = int(np.argmin(np.abs(x - x_c)))
-    width = float(physics.spatial_width(physics.TAU_CW_S, cw_gradient_gauss_per_nm * 1e-4))
-    x_lo = round(x_c - 8 * width, 4)
+    cw = cal.design_cw_slice(cw_line, cw_gradient_gauss_per_nm)
     uids["cw_slice"], _ = yield from take(rasters.esr_raster(
-        devices, x=(x_lo, round(x_c + 8 * width, 4), 161), y=(0.0, 0.0, 1), z=cw_height_nm,
-        mw_frequency_hz=f_c, shots=shots,
-        md={"measurement": "cw_slice", "gradient_gauss_per_nm_here": float(grad[i]),
+        devices, x=cw.axis, y=(0.0, 0.0, 1), z=cw_height_nm,
+        mw_frequency_hz=cw.mw_frequency_hz, shots=shots,
+        md={"measurement": "cw_slice", "gradient_gauss_per_nm_here": cw.gradient_gauss_per_nm,
             **(md or {})}))
     return uids
 
@@ -299,10 +243,9 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
     taus = [design.choose_tau(nu, coherence=coherence) for nu in coupling_classes(couplings_hz)]
     uids: dict[str, str] = {}
     if line is None:
-        span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
         uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
-            devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
-            tau_s=taus[0], mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
+            devices, *design.spectrum_axis(f_line, quick), tau_s=taus[0],
+            mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
             md={"measurement": "deer_spectrum", **(md or {})}))
         _, line = fit_deer_spectrum(spectrum)
     known: list[np.ndarray] = []             # offsets found by the stronger classes' surveys
@@ -323,9 +266,8 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
                                **({} if k == 0 else {"min_delta_deviance": DELTA_DEVIANCE_MIN}))
         # a stronger class's fine raster images its spins already: a weaker class's fine
         # raster covers only the spins new to its survey (the reconstruction merges the
-        # classes' spins the same way, analysis._merge_spins)
-        new = [s.offset_nm for s in found.spins
-               if all(np.linalg.norm(s.offset_nm - r) >= design.SAME_SPIN_NM for r in known)]
+        # classes' spins the same way, analysis.spins._merge_spins)
+        new = design.unseen([s.offset_nm for s in found.spins], known)
         known.extend(s.offset_nm for s in found.spins)
         if not new:
             continue
@@ -426,14 +368,13 @@ def any_sample(devices: Any, quick: bool = False, md: dict | None = None
         # couplings below the classes seen that the evolution cannot exclude beside them
         # (a weak spin beside strong ones): the same evolution again, if a few more
         # shots would exclude (or show) them; its counts add to the first run's
-        factor = evolution_shot_factor(evolution, content, in_prior(content),
-                                       nu_min_hz=design.PRIOR_MIN_COUPLING_HZ)
-        if 1.0 < factor <= design.EVOLUTION_MAX_SHOT_FACTOR:
+        shots = design.repeat_evolution_shots(evolution_shot_factor(
+            evolution, content, in_prior(content), nu_min_hz=design.PRIOR_MIN_COUPLING_HZ))
+        if shots is not None:
             _, f_plus0, f_line = ingredients
             uids["deer_evolution_2"], repeat = yield from take(sweeps.deer_evolution(
                 devices, design.EVOLUTION_TAUS_S, rf_frequency_hz=f_line,
-                mw_frequency_hz=f_plus0,
-                shots=(int(np.ceil(factor)) - 1) * design.SPIN_SHOTS,
+                mw_frequency_hz=f_plus0, shots=shots,
                 md={"measurement": "deer_evolution_2", **(md or {})}))
             evolution = combine_evolutions([evolution, repeat])
             content = classify_evolution(evolution)
@@ -525,10 +466,9 @@ def _layer_runs(devices: Any, quick: bool, md: dict | None, uids: dict[str, str]
 
     detuning, f_plus0, f_line = yield from _psf_ingredients(
         devices, design.LAYER_PSF_MAP, design.LAYER_SHOTS, md, uids, name="layer_psf_map")
-    span, num = design.SPECTRUM_SPAN_HZ, design.SPECTRUM_POINTS
     uids["layer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
-        devices, f_line - span, f_line + span, num if not quick else num // 2 + 1,
-        tau_s=design.LAYER_TAU_S, mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
+        devices, *design.spectrum_axis(f_line, quick), tau_s=design.LAYER_TAU_S,
+        mw_frequency_hz=f_plus0, shots=design.LAYER_EVOLUTION_SHOTS,
         md={"measurement": "layer_spectrum", **(md or {})}))
     _, line = fit_deer_spectrum(spectrum, model="bath")
     raster = design.design_layer_raster(detuning, line.centre_hz)

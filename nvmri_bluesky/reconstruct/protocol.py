@@ -27,7 +27,8 @@ plane), step :data:`LAYER_STEP_NM`, tau :data:`LAYER_TAU_S`; plus a
 tip-free ``deer_evolution`` at :data:`LAYER_EVOLUTION_TAUS_S`.
 
 Where a locked raster's lock can follow the measured line (for designers
-lowering a raster): :mod:`.lockable`.
+lowering a raster): :mod:`.lockable`.  The Fig. 2 calibration's design:
+:mod:`.calibration_design`.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ spin at dz = -5.99 nm under a 14.9 nm NV ended at -6.0 in 1 of 10 noise draws);
 SEARCH_DZ_NM = (PRIOR_DZ_NM[0] - SEARCH_MARGIN_NM, PRIOR_DZ_NM[1] + SEARCH_MARGIN_NM)
 SAME_SPIN_NM = 1.0
 """Offsets closer than this are one spin: a weaker class's survey and the merge of the
-classes' fits (``analysis._merge_spins``) both count them once, nm."""
+classes' fits (``analysis.spins._merge_spins``) both count them once, nm."""
 PRIOR_MIN_COUPLING_HZ = 50e3
 """Weakest coupling of the spins searched (issue #11's envelope), Hz.  A fit weaker than
 this is outside the prior, like one on the box's bound: under a layer, its strongest
@@ -445,6 +446,27 @@ def design_layer_raster(detuning: DetuningInterpolant, f_dark0_hz: float,
                         y=axis_spec(yc - half_width_nm, yc + half_width_nm, step_nm),
                         z=planes, rf_frequency_hz=f_dark0_hz + offset, rf_offset_hz=offset,
                         tau_s=float(tau_s), shots=int(shots))
+
+
+def spectrum_axis(f_line_hz: float, quick: bool = False) -> tuple[float, float, int]:
+    """A tip-free DEER spectrum's RF axis: the predicted line +/- :data:`SPECTRUM_SPAN_HZ`
+    in :data:`SPECTRUM_POINTS` points (about half with ``quick``: tests), Hz."""
+    num = SPECTRUM_POINTS if not quick else SPECTRUM_POINTS // 2 + 1
+    return f_line_hz - SPECTRUM_SPAN_HZ, f_line_hz + SPECTRUM_SPAN_HZ, num
+
+
+def repeat_evolution_shots(factor: float) -> int | None:
+    """Shots of the tip-free evolution's repeat, whose counts add to the first run's, for
+    ``factor`` times its shots in all (``crosscheck.evolution_shot_factor``); None: no
+    repeat (nothing to gain, or more than :data:`EVOLUTION_MAX_SHOT_FACTOR` needed)."""
+    if not 1.0 < factor <= EVOLUTION_MAX_SHOT_FACTOR:
+        return None
+    return (int(np.ceil(factor)) - 1) * SPIN_SHOTS
+
+
+def unseen(offsets: list[NDArray], known: list[NDArray]) -> list[NDArray]:
+    """The offsets not within :data:`SAME_SPIN_NM` of any known one (new spins), nm."""
+    return [o for o in offsets if all(np.linalg.norm(o - k) >= SAME_SPIN_NM for k in known)]
 
 
 def choose_tau(nu_hz: float, t2_s: float = 20e-6, exponent: float = 1.5,
