@@ -8,7 +8,7 @@ from nvmri_bluesky.devices.counter import PhotonCounter
 from nvmri_bluesky.devices.factory import DEFAULT_PREFIX, Instrument, make_devices
 from nvmri_bluesky.devices.health import Health
 from nvmri_bluesky.devices.pulser import Pulser, program_json
-from nvmri_bluesky.devices.signals import LimitExceeded
+from nvmri_bluesky.devices.setpoints import LimitExceeded
 from nvmri_bluesky.devices.sources import SignalGenerator
 from nvmri_bluesky.devices.stage import NmMotor, Stage, StageLimitError
 

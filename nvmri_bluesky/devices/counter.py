@@ -26,16 +26,14 @@ from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignal
 from ophyd.status import Status, StatusBase
 
-from nvmri_bluesky.devices.signals import (
-    ConciseRepr,
-    EpicsSignalROU,
-    WaveformSignalRO,
-    _put_checked,
-    _watch_disconnect,
+from nvmri_bluesky.devices.ca_plumbing import (
     call_later,
     lost_connection,
+    put_checked,
     put_flush_only,
+    subscribe_disconnect,
 )
+from nvmri_bluesky.devices.signals import ConciseRepr, EpicsSignalROU, WaveformSignalRO
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.timeouts import timeout_s
 
@@ -94,90 +92,7 @@ class PhotonCounter(ConciseRepr, Device):
                    if not s.connected]
         if missing:
             raise lost_connection(", ".join(missing), "the trigger of the counter")
-        status = Status(self, timeout=self.acquire_timeout)
-        start_id = self.acq_id.get()
-        lock = threading.Lock()
-        seen = {"put": False, "counts": False, "id": False}
-        cancels: list[Callable[[], None]] = []
-
-        def finish() -> None:
-            with lock:
-                if status.done or not all(seen.values()):
-                    return
-                for cancel in cancels:
-                    cancel()
-                status.set_finished()
-
-        def on_counts(**_: Any) -> None:
-            seen["counts"] = True
-            finish()
-
-        def on_id(*, value: Any = None, **_: Any) -> None:
-            if value is not None and value != start_id:
-                seen["id"] = True
-                finish()
-
-        def fail(error: NvmriError) -> None:
-            with lock:
-                if not status.done:
-                    status.set_exception(error)
-
-        def stale() -> None:
-            if status.done:
-                return
-            missing = [s.pvname for s, key in ((self.counts, "counts"), (self.acq_id, "id"))
-                       if not seen[key]]
-            fail(NvmriError(
-                f"counter: the acquisition completed but {' and '.join(missing)} did not "
-                f"update within {self.fresh_timeout:g} s (acquisition id {start_id})"))
-
-        def refused() -> None:
-            # the put completed a while ago without new data: did the IOC refuse it?
-            if status.done:
-                return
-            try:
-                if str(self.state.get(use_monitor=False)) == "Error":
-                    fail(NvmriError("counter: the IOC refused the acquisition: "
-                                    f"{self.message.get(use_monitor=False)}"))
-                    return
-            except Exception:  # noqa: BLE001 - unreadable: let the freshness timer decide
-                pass
-            if not status.done:
-                cancels.append(call_later(max(self.fresh_timeout - _GRACE_S, 0.0), stale))
-
-        def on_put(**_: Any) -> None:
-            seen["put"] = True
-            if not (seen["counts"] and seen["id"]):
-                # the IOC sends the counts before the completion; look closer only if not
-                # (on a thread of its own: ``refused`` makes blocking CA gets)
-                cancels.append(call_later(_GRACE_S, lambda: threading.Thread(
-                    target=refused, name="counter-refused", daemon=True).start()))
-            finish()
-
-        cids = [(self.counts, self.counts.subscribe(on_counts, run=False)),
-                (self.acq_id, self.acq_id.subscribe(on_id, run=False)),
-                (self.acquire, _watch_disconnect(self.acquire, status, "the acquisition"))]
-
-        def silent() -> None:
-            if not status.done:
-                logger.warning("counter: acquisition %s of %s has not completed after %.3g s: "
-                               "the IOC is slow or not answering; still waiting", start_id + 1
-                               if isinstance(start_id, int) else "?", self.prefix, patience)
-
-        patience = SILENT_S + self.expected_s
-        cancels.append(call_later(patience, silent))
-
-        def cleanup(_st: StatusBase) -> None:
-            for sig, cid in cids:
-                sig.unsubscribe(cid)
-            for cancel in cancels:
-                cancel()
-
-        status.add_callback(cleanup)
-        with put_flush_only():
-            _put_checked(self.acquire, status, "the acquisition", 1,
-                         use_complete=True, callback=on_put)
-        return status
+        return _Acquisition(self, Status(self, timeout=self.acquire_timeout)).start()
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Data keys; ``counter_counts`` has shape (number of gates of the loaded program,)."""
@@ -196,3 +111,105 @@ class PhotonCounter(ConciseRepr, Device):
         """Gate names of the loaded program (``PG:GATES``), the order of ``counts``."""
         text = str(self.gates.get(use_monitor=False) or "").strip()
         return [str(n) for n in json.loads(text)] if text else []
+
+
+class _Acquisition:
+    """One acquisition of a :class:`PhotonCounter`: its status and its watchdogs.
+
+    The status completes when the acquire put has completed *and* both the
+    counts and the acquisition id have updated; it fails with one line if the
+    IOC refused the acquisition, if the counts never came, or if the acquire
+    PV disconnected.  An acquisition silent for ``SILENT_S`` beyond its
+    expected length is logged (and still waited for).
+    """
+
+    def __init__(self, counter: PhotonCounter, status: Status) -> None:
+        self.counter, self.status = counter, status
+        self.start_id = counter.acq_id.get()
+        self.lock = threading.Lock()
+        self.seen = {"put": False, "counts": False, "id": False}
+        self.cancels: list[Callable[[], None]] = []
+        self.patience = SILENT_S + counter.expected_s
+
+    def start(self) -> Status:
+        """Subscribe, arm the watchdogs, put the acquire; return the status."""
+        c, status = self.counter, self.status
+        cids = [(c.counts, c.counts.subscribe(self.on_counts, run=False)),
+                (c.acq_id, c.acq_id.subscribe(self.on_id, run=False)),
+                (c.acquire, subscribe_disconnect(c.acquire, status, "the acquisition"))]
+        self.cancels.append(call_later(self.patience, self.silent))
+
+        def cleanup(_st: StatusBase) -> None:
+            for sig, cid in cids:
+                sig.unsubscribe(cid)
+            for cancel in self.cancels:
+                cancel()
+
+        status.add_callback(cleanup)
+        with put_flush_only():
+            put_checked(c.acquire, status, "the acquisition", 1,
+                        use_complete=True, callback=self.on_put)
+        return status
+
+    def finish(self) -> None:
+        with self.lock:
+            if self.status.done or not all(self.seen.values()):
+                return
+            for cancel in self.cancels:
+                cancel()
+            self.status.set_finished()
+
+    def on_counts(self, **_: Any) -> None:
+        self.seen["counts"] = True
+        self.finish()
+
+    def on_id(self, *, value: Any = None, **_: Any) -> None:
+        if value is not None and value != self.start_id:
+            self.seen["id"] = True
+            self.finish()
+
+    def fail(self, error: NvmriError) -> None:
+        with self.lock:
+            if not self.status.done:
+                self.status.set_exception(error)
+
+    def stale(self) -> None:
+        if self.status.done:
+            return
+        c = self.counter
+        missing = [s.pvname for s, key in ((c.counts, "counts"), (c.acq_id, "id"))
+                   if not self.seen[key]]
+        self.fail(NvmriError(
+            f"counter: the acquisition completed but {' and '.join(missing)} did not "
+            f"update within {c.fresh_timeout:g} s (acquisition id {self.start_id})"))
+
+    def refused(self) -> None:
+        # the put completed a while ago without new data: did the IOC refuse it?
+        if self.status.done:
+            return
+        c = self.counter
+        try:
+            if str(c.state.get(use_monitor=False)) == "Error":
+                self.fail(NvmriError("counter: the IOC refused the acquisition: "
+                                     f"{c.message.get(use_monitor=False)}"))
+                return
+        except Exception:  # noqa: BLE001 - unreadable: let the freshness timer decide
+            pass
+        if not self.status.done:
+            self.cancels.append(call_later(max(c.fresh_timeout - _GRACE_S, 0.0), self.stale))
+
+    def on_put(self, **_: Any) -> None:
+        self.seen["put"] = True
+        if not (self.seen["counts"] and self.seen["id"]):
+            # the IOC sends the counts before the completion; look closer only if not
+            # (on a thread of its own: ``refused`` makes blocking CA gets)
+            self.cancels.append(call_later(_GRACE_S, lambda: threading.Thread(
+                target=self.refused, name="counter-refused", daemon=True).start()))
+        self.finish()
+
+    def silent(self) -> None:
+        if not self.status.done:
+            logger.warning("counter: acquisition %s of %s has not completed after %.3g s: "
+                           "the IOC is slow or not answering; still waiting",
+                           self.start_id + 1 if isinstance(self.start_id, int) else "?",
+                           self.counter.prefix, self.patience)

@@ -10,7 +10,7 @@ refused it.
 The pulser confirms that the IOC loaded the very program sent: the IOC posts
 the SHA-256 of the loaded JSON text in ``PG:CHECKSUM``, and a load whose
 checksum differs (refused, cut, or never applied) fails.  ``shots`` is a
-:class:`~nvmri_bluesky.devices.signals.VerifiedSetpoint`: a refused value
+:class:`~nvmri_bluesky.devices.setpoints.VerifiedSetpoint`: a refused value
 (0, -1, 2**31) fails the ``set()`` with the IOC's ``PG:MESSAGE``.
 
 ``program``, ``gates``, ``shots`` and ``message`` are not monitored: each read
@@ -31,14 +31,9 @@ from ophyd import Component as Cpt
 from ophyd import Device
 from ophyd.status import Status
 
-from nvmri_bluesky.devices.signals import (
-    EpicsSignalROU,
-    EpicsSignalU,
-    VerifiedSetpoint,
-    _put_checked,
-    lost_connection,
-    watch_disconnect,
-)
+from nvmri_bluesky.devices.ca_plumbing import lost_connection, put_checked, watch_disconnect
+from nvmri_bluesky.devices.setpoints import VerifiedSetpoint
+from nvmri_bluesky.devices.signals import EpicsSignalROU, EpicsSignalU
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = ["Pulser", "program_json"]
@@ -134,8 +129,8 @@ class Pulser(Device):
 
         if not self.connected:
             raise lost_connection(self.program.pvname, "loading the pulse program")
-        _put_checked(self.program, status, "loading the pulse program", text,
-                     use_complete=True, callback=on_put)
+        put_checked(self.program, status, "loading the pulse program", text,
+                    use_complete=True, callback=on_put)
         return status
 
     def _check_fits(self, name: str, text: str) -> None:

@@ -3,12 +3,12 @@
 Each setting is a setpoint PV with an ``_RBV`` readback (``MW:FREQ`` and
 ``MW:FREQ_RBV``, ...).  ``set()`` on any of them completes when the IOC has
 completed the put and the readback shows the value
-(:class:`~nvmri_bluesky.devices.signals.SetpointWithReadback`), so scanning
+(:class:`~nvmri_bluesky.devices.setpoints.SetpointWithReadback`), so scanning
 ``mw.frequency`` records the frequency actually applied.
 
 Data keys: ``mw_frequency`` (hinted, Hz); ``mw_power`` (dBm) and ``mw_output``
 are configuration.  Frequency and power outside the IOC's control limits
-raise :class:`~nvmri_bluesky.devices.signals.LimitExceeded` before any put.
+raise :class:`~nvmri_bluesky.devices.setpoints.LimitExceeded` before any put.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from ophyd import Component as Cpt
 from ophyd import Device
 
-from nvmri_bluesky.devices.signals import SetpointWithReadback
+from nvmri_bluesky.devices.setpoints import SetpointWithReadback
 
 __all__ = ["SignalGenerator"]
 

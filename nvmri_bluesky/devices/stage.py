@@ -20,15 +20,9 @@ from ophyd.device import required_for_connection
 from ophyd.utils import DisconnectedError
 from ophyd.utils.epics_pvs import AlarmSeverity
 
-from nvmri_bluesky.devices.signals import (
-    ConciseRepr,
-    EpicsSignalROU,
-    LimitExceeded,
-    VerifiedSetpoint,
-    call_later,
-    put_flush_only,
-    watch_disconnect,
-)
+from nvmri_bluesky.devices.ca_plumbing import call_later, put_flush_only, watch_disconnect
+from nvmri_bluesky.devices.setpoints import LimitExceeded, VerifiedSetpoint
+from nvmri_bluesky.devices.signals import ConciseRepr, EpicsSignalROU
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = ["StageLimitError", "NmMotor", "Stage"]
