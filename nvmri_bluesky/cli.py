@@ -96,31 +96,17 @@ def _live(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``nvmri`` command."""
-    parser = argparse.ArgumentParser(prog="nvmri", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"nvmri_bluesky {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _catalog_args(p: argparse.ArgumentParser) -> None:
+    """``--catalog`` and ``--api-key`` of the commands that read a catalog."""
+    p.add_argument("--catalog", default=None,
+                   help="catalog directory (embedded tiled) or http(s) URI "
+                        "(default: $NVMRI_CATALOG, else ~/.local/share/nvmri/catalog)")
+    p.add_argument("--api-key", default=None,
+                   help="tiled API key for a facility URI (default: $NVMRI_API_KEY)")
 
-    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
 
-    def catalog_args(p: argparse.ArgumentParser):
-        p.add_argument("--catalog", default=None,
-                       help="catalog directory (embedded tiled) or http(s) URI "
-                            "(default: $NVMRI_CATALOG, else ~/.local/share/nvmri/catalog)")
-        p.add_argument("--api-key", default=None,
-                       help="tiled API key for a facility URI (default: $NVMRI_API_KEY)")
-
-    from nvmri_bluesky.sim import ioc
-
-    ioc.add_arguments(command("sim-ioc", _sim_ioc,
-                              "serve the simulated instrument over Channel Access"))
-
-    p = command("demo", _demo, "run the paper's experiment end to end and write a report")
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``nvmri demo``."""
     p.add_argument("--scenario", default=None,
                    help="built-in name or file (default: the paper's built-in scenarios)")
     p.add_argument("--out", default="nvmri-demo", help="output directory")
@@ -136,15 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated protocol steps: calibration,sample,spins,layers "
                         "(default: each sample's own)")
 
-    p = command("runs", _runs, "list the runs in a catalog")
-    catalog_args(p)
 
-    p = command("catalog", lambda a: a.catalog_func(a), "catalog maintenance")
+def _catalog_commands(p: argparse.ArgumentParser) -> None:
+    """``nvmri catalog import`` and ``nvmri catalog verify``."""
     csub = p.add_subparsers(dest="catalog_command", required=True)
     imp = csub.add_parser("import", help="load a document spool (JSON lines) into a catalog")
     imp.add_argument("spool", help="spool file or directory of spool files")
     imp.set_defaults(catalog_func=_import)
-    catalog_args(imp)
+    _catalog_args(imp)
     ver = csub.add_parser("verify", help="compare runs in the catalog with their spool, "
                                          "event by event (arrays and scalars)")
     which = ver.add_mutually_exclusive_group(required=True)
@@ -154,24 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="spool directory (repeatable; default: $NVMRI_SPOOL, else "
                           "the catalog's spool/ or ~/.local/share/nvmri/spool)")
     ver.set_defaults(catalog_func=_verify)
-    catalog_args(ver)
+    _catalog_args(ver)
 
-    p = command("replay", _replay, "feed a stored run through the live callbacks")
-    p.add_argument("uid", help="run uid (or a unique prefix)")
-    p.add_argument("--out", default=".", help="where to write the redrawn figures")
-    catalog_args(p)
 
-    p = command("reconstruct", _reconstruct, "reconstruct a stored run")
-    p.add_argument("uid", help="run uid (or a unique prefix)")
-    p.add_argument("--json", action="store_true", help="print report.json-shaped JSON")
-    catalog_args(p)
-
-    p = command("bench", _bench, "run benchmarks from benchmarks/")
-    p.add_argument("names", nargs="*", help="benchmark names (default: all)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-
-    p = command("validate", _validate,
-                "run the default protocol on random samples and grade it against their truth")
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``nvmri validate``."""
     p.add_argument("--seeds", type=int, default=30, help="number of samples (default 30)")
     p.add_argument("--jobs", type=int, default=1, help="samples run at once (default 1)")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
@@ -180,6 +152,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--timeout", type=float, default=None,
                    help="per-sample time limit, s (default: none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``nvmri`` command."""
+    parser = argparse.ArgumentParser(prog="nvmri", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"nvmri_bluesky {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    from nvmri_bluesky.sim import ioc
+
+    ioc.add_arguments(command("sim-ioc", _sim_ioc,
+                              "serve the simulated instrument over Channel Access"))
+    _demo_args(command("demo", _demo, "run the paper's experiment end to end and write a report"))
+    _catalog_args(command("runs", _runs, "list the runs in a catalog"))
+    _catalog_commands(command("catalog", lambda a: a.catalog_func(a), "catalog maintenance"))
+
+    p = command("replay", _replay, "feed a stored run through the live callbacks")
+    p.add_argument("uid", help="run uid (or a unique prefix)")
+    p.add_argument("--out", default=".", help="where to write the redrawn figures")
+    _catalog_args(p)
+
+    p = command("reconstruct", _reconstruct, "reconstruct a stored run")
+    p.add_argument("uid", help="run uid (or a unique prefix)")
+    p.add_argument("--json", action="store_true", help="print report.json-shaped JSON")
+    _catalog_args(p)
+
+    p = command("bench", _bench, "run benchmarks from benchmarks/")
+    p.add_argument("names", nargs="*", help="benchmark names (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    _validate_args(command("validate", _validate, "run the default protocol on random samples "
+                                                  "and grade it against their truth"))
 
     p = command("serve-catalog", _serve_catalog, "serve a facility tiled catalog")
     p.add_argument("--config", required=True, help="tiled server config (YAML)")
