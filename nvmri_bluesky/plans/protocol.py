@@ -246,7 +246,8 @@ def spin_rasters(devices: Any, ingredients: tuple, couplings_hz: tuple[float, ..
         uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
             devices, *design.spectrum_axis(f_line, quick), tau_s=taus[0],
             mw_frequency_hz=f_plus0, shots=design.SPECTRUM_SHOTS,
-            md={"measurement": "deer_spectrum", **(md or {})}))
+            md={"measurement": "deer_spectrum",
+                "point_couplings_hz": [float(nu) for nu in couplings_hz], **(md or {})}))
         _, line = fit_deer_spectrum(spectrum)
     known: list[np.ndarray] = []             # offsets found by the stronger classes' surveys
     for k, tau in enumerate(taus):

@@ -48,6 +48,9 @@ def _attrs(start: Mapping[str, Any], stop: Mapping[str, Any] | None) -> dict[str
         value = start.get(key, args.get(key))
         if isinstance(value, int | float):
             attrs[key] = float(value)
+    couplings = start.get("point_couplings_hz")
+    if couplings is not None:
+        attrs["point_couplings_hz"] = tuple(float(c) for c in couplings)
     if stop is not None:
         attrs["exit_status"] = stop.get("exit_status", "")
         attrs["stop_reason"] = stop.get("reason", "") or ""
