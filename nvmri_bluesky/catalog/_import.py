@@ -91,6 +91,7 @@ def _import_file(file: Path, catalog: Catalog) -> ImportResult:
     events = sum(count_events(docs).values())
     action = "imported"
     try:
+        # The exact key: CatalogOfBlueskyRuns.__getitem__ would fall back to a prefix match.
         existing = Container.__getitem__(catalog.client, uid)
     except KeyError:
         existing = None

@@ -20,6 +20,9 @@ from ._writer import DEFAULT_BATCH_SIZE, DEFAULT_STOP_TIMEOUT, CatalogWriter
 
 logger = logging.getLogger(__name__)
 
+#: The shortest uid prefix ``CatalogOfBlueskyRuns`` looks up.
+MIN_PREFIX = 5
+
 
 @dataclass(frozen=True)
 class RunRow:
@@ -149,10 +152,8 @@ class Catalog:
 
     def max_scan_id(self) -> int:
         """The largest ``start.scan_id`` in the catalog (0 if none)."""
-        from tiled.client.container import Container
-
         try:
-            newest = Container.sort(self.client, ("start.scan_id", -1))
+            newest = self.client.sort(("start.scan_id", -1))
             for _, node in newest.items().head(1):
                 scan_id = (node.metadata.get("start") or {}).get("scan_id")
                 return int(scan_id) if isinstance(scan_id, (int, float)) else 0
@@ -210,7 +211,9 @@ class Catalog:
         """
         rows: list[RunRow] = []
         try:
-            for key, node in self.client.items():
+            for key, node in self.client.sort(("start.time", -1)).items():
+                if limit is not None and len(rows) >= limit:
+                    break
                 md = node.metadata
                 start = md.get("start")
                 if not isinstance(start, dict):
@@ -233,47 +236,33 @@ class Catalog:
             raise
         except Exception as err:  # one line for the user
             raise NvmriError(f"cannot list runs in {self.location}: {one_line(err)}") from None
-        rows.sort(key=lambda r: r.time, reverse=True)
-        return rows[:limit] if limit is not None else rows
-
-    def _find_key(self, uid: str) -> str:
-        uid = str(uid).strip()
-        if not re.fullmatch(r"[0-9A-Za-z-]+", uid):
-            raise NvmriError(f"no run {uid!r} in catalog {self.location}")
-        from tiled.client.container import Container
-        from tiled.queries import Like
-
-        try:
-            Container.__getitem__(self.client, uid)
-            return uid
-        except KeyError:
-            pass
-        except Exception as err:
-            raise NvmriError(f"cannot read catalog {self.location}: {one_line(err)}") from None
-        try:
-            results = Container.search(self.client, Like("start.uid", f"{uid}%"))
-            keys = list(results.keys().head(3))
-        except Exception as err:
-            raise NvmriError(f"cannot search catalog {self.location}: {one_line(err)}") from None
-        if not keys:
-            raise NvmriError(f"no run {uid!r} in catalog {self.location}")
-        if len(keys) > 1:
-            shown = ", ".join(k[:8] for k in keys[:2])
-            raise NvmriError(f"run uid prefix {uid!r} is ambiguous ({shown}, ...); give more of it")
-        return keys[0]
+        return rows
 
     def run(self, uid: str) -> Any:
-        """The ``BlueskyRun`` client of a run, by uid or unique uid prefix.
+        """The ``BlueskyRun`` client of a run, by uid or unique uid prefix (5 characters or more).
+
+        The lookup is ``CatalogOfBlueskyRuns.__getitem__`` (a full uid, else a
+        ``start.uid`` prefix search).
 
         Raises
         ------
         NvmriError
             No run, or more than one, matches.
         """
-        from tiled.client.container import Container
-
-        key = self._find_key(uid)
-        return Container.__getitem__(self.client, key)
+        uid = str(uid).strip()
+        if not re.fullmatch(r"[0-9A-Za-z-]+", uid):
+            raise NvmriError(f"no run {uid!r} in catalog {self.location}")
+        try:
+            return self.client[uid]
+        except KeyError:
+            raise NvmriError(f"no run {uid!r} in catalog {self.location}") from None
+        except ValueError:  # bluesky_tiled_plugins: prefix too short, or several matches
+            if len(uid) < MIN_PREFIX:
+                raise NvmriError(f"run uid prefix {uid!r} is too short: give at least "
+                                 f"{MIN_PREFIX} characters") from None
+            raise NvmriError(f"run uid prefix {uid!r} is ambiguous; give more of it") from None
+        except Exception as err:
+            raise NvmriError(f"cannot read catalog {self.location}: {one_line(err)}") from None
 
     def documents(self, uid: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """The run's documents, for replay: start, descriptors, events (time order), stop.

@@ -47,7 +47,6 @@ retry finds it (409) and uses it.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +61,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 500
 #: Seconds the RunEngine waits, at a stop document, for the catalog writer to catch up.
 DEFAULT_STOP_TIMEOUT = 60.0
+#: The name under which :meth:`CatalogWriter.flush` queues its marker.
+_FLUSH = "__flush__"
 
 #: The table order of an event stream: the order of its events, as its arrays are.
 EVENT_ORDER = [{"column": "seq_num", "direction": "asc"}]
@@ -216,13 +217,15 @@ def make_tiled_writer(
 
 
 # --------------------------------------------------------------------------------------
-# The catalog writer: TiledWriter on a worker thread, its failures never reach the RE.
+# The catalog writer: TiledWriter behind bluesky's BufferingWrapper (one worker thread);
+# its failures never reach the RE.
 
 
 class CatalogWriter:
     """A RunEngine callback that feeds TiledWriter on a worker thread.
 
-    Documents are queued and written in order on one thread, so the RunEngine
+    Documents are queued (``bluesky.callbacks.buffer.BufferingWrapper``) and
+    written in order on its one worker thread, so the RunEngine
     never waits on the catalog except at a stop document, where it waits (at
     most ``stop_timeout`` s) until the run is written, so that after ``RE(...)``
     returns the run is in the catalog. A TiledWriter failure is logged and
@@ -249,25 +252,26 @@ class CatalogWriter:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         ordered: bool = True,
     ) -> None:
+        from bluesky.callbacks.buffer import BufferingWrapper
+
         self._make_client = make_client
         self.batch_size = batch_size
         self.ordered = ordered
         self.stop_timeout = stop_timeout
         self.errors: list[str] = []
         self.failed_runs: set[str] = set()
-        self._queue: queue.Queue[Any] = queue.Queue()
         self._index = RunIndex()
         self._active: set[str] = set()
         self._writer: Any = None
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name="nvmri-catalog-writer", daemon=True)
-        self._thread.start()
+        # One worker thread, documents in order; each item is (doc, event set once handled).
+        self._buffer = BufferingWrapper(self._work)
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         if self._closed:
             return
         done = threading.Event() if name == "stop" else None
-        self._queue.put((name, doc, done))
+        self._buffer(name, (doc, done))
         if done is not None and not done.wait(self.stop_timeout):
             msg = (
                 f"catalog: run {doc.get('run_start', '?')[:8]} still being written after "
@@ -278,35 +282,30 @@ class CatalogWriter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued document is handled; False on timeout."""
-        if self._closed or not self._thread.is_alive():
+        if self._closed:
             return True
         done = threading.Event()
-        self._queue.put(("__flush__", None, done))
+        self._buffer(_FLUSH, (None, done))
         return done.wait(timeout)
 
     def close(self, timeout: float | None = DEFAULT_STOP_TIMEOUT) -> None:
-        """Flush, then stop the worker thread."""
+        """Flush, then stop the worker thread (it ends once the queue is empty)."""
         if self._closed:
             return
         self.flush(timeout)
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self._buffer.shutdown(wait=False)
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            name, doc, done = item
-            try:
-                if name != "__flush__":
-                    self._handle(name, doc)
-            except Exception as err:  # keep the worker alive
-                logger.exception("catalog writer: unexpected error: %s", err)
-            finally:
-                if done is not None:
-                    done.set()
+    def _work(self, name: str, item: tuple[dict[str, Any] | None, threading.Event | None]) -> None:
+        doc, done = item
+        try:
+            if name != _FLUSH:
+                self._handle(name, doc)
+        except Exception as err:  # keep the worker alive
+            logger.exception("catalog writer: unexpected error: %s", err)
+        finally:
+            if done is not None:
+                done.set()
 
     def _handle(self, name: str, doc: dict[str, Any]) -> None:
         run = self._index.run_of(name, doc)
