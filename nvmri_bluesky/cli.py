@@ -8,10 +8,129 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 from nvmri_bluesky import __version__
 from nvmri_bluesky.errors import NvmriError
+
+# --------------------------------------------------------------------------------------
+# What the catalog subcommands print (the catalog modules return data).
+
+
+def format_runs(rows: list[Any]) -> str:
+    """The ``nvmri runs`` table of :meth:`Catalog.runs` rows (``RunRow``)."""
+    header = ("uid", "time", "plan", "scenario", "points", "status")
+    lines = [
+        (
+            r.uid[:8],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time)),
+            r.plan or "-",
+            r.scenario or "-",
+            "-" if r.points is None else str(r.points),
+            r.status,
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(
+        f"{{:{'>' if h == 'points' else '<'}{w}}}" for h, w in zip(header, widths, strict=True)
+    )
+    out = [fmt.format(*header)] + [fmt.format(*line) for line in lines]
+    return "\n".join(s.rstrip() for s in out)
+
+
+def cli_runs(location: str | None, api_key: str | None = None) -> str:
+    """``nvmri runs``: the runs of a catalog as a printable table (newest first)."""
+    from nvmri_bluesky.catalog import open_catalog
+
+    with open_catalog(location, api_key, create=False) as catalog:
+        rows = catalog.runs()
+        if not rows:
+            return f"no runs in catalog {catalog.location}"
+        return format_runs(rows)
+
+
+def cli_import(spool: str | Path, location: str | None, api_key: str | None = None) -> str:
+    """``nvmri import``: load spool file(s) into a catalog; a printable summary.
+
+    Raises
+    ------
+    NvmriError
+        If any file failed (the message summarises which and why).
+    """
+    from nvmri_bluesky.catalog import default_location, import_spool
+
+    results = import_spool(spool, location if location is not None else default_location(), api_key)
+    lines = [
+        f"{(r.uid[:8] or '-'):<8}  {r.action:<8}  {r.events:>6} events  {Path(r.path).name}"
+        + (f"  ({r.detail})" if r.detail else "")
+        for r in results
+    ]
+    failed = [r for r in results if r.action == "failed"]
+    if failed:
+        first = failed[0]
+        raise NvmriError(
+            f"{len(failed)} of {len(results)} spool file(s) not imported; "
+            f"{Path(first.path).name}: {first.detail}"
+        )
+    counts = {a: sum(r.action == a for r in results) for a in ("imported", "replaced", "present")}
+    lines.append(
+        f"{len(results)} file(s): {counts['imported']} imported, {counts['replaced']} replaced, "
+        f"{counts['present']} already present"
+    )
+    return "\n".join(lines)
+
+
+def cli_verify(
+    uid: str | None,
+    location: str | None,
+    api_key: str | None = None,
+    spool_dirs: Iterable[str | Path] | None = None,
+) -> tuple[str, bool]:
+    """``nvmri catalog verify UID|--all``: the printable report and whether all matched.
+
+    Parameters
+    ----------
+    uid : str or None
+        One run (uid or unique prefix); None verifies every spooled run.
+    location : str or None
+        The catalog (default :func:`default_location`).
+    api_key : str, optional
+        For a facility catalog.
+    spool_dirs : iterable of path, optional
+        Where the spool files are (default :func:`default_spool_dir`).
+    """
+    from nvmri_bluesky.catalog import (
+        default_location,
+        default_spool_dir,
+        find_spool,
+        open_catalog,
+        verify_all,
+        verify_run,
+    )
+
+    location = location or default_location()
+    dirs = [Path(d) for d in spool_dirs] if spool_dirs else [default_spool_dir(location)]
+    with open_catalog(location, api_key, create=False) as catalog:
+        if uid is None:
+            results = verify_all(catalog, dirs)
+        else:
+            results = [verify_run(catalog, find_spool(uid, dirs))]
+    if not results:
+        shown = ", ".join(str(d) for d in dirs)
+        return f"no spool files in {shown}", True
+    lines = []
+    for result in results:
+        lines.append(result.summary())
+        lines.extend(f"    {detail}" for detail in result.details)
+    bad = sum(not r.ok for r in results)
+    events = sum(r.events for r in results)
+    lines.append(f"{len(results)} run(s), {events} events compared: "
+                 + ("all match their spool" if not bad else f"{bad} run(s) differ"))
+    return "\n".join(lines), bad == 0
 
 
 def _sim_ioc(args: argparse.Namespace) -> int:
@@ -31,24 +150,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from nvmri_bluesky import catalog
-
-    print(catalog.cli_runs(args.catalog, api_key=args.api_key))
+    print(cli_runs(args.catalog, api_key=args.api_key))
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
-    from nvmri_bluesky import catalog
-
-    print(catalog.cli_import(args.spool, args.catalog, api_key=args.api_key))
+    print(cli_import(args.spool, args.catalog, api_key=args.api_key))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from nvmri_bluesky import catalog
-
-    text, ok = catalog.cli_verify(None if args.all else args.uid, args.catalog,
-                                  api_key=args.api_key, spool_dirs=args.spool)
+    text, ok = cli_verify(None if args.all else args.uid, args.catalog,
+                          api_key=args.api_key, spool_dirs=args.spool)
     print(text)
     return 0 if ok else 1
 

@@ -18,8 +18,6 @@ from ophyd.sim import SynSignal, det, motor
 
 from nvmri_bluesky.catalog import (
     SpoolWriter,
-    cli_import,
-    cli_runs,
     import_spool,
     make_tiled_writer,
     open_catalog,
@@ -27,7 +25,8 @@ from nvmri_bluesky.catalog import (
     run_table,
     spool_files,
 )
-from nvmri_bluesky.catalog._catalog import _documents_from_nodes
+from nvmri_bluesky.catalog._reader import _documents_from_nodes
+from nvmri_bluesky.cli import cli_import, cli_runs
 from nvmri_bluesky.errors import NvmriError
 
 NGATES = 6
@@ -173,7 +172,8 @@ def test_spool_holds_every_document(written):
 def test_second_process_lists_and_reads(written):
     script = """
 import json, sys
-from nvmri_bluesky.catalog import cli_runs, open_catalog, run_table
+from nvmri_bluesky.catalog import open_catalog, run_table
+from nvmri_bluesky.cli import cli_runs
 with open_catalog(sys.argv[1]) as cat:
     ds = run_table(cat.run(sys.argv[2]))
     print(json.dumps({

@@ -30,13 +30,13 @@ from nvmri_bluesky.catalog import (
     DEFAULT_CONFIG,
     READ_SCOPES,
     WRITE_SCOPES,
-    cli_runs,
     create_api_key,
     import_spool,
     open_catalog,
     read_spool,
     run_table,
 )
+from nvmri_bluesky.cli import cli_runs
 from nvmri_bluesky.errors import NvmriError
 
 pytestmark = [pytest.mark.facility, pytest.mark.timeout(900)]  # a loaded machine

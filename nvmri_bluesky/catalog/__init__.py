@@ -3,29 +3,16 @@
 Writing goes through ``bluesky_tiled_plugins.TiledWriter`` (on a worker thread,
 failures never reach the RunEngine) and, independently, through a per-run
 JSON-lines spool that :func:`import_spool` can load into any catalog.
-See ``docs/catalog.md``.
+See ``docs/catalog.md``. What the ``nvmri`` command prints is made in
+:mod:`nvmri_bluesky.cli` (``cli_runs``, ``cli_import``, ``cli_verify``).
 """
 
-from ._catalog import (
-    DEFAULT_BATCH_SIZE,
+from ._common import (
     DEFAULT_CATALOG_DIR,
-    Catalog,
-    CatalogWriter,
-    ImportResult,
-    RunRow,
-    cli_import,
-    cli_runs,
     default_api_key,
     default_location,
     default_spool_dir,
-    format_runs,
-    import_spool,
     is_uri,
-    make_tiled_writer,
-    open_catalog,
-    probe,
-    repair_from_spool,
-    run_table,
 )
 from ._embedded import EmbeddedServer
 from ._facility import (
@@ -38,9 +25,18 @@ from ._facility import (
     load_config,
     serve_catalog,
 )
+from ._import import ImportResult, import_spool, repair_from_spool
+from ._open import open_catalog, probe
+from ._reader import Catalog, RunRow, run_table
 from ._spool import SpoolWriter, read_spool, spool_files
-from ._verify import VerifyResult, cli_verify, find_spool, verify_all, verify_run
-from ._writer import EVENT_ORDER, make_ordered_tiled_writer
+from ._verify import VerifyResult, find_spool, verify_all, verify_run
+from ._writer import (
+    DEFAULT_BATCH_SIZE,
+    EVENT_ORDER,
+    CatalogWriter,
+    make_ordered_tiled_writer,
+    make_tiled_writer,
+)
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -58,16 +54,12 @@ __all__ = [
     "SpoolWriter",
     "VerifyResult",
     "check_environment",
-    "cli_import",
-    "cli_runs",
-    "cli_verify",
     "repair_from_spool",
     "create_api_key",
     "default_api_key",
     "default_location",
     "default_spool_dir",
     "find_spool",
-    "format_runs",
     "import_spool",
     "is_uri",
     "load_config",

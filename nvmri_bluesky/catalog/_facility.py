@@ -25,8 +25,9 @@ from urllib.parse import urlparse, urlunparse
 
 from nvmri_bluesky.errors import NvmriError
 
-from ._catalog import _one_line, probe
+from ._common import one_line
 from ._embedded import init_catalog_database
+from ._open import probe
 
 #: The config shipped with the package's profile.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "profile_collection" / "tiled" / "config.yml"
@@ -157,7 +158,7 @@ def load_config(config_path: str | Path, prepare: bool = True) -> Any:
                     init_catalog_database(args["uri"])
                     args["init_if_not_exists"] = False
         except Exception as err:
-            raise NvmriError(f"cannot prepare the catalog databases: {_one_line(err)}") from None
+            raise NvmriError(f"cannot prepare the catalog databases: {one_line(err)}") from None
     return config
 
 

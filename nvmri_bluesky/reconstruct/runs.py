@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from event_model import unpack_event_page
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
@@ -185,7 +186,7 @@ def load_run(catalog: Any, uid: str, plans: Sequence[str] | None = None) -> xr.D
         elif name == "event" and doc.get("descriptor") == primary:
             events.append(doc)
         elif name == "event_page" and doc.get("descriptor") == primary:
-            events.extend(_unpack_page(doc))
+            events.extend(unpack_event_page(doc))
         elif name == "stop":
             stop = doc
     if start is None:
@@ -195,8 +196,3 @@ def load_run(catalog: Any, uid: str, plans: Sequence[str] | None = None) -> xr.D
                          f"{' or '.join(plans)}")
     return run_dataset(start, events, stop)
 
-
-def _unpack_page(page: Mapping[str, Any]) -> list[dict[str, Any]]:
-    n = len(page["seq_num"])
-    return [{"data": {k: v[i] for k, v in page["data"].items()},
-             "seq_num": page["seq_num"][i], "time": page["time"][i]} for i in range(n)]
