@@ -151,6 +151,28 @@ def test_spectrum_fit_recovers_the_line(seed):
     assert 10e6 < lor.fwhm_hz < 16e6                      # pulse-broadened line
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_spectrum_of_two_strong_spins_is_fitted_with_their_known_weights(seed):
+    """Two spins of ~1.35 MHz at the tau that flips both fully (w ~ 2, validate seed 52):
+    the line is flat-topped.  Read as one spin its T2* comes out far too short; with the
+    evolution's couplings in the run's attrs (the protocol writes them) the line is right."""
+    rng = np.random.default_rng(seed)
+    spins = np.array([[1.45, 1.322, -2.724], [-0.142, 3.096, -0.890]])
+    inst = syn.instrument(14.931)
+    nu = physics.dipolar_coupling(spins, inst.nv_axis)
+    tau = protocol.choose_tau(float(np.abs(nu).max()))
+    assert np.all(physics.deer_weight(nu, tau) > 1.9)
+    rf = inst.f_dark0 + np.linspace(-40e6, 40e6, 81)
+    ds = syn.deer_spectrum(inst, spins, rf, tau, protocol.SPECTRUM_SHOTS, rng)
+    _, alone = fit_deer_spectrum(ds)
+    assert alone.t2_star_s < inst.dark_t2_star_s - 5 * alone.t2_star_sigma_s   # the old fault
+    ds.attrs["point_couplings_hz"] = tuple(np.abs(nu))
+    _, line = fit_deer_spectrum(ds)
+    assert abs(line.t2_star_s - inst.dark_t2_star_s) < 3 * line.t2_star_sigma_s
+    assert abs(line.centre_hz - inst.f_dark0) < 3 * line.centre_sigma_hz
+    assert abs(line.amplitude - 1.0) < 3 * line.amplitude_sigma
+
+
 def test_flip_line_fit_on_contrast():
     rng = np.random.default_rng(6)
     f = INST.f_dark0 + np.linspace(-40e6, 40e6, 161)
