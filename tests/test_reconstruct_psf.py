@@ -171,6 +171,24 @@ def test_spectrum_of_two_strong_spins_is_fitted_with_their_known_weights(seed):
     assert abs(line.t2_star_s - inst.dark_t2_star_s) < 3 * line.t2_star_sigma_s
     assert abs(line.centre_hz - inst.f_dark0) < 3 * line.centre_sigma_hz
     assert abs(line.amplitude - 1.0) < 3 * line.amplitude_sigma
+    # the evolution saw one coupling for both (unresolved): two spins sharing it fit better
+    ds.attrs["point_couplings_hz"] = (float(np.abs(nu).mean()),)
+    _, shared = fit_deer_spectrum(ds)
+    assert abs(shared.t2_star_s - inst.dark_t2_star_s) < 3 * shared.t2_star_sigma_s
+
+
+def test_one_spin_keeps_the_one_spin_line():
+    """A single spin with its coupling in the attrs: k >= 2 spins sharing it never fit
+    better, and the line is the one-spin fit's, value for value."""
+    rng = np.random.default_rng(4)
+    spin = np.array([4.0, 5.1, -3.65])
+    nu = physics.dipolar_coupling(spin, INST.nv_axis)
+    tau = protocol.choose_tau(abs(nu))
+    rf = INST.f_dark0 + np.linspace(-40e6, 40e6, 81)
+    ds = syn.deer_spectrum(INST, spin, rf, tau, protocol.SPECTRUM_SHOTS, rng)
+    _, plain = fit_deer_spectrum(ds)
+    ds.attrs["point_couplings_hz"] = (abs(float(nu)),)
+    assert fit_deer_spectrum(ds)[1] == plain
 
 
 def test_flip_line_fit_on_contrast():
