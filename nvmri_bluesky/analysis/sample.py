@@ -100,13 +100,13 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
                                                   decay_height)
         part["spins"] = [{"sample": sample, **e} for _, e in kept]
         part["rejected"].extend(contradicted)
-        located = [s.coupling_hz for s, _ in kept]
+        located_hz = [s.coupling_hz for s, _ in kept]
         dropped = [spins[i] for i in candidates if not any(spins[i] is s for s, _ in kept)]
         result = replace(result, spins=tuple(s for s in result.spins
                                              if not any(s is d for d in dropped)))
-        if layer is not None and located:       # the joint decay model: layer + spins
+        if layer is not None and located_hz:       # the joint decay model: layer + spins
             part["layers"] = [{"sample": sample,
-                               **layer_with_spins(cat, uids, found, located)}]
+                               **layer_with_spins(cat, uids, found, located_hz)}]
         if layer is not None and part["layers"]:
             # the joint spin fit's layer scale: the layer's density as the spin rasters see it
             scale, scale_sigma = result.layer_scale
