@@ -135,14 +135,18 @@ def test_lorentzian_fit_recovers_parameters():
     assert abs(fit.amplitude - 0.4) < 3 * fit.amplitude_sigma
 
 
+def _fig4_spectrum(seed: int) -> tuple[xr.Dataset, float]:
+    """The Fig. 4 spin's tip-free spectrum at its tau, and its coupling (Hz)."""
+    spin = np.array([4.0, 5.1, -3.65])
+    nu = float(physics.dipolar_coupling(spin, INST.nv_axis))
+    rf = INST.f_dark0 + np.linspace(-40e6, 40e6, 81)
+    return syn.deer_spectrum(INST, spin, rf, protocol.choose_tau(abs(nu)),
+                             protocol.SPECTRUM_SHOTS, np.random.default_rng(seed)), nu
+
+
 @pytest.mark.parametrize("seed", [4, 5])
 def test_spectrum_fit_recovers_the_line(seed):
-    rng = np.random.default_rng(seed)
-    spin = np.array([4.0, 5.1, -3.65])
-    nu = physics.dipolar_coupling(spin, INST.nv_axis)
-    tau = protocol.choose_tau(abs(nu))
-    rf = INST.f_dark0 + np.linspace(-40e6, 40e6, 81)
-    ds = syn.deer_spectrum(INST, spin, rf, tau, protocol.SPECTRUM_SHOTS, rng)
+    ds, _ = _fig4_spectrum(seed)
     lor, line = fit_deer_spectrum(ds)
     assert abs(line.centre_hz - INST.f_dark0) < 3 * line.centre_sigma_hz
     assert line.centre_sigma_hz < 0.6e6
@@ -178,16 +182,11 @@ def test_spectrum_of_two_strong_spins_is_fitted_with_their_known_weights(seed):
 
 
 def test_one_spin_keeps_the_one_spin_line():
-    """A single spin with its coupling in the attrs: k >= 2 spins sharing it never fit
-    better, and the line is the one-spin fit's, value for value."""
-    rng = np.random.default_rng(4)
-    spin = np.array([4.0, 5.1, -3.65])
-    nu = physics.dipolar_coupling(spin, INST.nv_axis)
-    tau = protocol.choose_tau(abs(nu))
-    rf = INST.f_dark0 + np.linspace(-40e6, 40e6, 81)
-    ds = syn.deer_spectrum(INST, spin, rf, tau, protocol.SPECTRUM_SHOTS, rng)
+    """A single spin with its coupling in the attrs: its amplitude stays within its w,
+    and the line is the one-spin fit's, value for value."""
+    ds, nu = _fig4_spectrum(4)
     _, plain = fit_deer_spectrum(ds)
-    ds.attrs["point_couplings_hz"] = (abs(float(nu)),)
+    ds.attrs["point_couplings_hz"] = (abs(nu),)
     assert fit_deer_spectrum(ds)[1] == plain
 
 
