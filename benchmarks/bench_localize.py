@@ -53,7 +53,7 @@ def run() -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     fisher = fisher_information(ds, det, line, SPIN, w, inst.photons_per_shot, inst.contrast,
                                 echo)
-    crb_var = np.diag(np.linalg.inv(fisher))[4:7]
+    crb_var = np.diag(np.linalg.inv(fisher))[-4:-1]
     fits = np.array(fits)
     var = np.var(fits, axis=0, ddof=1)
     ratios = crb_var / var

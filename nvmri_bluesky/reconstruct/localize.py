@@ -56,7 +56,6 @@ from nvmri_bluesky.reconstruct.evidence import periodogram_peak
 from nvmri_bluesky.reconstruct.lines import FlipLine
 from nvmri_bluesky.reconstruct.psf import DarkSpinPSF, feasible_offset_box
 from nvmri_bluesky.reconstruct.spinmodel import (
-    _N_NUIS,
     GATE_ORDER,
     PRIOR_BOX,
     _has_layer,
@@ -66,7 +65,7 @@ from nvmri_bluesky.reconstruct.spinmodel import (
     _observed,
     _prepare,
     _Raster,
-    _shift_prior_mhz,
+    widened,
 )
 
 __all__ = [
@@ -91,14 +90,11 @@ MIN_DELTA_DEVIANCE = 40.0
 
 def _fit(rasters: Sequence[_Raster], theta0: NDArray, box: NDArray, line: FlipLine,
          max_iter: int = 200) -> PoissonFit:
-    layer = _has_layer(rasters)
-    lay = _Layout(len(rasters), (theta0.size - _N_NUIS * len(rasters) - 1 - int(layer)) // 4,
-                  layer)
+    lay = _Layout.of(theta0, len(rasters), _has_layer(rasters))
     lo, hi = lay.bounds(box)
-    ps = np.full(theta0.size, np.inf)
-    ps[lay.shift] = _shift_prior_mhz(line)
     return poisson_ml(_model_fn(rasters, lay), _observed(rasters), theta0, lo, hi,
-                      prior_mean=np.zeros(theta0.size), prior_sigma=ps, max_iter=max_iter)
+                      prior_mean=np.zeros(theta0.size), prior_sigma=lay.priors(line),
+                      max_iter=max_iter)
 
 
 # --------------------------------------------------------------------------- #
@@ -186,6 +182,11 @@ class LocalizationResult:
         Offset box actually searched (prior box cut to PSF-map coverage).
     line_shift_hz : float
         Fitted shift of the dark-spin line centre (prior: the spectrum fit).
+    line : FlipLine
+        The dark-spin line the rasters were fitted with: the spectrum's, its T2*
+        fitted with the spins (prior: the spectrum fit; :func:`.spinmodel.widened`).
+    line_t2_star_sigma_s : float
+        That T2*'s sigma, s.
     layer_scale : (float, float)
         With a layer background: its fitted scale s and sigma (the layer's
         density as the spin rasters see it, in units of the background's),
@@ -203,6 +204,8 @@ class LocalizationResult:
     search_box: NDArray = field(default_factory=lambda: PRIOR_BOX.copy())
     line_shift_hz: float = 0.0
     layer_scale: tuple[float, float] = (1.0, 0.0)
+    line: FlipLine | None = None
+    line_t2_star_sigma_s: float = float("nan")
 
 
 def _coupling(offset: NDArray, w: float, sw: float, tau: float, axis: NDArray,
@@ -248,7 +251,8 @@ def _fit_no_spin(rasters: Sequence[_Raster], box: NDArray, line: FlipLine) -> Po
     for r in rasters:
         a0, c0, e0 = initial_nuisance(r.counts, r.shots)
         nuis0 += [a0, c0, float(np.median(e0))]
-    return _fit(rasters, np.r_[nuis0, 0.0, [1.0] if _has_layer(rasters) else []], box, line)
+    return _fit(rasters, np.r_[nuis0, 0.0, 0.0, [1.0] if _has_layer(rasters) else []], box,
+                line)
 
 
 def _spin_fits(rasters: Sequence[_Raster], lay: _Layout, theta: NDArray, sig: NDArray,
@@ -375,6 +379,7 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
     if n_spins:
         cov = cov + _map_covariance(rasters, fit.theta, fit.fisher, lay)
     sig = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    fitted_line = widened(line, float(fit.theta[lay.width]))
     fits = _spin_fits(rasters, lay, fit.theta, sig, box, ax, coupling_hint, gains)
     fits.sort(key=lambda f: -f.weight)
     return LocalizationResult(spins=tuple(fits), nuisance=lay.nuisance(fit.theta),
@@ -384,7 +389,9 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
                               density=density, search_box=box,
                               line_shift_hz=float(fit.theta[lay.shift]) * 1e6,
                               layer_scale=(lay.layer_scale(fit.theta),
-                                           float(sig[lay.scale]) if layer else 0.0))
+                                           float(sig[lay.scale]) if layer else 0.0),
+                              line=fitted_line,
+                              line_t2_star_sigma_s=fitted_line.t2_star_s * float(sig[lay.width]))
 
 
 # --------------------------------------------------------------------------- #

@@ -43,7 +43,7 @@ Which spin starts the fit and how many are kept: :mod:`.localize`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import xarray as xr
@@ -57,7 +57,8 @@ from nvmri_bluesky.reconstruct.lines import FlipLine
 from nvmri_bluesky.reconstruct.protocol import PRIOR_DZ_NM, PRIOR_LATERAL_NM, SEARCH_MARGIN_NM
 from nvmri_bluesky.reconstruct.psf import DarkSpinPSF
 
-__all__ = ["PRIOR_BOX", "BACKGROUND", "GATE_ORDER", "LAYER_SCALE_MAX", "fisher_information",
+__all__ = ["PRIOR_BOX", "BACKGROUND", "GATE_ORDER", "LAYER_SCALE_MAX", "WIDTH_BOUND",
+           "fisher_information", "shift_prior_mhz", "widened", "width_prior",
            "with_layer_background"]
 
 
@@ -84,6 +85,10 @@ class _Raster:
     psf: DarkSpinPSF
     tau_s: float
     background: NDArray    # (P,) known contrast of other sources (a layer), 0 if none
+
+
+WIDTH_BOUND = 1.5
+"""Bound of |g|, the raster fit's log line width relative to the spectrum's (a factor 4.5)."""
 
 
 LAYER_SCALE_MAX = 5.0
@@ -156,38 +161,59 @@ def _prepare(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine) -> _
                    np.nan_to_num(background))
 
 
-def _contrast_and_grad(psf: DarkSpinPSF, tips: NDArray, spins: NDArray, shift_hz: float,
-                       want_grad: bool) -> tuple[NDArray, NDArray | None, NDArray | None]:
-    """c (P,), dc/d(spin params) (P, K, 4) [dx, dy, dz, w] and dc/d(line shift) (P,) 1/Hz.
+def widened(line: FlipLine, log_width: float) -> FlipLine:
+    """``line`` with its T2* multiplied by exp(-``log_width``): the line the raster fit uses.
 
-    PSF_j = p(f_rf - f_dark0 - shift - Delta f_dark(t - r_j)).
+    The raster fit's width parameter g is the log of the line width relative to
+    the spectrum's, FWHM ~ 1/T2* -> exp(g) / T2* (:func:`width_prior`).
+    """
+    if log_width == 0.0:
+        return line
+    return replace(line, t2_star_s=line.t2_star_s * float(np.exp(-log_width)))
+
+
+_WIDTH_STEP = 0.02   # central-difference step of g for dPSF/dg
+
+
+def _contrast_and_grad(psf: DarkSpinPSF, tips: NDArray, spins: NDArray, shift_hz: float,
+                       want_grad: bool, log_width: float = 0.0
+                       ) -> tuple[NDArray, NDArray | None, NDArray | None, NDArray | None]:
+    """c (P,), dc/d(spin params) (P, K, 4) [dx, dy, dz, w], dc/d(line shift) (P,) 1/Hz
+    and dc/dg (P,), g the log line width (:func:`widened`).
+
+    PSF_j = p_g(f_rf - f_dark0 - shift - Delta f_dark(t - r_j)).
     """
     k = spins.shape[0]
     p_n = tips.shape[0]
     if k == 0:
-        return np.zeros(p_n), np.zeros((p_n, 0, 4)), np.zeros(p_n)
+        return np.zeros(p_n), np.zeros((p_n, 0, 4)), np.zeros(p_n), np.zeros(p_n)
+    line = widened(psf.line, log_width)
     off = psf.rf_offset_hz - shift_hz
     vals = np.empty((p_n, k))
     dvals = np.empty((p_n, k))
+    wvals = np.empty((p_n, k))
     grads = np.empty((p_n, k, 3))
+    if want_grad:
+        up, down = (widened(psf.line, log_width + h) for h in (_WIDTH_STEP, -_WIDTH_STEP))
     for j in range(k):
         pts = tips - spins[j, :3]
         if want_grad:
             f, g = psf.detuning.value_and_gradient(pts)
             det = off - f
-            dp = psf.line.derivative(det)
+            dp = line.derivative(det)
             dvals[:, j] = -dp                                    # d PSF / d shift
             grads[:, j] = dp[:, None] * g                        # d PSF(t - r) / dr
+            wvals[:, j] = (up.probability(det) - down.probability(det)) / (2 * _WIDTH_STEP)
         else:
             det = off - psf.detuning(pts)
-        vals[:, j] = psf.line.probability(det)
+        vals[:, j] = line.probability(det)
     vals = np.nan_to_num(vals)
     w = spins[:, 3]
     fac = 1.0 - w * vals                                         # (P, K)
     c = 1.0 - np.prod(fac, axis=1)
     if not want_grad:
-        return c, None, None
-    dvals, grads = np.nan_to_num(dvals), np.nan_to_num(grads)
+        return c, None, None, None
+    dvals, grads, wvals = np.nan_to_num(dvals), np.nan_to_num(grads), np.nan_to_num(wvals)
     others = np.empty_like(fac)
     for j in range(k):
         others[:, j] = np.prod(np.delete(fac, j, axis=1), axis=1)
@@ -195,30 +221,48 @@ def _contrast_and_grad(psf: DarkSpinPSF, tips: NDArray, spins: NDArray, shift_hz
     dc[:, :, :3] = (others * w)[:, :, None] * grads
     dc[:, :, 3] = others * vals
     dshift = np.sum(others * w * dvals, axis=1)
-    return c, dc, dshift
+    dwidth = np.sum(others * w * wvals, axis=1)
+    return c, dc, dshift, dwidth
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """Parameter vector: per dataset (a, C, E), the line shift (MHz), with a background
-    the layer's scale s (its image's -log(1 - b) times s: the layer's density as the
-    spin rasters see it, fitted with the spins), then the spins."""
+    """Parameter vector: per dataset (a, C, E), the line shift (MHz), the log line width g
+    (:func:`widened`), with a background the layer's scale s (its image's -log(1 - b)
+    times s: the layer's density as the spin rasters see it, fitted with the spins),
+    then the spins."""
 
     n_sets: int
     n_spins: int
     layer: bool = False
 
+    @classmethod
+    def of(cls, theta: NDArray, n_sets: int, layer: bool) -> _Layout:
+        """The layout of a parameter vector ``theta`` (its length gives the spins)."""
+        return cls(n_sets, (theta.size - _N_NUIS * n_sets - 2 - int(layer)) // 4, layer)
+
     @property
     def n_global(self) -> int:
-        return _N_NUIS * self.n_sets + 1 + int(self.layer)
+        return _N_NUIS * self.n_sets + 2 + int(self.layer)
 
     @property
     def scale(self) -> int:
-        return _N_NUIS * self.n_sets + 1
+        return _N_NUIS * self.n_sets + 2
 
     @property
     def shift(self) -> int:
         return _N_NUIS * self.n_sets
+
+    @property
+    def width(self) -> int:
+        return _N_NUIS * self.n_sets + 1
+
+    def priors(self, line: FlipLine) -> NDArray:
+        """Gaussian prior sigmas (inf: none) of the spectrum-measured line: its shift and
+        width (:func:`shift_prior_mhz`, :func:`width_prior`); priors' means are 0."""
+        ps = np.full(self.n_global + 4 * self.n_spins, np.inf)
+        ps[self.shift], ps[self.width] = shift_prior_mhz(line), width_prior(line)
+        return ps
 
     def spins(self, theta: NDArray) -> NDArray:
         return theta[self.n_global:].reshape(-1, 4)
@@ -231,9 +275,9 @@ class _Layout:
 
     def bounds(self, box: NDArray) -> tuple[NDArray, NDArray]:
         extra = [0.0] if self.layer else []
-        lo = np.r_[np.tile([1e-12, 0.0, 0.0], self.n_sets), -np.inf, extra,
+        lo = np.r_[np.tile([1e-12, 0.0, 0.0], self.n_sets), -np.inf, -WIDTH_BOUND, extra,
                    np.tile(np.r_[box[:, 0], 0.0], self.n_spins)]
-        hi = np.r_[np.tile([np.inf, 1.0, 1.0], self.n_sets), np.inf,
+        hi = np.r_[np.tile([np.inf, 1.0, 1.0], self.n_sets), np.inf, WIDTH_BOUND,
                    [LAYER_SCALE_MAX] if self.layer else [],
                    np.tile(np.r_[box[:, 1], 2.0], self.n_spins)]
         return lo, hi
@@ -247,12 +291,12 @@ def _model_fn(rasters: Sequence[_Raster], lay: _Layout):
     def fun(theta: NDArray, want: bool):
         nuis = lay.nuisance(theta)
         spins = lay.spins(theta)
-        shift = theta[lay.shift] * 1e6
+        shift, g = theta[lay.shift] * 1e6, float(theta[lay.width])
         scale = lay.layer_scale(theta)
         mus, jacs = [], []
         for i, r in enumerate(rasters):
             a, copt, e = nuis[i]
-            c, dc, dshift = _contrast_and_grad(r.psf, r.tips, spins, shift, want)
+            c, dc, dshift, dwidth = _contrast_and_grad(r.psf, r.tips, spins, shift, want, g)
             keep = np.exp(-scale * logs[i])                  # coherence the background leaves
             mu, da, dco, de, dmu_dc = gate_means(r.shots, a, copt, e, 1.0 - keep * (1.0 - c))
             if want and lay.layer:
@@ -264,6 +308,7 @@ def _model_fn(rasters: Sequence[_Raster], lay: _Layout):
                 base = _N_NUIS * i
                 jac[:, :, base], jac[:, :, base + 1], jac[:, :, base + 2] = da, dco, de
                 jac[0, :, lay.shift] = dmu_dc * dshift * 1e6
+                jac[0, :, lay.width] = dmu_dc * dwidth
                 if lay.layer:
                     jac[0, :, lay.scale] = dmu_ds
                 if lay.n_spins:
@@ -275,11 +320,12 @@ def _model_fn(rasters: Sequence[_Raster], lay: _Layout):
     return fun
 
 
-def _map_sensitivity(r: _Raster, spins: NDArray, shift_hz: float
+def _map_sensitivity(r: _Raster, spins: NDArray, shift_hz: float, line: FlipLine
                      ) -> tuple[NDArray, NDArray]:
     """The raster's contrast against the map: per node and along the interpolation error.
 
-    PSF_j = p(off - shift - Delta f(t - r_j)) and Delta f = sum_n K_n v_n, so
+    PSF_j = p(off - shift - Delta f(t - r_j)) (p: ``line``, the fitted width) and
+    Delta f = sum_n K_n v_n, so
     dc/dv_n = sum_j [prod_{l != j} (1 - w_l PSF_l)] w_j (-p'_j) K_n(t - r_j);
     the same with K_n replaced by the estimated interpolation error e(t - r_j)
     (:meth:`~.detuning.DetuningInterpolant.interpolation_error`) is the change of c
@@ -300,8 +346,8 @@ def _map_sensitivity(r: _Raster, spins: NDArray, shift_hz: float
     for j in range(spins.shape[0]):
         pts = r.tips - spins[j, :3]
         det_j = off - det(pts)
-        vals.append(np.nan_to_num(r.psf.line.probability(det_j)))
-        dvals.append(np.nan_to_num(-r.psf.line.derivative(det_j)))
+        vals.append(np.nan_to_num(line.probability(det_j)))
+        dvals.append(np.nan_to_num(-line.derivative(det_j)))
         weights.append([np.nan_to_num(w) for w in det.node_weights(pts)])
         errs.append(np.nan_to_num(det.interpolation_error(pts)))
     fac = 1.0 - spins[:, 3][None, :] * np.stack(vals, -1)          # (P, K)
@@ -346,7 +392,7 @@ def _map_covariance(rasters: Sequence[_Raster], theta: NDArray, fisher: NDArray,
              else np.ravel(node_sigma))
     mu, jac = _model_fn(rasters, lay)(theta, True)
     spins = lay.spins(theta)
-    shift = float(theta[lay.shift]) * 1e6
+    shift, g = float(theta[lay.shift]) * 1e6, float(theta[lay.width])
     scale = lay.layer_scale(theta)
     b = np.zeros((theta.size, sigma.size))
     b_err = np.zeros(theta.size)
@@ -354,10 +400,10 @@ def _map_covariance(rasters: Sequence[_Raster], theta: NDArray, fisher: NDArray,
     for i, r in enumerate(rasters):
         p_n = r.tips.shape[0]
         a, copt, e = lay.nuisance(theta)[i]
-        c = _contrast_and_grad(r.psf, r.tips, spins, shift, False)[0]
+        c = _contrast_and_grad(r.psf, r.tips, spins, shift, False, g)[0]
         keep = np.clip(1.0 - r.background, 1e-12, 1.0) ** scale      # as in _model_fn
         dmu_dc = gate_means(r.shots, a, copt, e, 1.0 - keep * (1.0 - c))[4] * keep
-        dc_dv, dc_err = _map_sensitivity(r, spins, shift)
+        dc_dv, dc_err = _map_sensitivity(r, spins, shift, widened(r.psf.line, g))
         rows = slice(start, start + p_n)                                # signal: first P
         weight = 1.0 / np.maximum(mu[rows], 1e-12)
         if node_sigma is not None:
@@ -381,32 +427,45 @@ def fisher_information(ds: xr.Dataset | Sequence[xr.Dataset], detuning: Detuning
                        photons_per_shot: float, contrast: float, echo: float) -> NDArray:
     """Poisson Fisher information of the raster model at given parameters.
 
-    Parameter order: per dataset (a, C, E), the line shift (MHz), then per
-    spin (dx, dy, dz, w).  The line-centre prior (``line.centre_sigma_hz``;
-    0 holds the line fixed) is added on the shift's diagonal, as in the fit;
-    the inverse is the Cramer-Rao bound the localisation's sigmas estimate.
+    Parameter order: per dataset (a, C, E), the line shift (MHz), the log line
+    width g (:func:`widened`), then per spin (dx, dy, dz, w).  The spectrum's
+    priors on the line (``line.centre_sigma_hz``, ``line.t2_star_sigma_s``; 0
+    holds a quantity fixed) are added on the diagonal, as in the fit; the
+    inverse is the Cramer-Rao bound the localisation's sigmas estimate.
 
     Returns
     -------
-    ndarray, (3 n_datasets + 1 + 4 K, same)
+    ndarray, (3 n_datasets + 2 + 4 K, same)
     """
     sets = [ds] if isinstance(ds, xr.Dataset) else list(ds)
     rasters = [_prepare(d, detuning, line) for d in sets]
     spins = np.column_stack([np.atleast_2d(offsets_nm), np.atleast_1d(weights)])
     lay = _Layout(len(sets), spins.shape[0])
-    theta = np.r_[np.tile([photons_per_shot, contrast, echo], len(sets)), 0.0, spins.ravel()]
+    theta = np.r_[np.tile([photons_per_shot, contrast, echo], len(sets)), 0.0, 0.0,
+                  spins.ravel()]
     mu, jac = _model_fn(rasters, lay)(theta, True)
     fisher = jac.T @ (jac / np.maximum(mu, 1e-12)[:, None])
-    fisher[lay.shift, lay.shift] += 1.0 / _shift_prior_mhz(line) ** 2
-    return fisher
+    return fisher + np.diag(np.nan_to_num(lay.priors(line) ** -2.0))
 
 
-def _shift_prior_mhz(line: FlipLine) -> float:
+def shift_prior_mhz(line: FlipLine) -> float:
     """Sigma (MHz) of the Gaussian prior on the line shift: the spectrum fit's centre sigma.
 
     A line given without uncertainty (0) is held fixed (1e-9 MHz).
     """
     return line.centre_sigma_hz / 1e6 if line.centre_sigma_hz > 0 else 1e-9
+
+
+def width_prior(line: FlipLine) -> float:
+    """Sigma of the Gaussian prior on g, the log line width: the spectrum's relative
+    T2* sigma (dg = dT2* / T2*).
+
+    The rasters see the line's width on every ring's flanks (on seed 4's stored
+    rasters the deviance profile over T2* fixes it to ~3 %, the spectrum to
+    ~20 %), so the width is fitted with the spins, not held at the spectrum's.
+    A line given without uncertainty (0) is held fixed (1e-9).
+    """
+    return line.t2_star_sigma_s / line.t2_star_s if line.t2_star_sigma_s > 0 else 1e-9
 
 
 def _has_layer(rasters: Sequence[_Raster]) -> bool:
