@@ -54,6 +54,17 @@ def _empty_report(location: str) -> dict[str, Any]:
             "sample_wall_s": {}}
 
 
+def dark_line_report(line: Any, result: Any) -> dict[str, Any]:
+    """The dark-spin line the spin rasters were fitted with: its centre from the tip-free
+    spectrum (and the rasters' fitted shift), its T2* from the spectrum and from the
+    rasters (the spectrum's as prior, :func:`~.reconstruct.spinmodel.width_prior`)."""
+    return {"centre_hz": quantity(line.centre_hz, line.centre_sigma_hz),
+            "shift_in_rasters_hz": result.line_shift_hz,
+            "t2_star_s": {"spectrum": quantity(line.t2_star_s, line.t2_star_sigma_s),
+                          "rasters": quantity(result.line.t2_star_s,
+                                              result.line_t2_star_sigma_s)}}
+
+
 def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
                     ) -> dict[str, Any]:
     """Spins and layers of one sample, each kept only with its evidence above threshold."""
@@ -83,6 +94,7 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
         result, rasters, spins = spins_result(cat, uids, layer=layer, content=content,
                                               layer_detuning=found["detuning"] if found else None)
         entries = spins_report(replace(result, spins=tuple(spins)))
+        part["dark_line"] = dark_line_report(line, result)
         # below the prior's coupling by more than 3 sigma (a true 50 kHz spin is kept)
         weak = [abs(s.coupling_hz) + 3 * s.coupling_sigma_hz < PRIOR_MIN_COUPLING_HZ
                 for s in spins]
@@ -121,7 +133,7 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
             part.update(snr_gain_part(cat, uids))
         zoom = load_run(cat, uids["deer_zoom"], ["deer_raster"]) if "deer_zoom" in uids else None
         figures.spins(rasters[0], result, out / f"fig4_spins_{sample}.png", zoom=zoom,
-                      fine=fine_map(result, rasters, spin_detuning, line))
+                      fine=fine_map(result, rasters, spin_detuning, result.line))
     return part
 
 
@@ -160,7 +172,8 @@ def analyse_sample(cat: Any, sample: str, uids: dict[str, str], out: Path) -> di
     if "deer_evolution" in uids or "layer_raster" in uids:
         objects = _sample_objects(cat, sample, uids, out)
         limit = objects.pop("detection_limit_hz", None)
-        extra = {k: objects.pop(k) for k in ("evolution", "rejected") if k in objects}
+        extra = {k: objects.pop(k) for k in ("evolution", "dark_line", "rejected")
+                 if k in objects}
         part.update(objects)
         part["samples"] = {sample: {"detection_limit_hz": limit, **extra}}
         part["detection_limit_hz"] = limit      # per sample in "samples"
