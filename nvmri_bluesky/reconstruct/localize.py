@@ -24,16 +24,17 @@ evolution (:func:`fit_deer_evolution`) measures |nu| directly; pass it as
 Resolution: the width of the resonant slice where the spin is imaged.  At
 every raster point where the spin's PSF is above half its maximum the
 measured map's gradient gives FWHM_f / |grad_xy Delta f_dark| (lateral) and
-FWHM_f / |d Delta f_dark/dz| (vertical), FWHM_f the measured line width;
-reported as the PSF-weighted mean and standard deviation over the slice, in
-the raster that images the spin with the finest lateral slice (with several
-rasters, e.g. the protocol's zoom raster at a lower apex).
+FWHM_f / |d Delta f_dark/dz| (vertical), FWHM_f the width of the line fitted
+with the spins (its T2* a nuisance of the raster fit, :func:`.spinmodel.widened`);
+reported as the PSF-weighted mean and standard deviation over the slice, in the
+raster that images the spin with the finest lateral slice (with several rasters,
+e.g. the protocol's zoom raster at a lower apex).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import xarray as xr
@@ -262,6 +263,7 @@ def _spin_fits(rasters: Sequence[_Raster], lay: _Layout, theta: NDArray, sig: ND
     and its sigmas ``sig``; ``gains`` are the deviance drops as the spins were added."""
     tau = rasters[0].tau_s
     spins = lay.spins(theta)
+    line = widened(rasters[0].psf.line, float(theta[lay.width]))    # the fitted width
     fits = []
     for j in range(lay.n_spins):
         base = lay.n_global + 4 * j
@@ -269,7 +271,7 @@ def _spin_fits(rasters: Sequence[_Raster], lay: _Layout, theta: NDArray, sig: ND
         w, sw = float(spins[j, 3]), float(sig[base + 3])
         nu, snu, geo, branches = _coupling(off, w, sw, tau, ax,
                                            coupling_hint if lay.n_spins == 1 else None)
-        lat, ver = min((_resolution(r.psf, r.tips, off) for r in rasters),
+        lat, ver = min((_resolution(replace(r.psf, line=line), r.tips, off) for r in rasters),
                        key=lambda res: np.nan_to_num(res[0][0], nan=np.inf))
         edge = 1e-6 * np.maximum(1.0, np.abs(box).max(axis=1))
         at_bound = (np.abs(off - box[:, 0]) <= edge) | (np.abs(off - box[:, 1]) <= edge)
