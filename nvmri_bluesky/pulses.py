@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.physics import MW_RABI_HZ
+from nvmri_bluesky.schema import CONFIG, Real, dotted, first_error, problem, sequence
 
 __all__ = [
     "CHANNELS", "MW_RABI_HZ", "LASER_INIT_S", "WAIT_S", "READOUT_S", "WINDOW_S",
@@ -48,7 +51,16 @@ CW_WINDOW_S = 3e-6
 _EPS = 1e-15  # s; tolerance when comparing pulse edges
 
 
-@dataclass(frozen=True)
+def _word(value: Any) -> str:
+    if not isinstance(value, str):
+        raise problem(f"expected a string, got {value!r}")
+    return value
+
+
+_Word = Annotated[str, BeforeValidator(_word)]
+
+
+@dataclass(config=CONFIG)
 class Pulse:
     """One pulse on one channel.
 
@@ -64,11 +76,11 @@ class Pulse:
         Pulse phase, degrees (``mw`` and ``rf``).
     """
 
-    channel: str
-    start: float
-    duration: float
-    detuning: float = 0.0
-    phase: float = 0.0
+    channel: _Word
+    start: Real
+    duration: Real
+    detuning: Real = 0.0
+    phase: Real = 0.0
 
     @property
     def stop(self) -> float:
@@ -91,15 +103,16 @@ class Pulse:
         return d
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class Gate:
-    """One shot sequence whose counter window gives one number per acquisition."""
+    """One shot sequence whose counter window gives one number per acquisition.
 
-    name: str
-    pulses: tuple[Pulse, ...]
+    Construction checks the types only (a program's JSON is parsed into
+    these); :meth:`validate` checks that the gate can run.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "pulses", tuple(self.pulses))
+    name: _Word
+    pulses: Annotated[tuple[Pulse, ...], sequence(what=" of pulses")]
 
     def on(self, channel: str) -> tuple[Pulse, ...]:
         """Pulses on ``channel``, sorted by start."""
@@ -163,15 +176,16 @@ class Gate:
         return {"name": self.name, "pulses": [p.to_dict() for p in self.pulses]}
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class Program:
-    """A named list of gates: one acquisition runs every gate for N shots."""
+    """A named list of gates: one acquisition runs every gate for N shots.
 
-    name: str
-    gates: tuple[Gate, ...]
+    Construction checks the types only; :meth:`validate` (which
+    :meth:`from_json` and the builders call) checks that it can run.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "gates", tuple(self.gates))
+    name: _Word
+    gates: Annotated[tuple[Gate, ...], sequence(what=" of gates")]
 
     @property
     def gate_names(self) -> list[str]:
@@ -219,50 +233,30 @@ class Program:
                 source = json.loads(source)
             except json.JSONDecodeError as exc:
                 raise NvmriError(f"pulse program is not valid JSON: {exc}") from None
-        return _program_from_dict(source).validate()
+        if isinstance(source, Mapping):
+            source = {"name": "program", **source}
+        try:
+            return _DOCUMENT.validate_python(source).validate()
+        except ValidationError as exc:
+            raise NvmriError(_refusal(exc)) from None
 
 
-# ---------------------------------------------------------------- parsing
-
-def _check_keys(d: Any, where: str, required: set[str], optional: set[str]) -> None:
-    if not isinstance(d, Mapping):
-        raise NvmriError(f"{where}: expected an object, got {type(d).__name__}")
-    for key in d:
-        if key not in required | optional:
-            raise NvmriError(f"{where}: unknown key {key!r}")
-    for key in sorted(required - set(d)):
-        raise NvmriError(f"{where}: missing key {key!r}")
+_DOCUMENT = TypeAdapter(Program)
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise NvmriError(f"{where}: expected a number, got {value!r}")
-    return float(value)
-
-
-def _program_from_dict(d: Any) -> Program:
-    _check_keys(d, "program", {"gates"}, {"name"})
-    name = d.get("name", "program")
-    if not isinstance(name, str):
-        raise NvmriError(f"program name must be a string, got {name!r}")
-    if not isinstance(d["gates"], list):
-        raise NvmriError("program.gates: expected a list of gates")
-    gates = []
-    for i, g in enumerate(d["gates"]):
-        _check_keys(g, f"gates[{i}]", {"name", "pulses"}, set())
-        if not isinstance(g["pulses"], list):
-            raise NvmriError(f"gates[{i}].pulses: expected a list of pulses")
-        pulses = []
-        for j, p in enumerate(g["pulses"]):
-            where = f"gates[{i}].pulses[{j}]"
-            _check_keys(p, where, {"channel", "start", "duration"}, {"detuning", "phase"})
-            if not isinstance(p["channel"], str):
-                raise NvmriError(f"{where}.channel: expected a string, got {p['channel']!r}")
-            pulses.append(Pulse(p["channel"],
-                                *(_number(p.get(k, 0.0), f"{where}.{k}")
-                                  for k in ("start", "duration", "detuning", "phase"))))
-        gates.append(Gate(g["name"], tuple(pulses)))
-    return Program(name, tuple(gates))
+def _refusal(exc: ValidationError) -> str:
+    """One line for a program document pydantic refused: where (``gates[0].pulses[1]``), why."""
+    keys, kind, why, value = first_error(exc)
+    if kind in ("missing", "unexpected_keyword_argument"):
+        where, key = dotted(keys[:-1]) or "program", keys[-1]
+        return f"{where}: {'missing' if kind == 'missing' else 'unknown'} key {key!r}"
+    if keys[-1:] == ("name",):
+        return (f"program name must be a string, got {value!r}" if len(keys) == 1
+                else f"gate name must be a non-empty string, got {value!r}")
+    if kind == "dataclass_type":
+        why = f"expected an object, got {type(value).__name__}"
+    where = f"program.{keys[0]}" if len(keys) == 1 else dotted(keys) or "program"
+    return f"{where}: {why}"
 
 
 # ---------------------------------------------------------------- builders

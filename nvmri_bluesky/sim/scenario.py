@@ -2,8 +2,10 @@
 
 A scenario is a JSON or YAML file (or a built-in name, see
 :func:`list_scenarios`).  Every field is optional; the defaults are those of
-``reference/physics.md`` (:class:`nvmri_bluesky.physics.Instrument`).  Unknown
-keys, wrong types and unphysical values raise :class:`NvmriError` with one
+``reference/physics.md`` (:class:`nvmri_bluesky.physics.Instrument`).  The
+sections are pydantic dataclasses (:mod:`nvmri_bluesky.schema`): unknown keys,
+wrong types and unphysical values (each section's ``_physical`` validator, the
+cross-section ones on :class:`Scenario`) raise :class:`NvmriError` with one
 line naming the key.  Example (every key shown)::
 
     {"name": "single-spin", "seed": 7, "b0_tesla": 0.12, "z_min_nm": 5.0,
@@ -47,18 +49,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.schema import (
+    CONFIG,
+    Finite,
+    Integer,
+    Text,
+    dotted,
+    first_error,
+    problem,
+    sequence,
+    short,
+)
 
 __all__ = [
     "NV", "Tip", "SpinPoint", "Layer", "DarkSpins", "Stage", "Fault", "Scenario",
@@ -77,76 +91,177 @@ FAULT_KINDS: dict[str, tuple[str, ...]] = {
 
 _ALIASES = {"default": "paper-fig4"}
 
+MAX_FILE_BYTES = 1_000_000
+"""Largest scenario file read, bytes."""
+MAX_VALUES = 100_000
+"""Most values (numbers, strings, list items, keys) a scenario document may hold,
+counted as YAML aliases expand them (a 'billion laughs' file is refused)."""
+MAX_ALIASES = 100
+"""Most YAML aliases (``*name``) in a scenario file."""
+MAX_SPINS = 100_000
+"""Most dark spins (points plus every layer's draw)."""
+UPPER_BOUNDS = {"b0_tesla": 5.0, "nv.depth_nm": 1e4, "z_min_nm": 1e4, "tip.radius_nm": 1e5,
+                "tip.moment_am2": 1e-10, "nv.t2_star_us": 1e7, "nv.t2_us": 1e7,
+                "nv.t2_exponent": 10.0, "nv.photons_per_shot": 100.0,
+                "dark_spins.t2_star_ns": 1e10, "stage.velocity_nm_per_s": 1e7}
+"""Largest accepted value of a key (beyond them the simulated instrument breaks)."""
 
-@dataclass(frozen=True)
+Pair = Annotated[tuple[Finite, Finite], sequence(2)]
+Triple = Annotated[tuple[Finite, Finite, Finite], sequence(3)]
+
+
+def _positive(model: Any, section: str, *names: str) -> None:
+    """Refuse a key of ``model`` that is not > 0 or above its :data:`UPPER_BOUNDS` entry."""
+    for name in names:
+        value, bound = getattr(model, name), UPPER_BOUNDS.get(dotted((section, name)))
+        if value <= 0:
+            raise problem(f"must be > 0, got {short(value)}", name)
+        if bound is not None and value > bound:
+            raise problem(f"must be <= {bound:g}, got {short(value)}", name)
+
+
+def _below_surface(z_nm: float) -> None:
+    if z_nm > 0:
+        raise problem(f"{short(z_nm)} is above the surface (dark spins need z_nm <= 0)", "z_nm")
+
+
+@dataclass(config=CONFIG)
 class NV:
     """The NV sensor: depth below the surface, axis, coherence, optical readout."""
 
-    depth_nm: float = _DEFAULT.nv_depth_nm
-    axis_deg: tuple[float, float] = _DEFAULT.nv_axis_deg
-    t2_star_us: float = round(_DEFAULT.nv_t2_star_s * 1e6, 9)
-    t2_us: float = round(_DEFAULT.nv_t2_s * 1e6, 9)
-    t2_exponent: float = _DEFAULT.nv_t2_exponent
-    photons_per_shot: float = _DEFAULT.photons_per_shot
-    contrast: float = _DEFAULT.contrast
+    depth_nm: Finite = _DEFAULT.nv_depth_nm
+    axis_deg: Pair = _DEFAULT.nv_axis_deg
+    t2_star_us: Finite = round(_DEFAULT.nv_t2_star_s * 1e6, 9)
+    t2_us: Finite = round(_DEFAULT.nv_t2_s * 1e6, 9)
+    t2_exponent: Finite = _DEFAULT.nv_t2_exponent
+    photons_per_shot: Finite = _DEFAULT.photons_per_shot
+    contrast: Finite = _DEFAULT.contrast
+
+    @model_validator(mode="after")
+    def _physical(self) -> NV:
+        _positive(self, "nv", "depth_nm", "t2_star_us", "t2_us", "t2_exponent",
+                  "photons_per_shot")
+        if not 0 < self.contrast < 1:
+            raise problem(f"must be between 0 and 1, got {short(self.contrast)}", "contrast")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class Tip:
     """The magnetic tip: sphere radius, moment (along +z) and apex drift."""
 
-    radius_nm: float = _DEFAULT.tip_radius_nm
-    moment_am2: float = _DEFAULT.tip_moment_am2
-    drift_nm_per_s: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    radius_nm: Finite = _DEFAULT.tip_radius_nm
+    moment_am2: Finite = _DEFAULT.tip_moment_am2
+    drift_nm_per_s: Triple = (0.0, 0.0, 0.0)
+
+    @model_validator(mode="after")
+    def _physical(self) -> Tip:
+        _positive(self, "tip", "radius_nm", "moment_am2")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class SpinPoint:
     """One dark spin at a lab-frame position, nm."""
 
-    x_nm: float
-    y_nm: float
-    z_nm: float
+    x_nm: Finite
+    y_nm: Finite
+    z_nm: Finite
+
+    @model_validator(mode="after")
+    def _physical(self) -> SpinPoint:
+        _below_surface(self.z_nm)
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class Layer:
     """A disc of randomly placed dark spins at height ``z_nm``."""
 
-    z_nm: float = 0.0
-    density_per_nm2: float = 0.5
-    radius_nm: float = 40.0
+    z_nm: Finite = 0.0
+    density_per_nm2: Finite = 0.5
+    radius_nm: Finite = 40.0
+
+    @model_validator(mode="after")
+    def _physical(self) -> Layer:
+        _positive(self, "layer", "radius_nm")
+        _below_surface(self.z_nm)
+        if self.density_per_nm2 < 0:
+            raise problem(f"must be >= 0, got {short(self.density_per_nm2)}", "density_per_nm2")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class DarkSpins:
     """The dark-spin bath: linewidth, single spins and layers."""
 
-    t2_star_ns: float = round(_DEFAULT.dark_t2_star_s * 1e9, 9)
-    points: tuple[SpinPoint, ...] = ()
-    layers: tuple[Layer, ...] = ()
+    t2_star_ns: Finite = round(_DEFAULT.dark_t2_star_s * 1e9, 9)
+    points: Annotated[tuple[SpinPoint, ...], sequence()] = ()
+    layers: Annotated[tuple[Layer, ...], sequence()] = ()
+
+    @model_validator(mode="after")
+    def _physical(self) -> DarkSpins:
+        _positive(self, "dark_spins", "t2_star_ns")
+        spins = len(self.points) + sum(layer.density_per_nm2 * math.pi * layer.radius_nm**2
+                                       for layer in self.layers)
+        if spins > MAX_SPINS:
+            raise problem(f"{spins:.3g} spins; the simulator takes at most {MAX_SPINS}")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class Stage:
     """Stage travel (x, y ranges and the top of z; the bottom is ``z_min_nm``), nm."""
 
-    x_range_nm: tuple[float, float] = (-1000.0, 1000.0)
-    y_range_nm: tuple[float, float] = (-1000.0, 1000.0)
-    z_max_nm: float = 1000.0
-    velocity_nm_per_s: float = 1000.0
-    start_nm: tuple[float, float, float] = (0.0, 0.0, 100.0)
+    x_range_nm: Pair = (-1000.0, 1000.0)
+    y_range_nm: Pair = (-1000.0, 1000.0)
+    z_max_nm: Finite = 1000.0
+    velocity_nm_per_s: Finite = 1000.0
+    start_nm: Triple = (0.0, 0.0, 100.0)
+
+    @model_validator(mode="after")
+    def _physical(self) -> Stage:
+        _positive(self, "stage", "velocity_nm_per_s")
+        for key in ("x_range_nm", "y_range_nm"):
+            lo, hi = getattr(self, key)
+            if not lo < hi:
+                raise problem(f"needs low < high, got [{short(lo)}, {short(hi)}]", key)
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class Fault:
     """An injected failure; which of ``hz``, ``count``, ``seconds`` applies depends on kind."""
 
-    kind: str
-    after_acquisitions: int = 0
-    hz: float = 0.0
-    count: int = 1
-    seconds: float = 0.0
+    kind: Text
+    after_acquisitions: Integer = 0
+    hz: Finite = 0.0
+    count: Integer = 1
+    seconds: Finite = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_of_kind(cls, data: Any) -> Any:
+        """A fault document holds only the keys of its kind."""
+        if isinstance(data, Mapping):
+            kind = data.get("kind")
+            if kind not in FAULT_KINDS:
+                raise problem(f"unknown fault kind {short(kind)} "
+                              f"(known: {', '.join(FAULT_KINDS)})", "kind")
+            for key in data:
+                if key not in ("kind", "after_acquisitions", *FAULT_KINDS[kind]):
+                    raise problem(f"unknown key for fault kind {kind!r}", str(key))
+        return data
+
+    @model_validator(mode="after")
+    def _physical(self) -> Fault:
+        if self.kind not in FAULT_KINDS:
+            raise problem(f"unknown fault kind {short(self.kind)} "
+                          f"(known: {', '.join(FAULT_KINDS)})", "kind")
+        for key, low in (("after_acquisitions", 0), ("count", 1), ("seconds", 0)):
+            if getattr(self, key) < low:
+                raise problem(f"must be >= {low}, got {getattr(self, key)}", key)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         d = {"kind": self.kind, "after_acquisitions": self.after_acquisitions}
@@ -154,19 +269,28 @@ class Fault:
         return d
 
 
-@dataclass(frozen=True)
+@dataclass(config=CONFIG)
 class Scenario:
     """A validated scenario; build it with :func:`load_scenario` or :meth:`from_dict`."""
 
-    name: str = "scenario"
-    seed: int = 0
-    b0_tesla: float = _DEFAULT.b0_tesla
-    z_min_nm: float = _DEFAULT.z_min_nm
+    name: Text = "scenario"
+    seed: Integer = 0
+    b0_tesla: Finite = _DEFAULT.b0_tesla
+    z_min_nm: Finite = _DEFAULT.z_min_nm
     nv: NV = field(default_factory=NV)
     tip: Tip = field(default_factory=Tip)
     dark_spins: DarkSpins = field(default_factory=DarkSpins)
     stage: Stage = field(default_factory=Stage)
-    faults: tuple[Fault, ...] = ()
+    faults: Annotated[tuple[Fault, ...], sequence()] = ()
+
+    @model_validator(mode="after")
+    def _physical(self) -> Scenario:
+        _positive(self, "", "b0_tesla", "z_min_nm")
+        if self.seed < 0:
+            raise problem(f"must be >= 0, got {short(self.seed)}", "seed")
+        _clear_of_the_nv(self)
+        _inside_the_travel(self)
+        return self
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "scenario") -> Scenario:
@@ -178,11 +302,12 @@ class Scenario:
             One line: ``<source>: <key path>: <why>``.
         """
         try:
-            scenario = _parse(cls, data, "")
-            _validate(scenario)
-        except _Bad as bad:
-            raise NvmriError(f"{source}: {bad.path}: {bad.why}") from None
-        return scenario
+            return _DOCUMENT.validate_python(dict(data) if isinstance(data, Mapping) else data)
+        except ValidationError as exc:
+            keys, _, why, _ = first_error(exc)
+            raise NvmriError(f"{source}: {dotted(keys) or 'scenario'}: {why}") from None
+        except RecursionError:
+            raise NvmriError(f"{source}: nested too deeply to be a scenario") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The scenario as a JSON-ready dict with every field (defaults filled in)."""
@@ -220,93 +345,31 @@ class Scenario:
         return np.concatenate(parts)
 
 
-# ---------------------------------------------------------------- parsing
-
-MAX_FILE_BYTES = 1_000_000
-"""Largest scenario file read, bytes."""
-MAX_VALUES = 100_000
-"""Most values (numbers, strings, list items, keys) a scenario document may hold,
-counted as YAML aliases expand them (a 'billion laughs' file is refused)."""
-MAX_ALIASES = 100
-"""Most YAML aliases (``*name``) in a scenario file."""
-MAX_SPINS = 100_000
-"""Most dark spins (points plus every layer's draw)."""
-UPPER_BOUNDS = {"b0_tesla": 5.0, "nv.depth_nm": 1e4, "z_min_nm": 1e4, "tip.radius_nm": 1e5,
-                "tip.moment_am2": 1e-10, "nv.t2_star_us": 1e7, "nv.t2_us": 1e7,
-                "nv.t2_exponent": 10.0, "nv.photons_per_shot": 100.0,
-                "dark_spins.t2_star_ns": 1e10, "stage.velocity_nm_per_s": 1e7}
-"""Largest accepted value of a key (beyond them the simulated instrument breaks)."""
+_DOCUMENT = TypeAdapter(Scenario)
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for one-line refusals."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+def _clear_of_the_nv(s: Scenario) -> None:
+    """Refuse a dark spin (point or layer) within 0.5 nm of the NV."""
+    nv = np.array([0.0, 0.0, -s.nv.depth_nm])
+    for i, p in enumerate(s.dark_spins.points):
+        if np.linalg.norm(np.array([p.x_nm, p.y_nm, p.z_nm]) - nv) < 0.5:
+            raise problem("is within 0.5 nm of the NV", f"dark_spins.points[{i}]")
+    for i, layer in enumerate(s.dark_spins.layers):
+        if abs(layer.z_nm - nv[2]) < 0.5:
+            raise problem("is within 0.5 nm of the NV depth", f"dark_spins.layers[{i}].z_nm")
 
 
-class _Bad(Exception):
-    def __init__(self, path: str, why: str):
-        super().__init__(f"{path}: {why}")
-        self.path, self.why = path or "scenario", why
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _value(tp: Any, value: Any, path: str) -> Any:
-    """Convert ``value`` to the annotated type ``tp`` or raise :class:`_Bad`."""
-    if dataclasses.is_dataclass(tp):
-        return _parse(tp, value, path)
-    if tp is float or tp is int:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _Bad(path, f"expected a number, got {_type_name(value)} {_short(value)}")
-        if tp is int and not float(value).is_integer():
-            raise _Bad(path, f"expected an integer, got {_short(value)}")
-        if not math.isfinite(value):
-            raise _Bad(path, f"expected a finite number, got {_short(value)}")
-        return tp(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _Bad(path, f"expected a string, got {_type_name(value)} {_short(value)}")
-        return value
-    args = typing.get_args(tp)            # tuple[X, ...] or tuple[X, Y, Z]
-    if not isinstance(value, list | tuple):
-        raise _Bad(path, f"expected a list, got {_type_name(value)} {_short(value)}")
-    if len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_value(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-    if len(value) != len(args):
-        raise _Bad(path, f"expected {len(args)} numbers, got {len(value)}")
-    return tuple(_value(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value,
-                                                                                strict=True)))
-
-
-def _parse(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise _Bad(path, f"expected an object, got {_type_name(data)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if cls is Fault:
-        kind = data.get("kind")
-        if kind not in FAULT_KINDS:
-            raise _Bad(_join(path, "kind"), f"unknown fault kind {_short(kind)} "
-                       f"(known: {', '.join(FAULT_KINDS)})")
-        names = {"kind", "after_acquisitions", *FAULT_KINDS[kind]}
-    for key in data:
-        if key not in names:
-            hint = f" for fault kind {data['kind']!r}" if cls is Fault else ""
-            raise _Bad(_join(path, str(key)), f"unknown key{hint}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    for key in required:
-        if key not in data:
-            raise _Bad(_join(path, key), "missing")
-    return cls(**{k: _value(hints[k], v, _join(path, k)) for k, v in data.items()})
+def _inside_the_travel(s: Scenario) -> None:
+    """Refuse a z travel that ends below z_min or a start outside the travel."""
+    st = s.stage
+    if not st.z_max_nm > s.z_min_nm:
+        raise problem(f"must exceed z_min_nm ({short(s.z_min_nm)}), got "
+                      f"{short(st.z_max_nm)}", "stage.z_max_nm")
+    x, y, z = st.start_nm
+    if not (st.x_range_nm[0] <= x <= st.x_range_nm[1]
+            and st.y_range_nm[0] <= y <= st.y_range_nm[1] and s.z_min_nm <= z <= st.z_max_nm):
+        raise problem(f"{short(list(st.start_nm))} is outside the stage travel",
+                      "stage.start_nm")
 
 
 def _plain(obj: Any) -> Any:
@@ -315,68 +378,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _validate(s: Scenario) -> None:
-    """Physical checks; raise :class:`_Bad` at the first violation."""
-    positive = [("b0_tesla", s.b0_tesla), ("z_min_nm", s.z_min_nm),
-                ("nv.depth_nm", s.nv.depth_nm), ("nv.t2_star_us", s.nv.t2_star_us),
-                ("nv.t2_us", s.nv.t2_us), ("nv.t2_exponent", s.nv.t2_exponent),
-                ("nv.photons_per_shot", s.nv.photons_per_shot),
-                ("tip.radius_nm", s.tip.radius_nm), ("tip.moment_am2", s.tip.moment_am2),
-                ("dark_spins.t2_star_ns", s.dark_spins.t2_star_ns),
-                ("stage.velocity_nm_per_s", s.stage.velocity_nm_per_s)]
-    positive += [(f"dark_spins.layers[{i}].radius_nm", layer.radius_nm)
-                 for i, layer in enumerate(s.dark_spins.layers)]
-    for path, value in positive:
-        if value <= 0:
-            raise _Bad(path, f"must be > 0, got {_short(value)}")
-        if path in UPPER_BOUNDS and value > UPPER_BOUNDS[path]:
-            raise _Bad(path, f"must be <= {UPPER_BOUNDS[path]:g}, got {_short(value)}")
-    spins = len(s.dark_spins.points) + sum(
-        layer.density_per_nm2 * math.pi * layer.radius_nm**2 for layer in s.dark_spins.layers)
-    if spins > MAX_SPINS:
-        raise _Bad("dark_spins", f"{spins:.3g} spins; the simulator takes at most {MAX_SPINS}")
-    if not 0 < s.nv.contrast < 1:
-        raise _Bad("nv.contrast", f"must be between 0 and 1, got {_short(s.nv.contrast)}")
-    if s.seed < 0:
-        raise _Bad("seed", f"must be >= 0, got {_short(s.seed)}")
-    nv = np.array([0.0, 0.0, -s.nv.depth_nm])
-    for i, p in enumerate(s.dark_spins.points):
-        if p.z_nm > 0:
-            raise _Bad(f"dark_spins.points[{i}].z_nm",
-                       f"{_short(p.z_nm)} is above the surface (dark spins need z_nm <= 0)")
-        if np.linalg.norm(np.array([p.x_nm, p.y_nm, p.z_nm]) - nv) < 0.5:
-            raise _Bad(f"dark_spins.points[{i}]", "is within 0.5 nm of the NV")
-    for i, layer in enumerate(s.dark_spins.layers):
-        at = f"dark_spins.layers[{i}]"
-        if layer.z_nm > 0:
-            raise _Bad(f"{at}.z_nm",
-                       f"{_short(layer.z_nm)} is above the surface (dark spins need z_nm <= 0)")
-        if layer.density_per_nm2 < 0:
-            raise _Bad(f"{at}.density_per_nm2",
-                       f"must be >= 0, got {_short(layer.density_per_nm2)}")
-        if abs(layer.z_nm - nv[2]) < 0.5:
-            raise _Bad(f"{at}.z_nm", "is within 0.5 nm of the NV depth")
-    st = s.stage
-    for key, (lo, hi) in (("x_range_nm", st.x_range_nm), ("y_range_nm", st.y_range_nm)):
-        if not lo < hi:
-            raise _Bad(f"stage.{key}", f"needs low < high, got [{_short(lo)}, {_short(hi)}]")
-    if not st.z_max_nm > s.z_min_nm:
-        raise _Bad("stage.z_max_nm", f"must exceed z_min_nm ({_short(s.z_min_nm)}), got "
-                   f"{_short(st.z_max_nm)}")
-    x, y, z = st.start_nm
-    if not (st.x_range_nm[0] <= x <= st.x_range_nm[1]
-            and st.y_range_nm[0] <= y <= st.y_range_nm[1] and s.z_min_nm <= z <= st.z_max_nm):
-        raise _Bad("stage.start_nm", f"{_short(list(st.start_nm))} is outside the stage travel")
-    for i, f in enumerate(s.faults):
-        at = f"faults[{i}]"
-        if f.after_acquisitions < 0:
-            raise _Bad(f"{at}.after_acquisitions", f"must be >= 0, got {f.after_acquisitions}")
-        if f.count < 1:
-            raise _Bad(f"{at}.count", f"must be >= 1, got {f.count}")
-        if f.seconds < 0:
-            raise _Bad(f"{at}.seconds", f"must be >= 0, got {f.seconds}")
 
 
 # ---------------------------------------------------------------- loading
@@ -494,7 +495,7 @@ def load_scenario(name_or_path: str | Path | Mapping[str, Any] | Scenario | None
         name = _ALIASES.get(spec, spec)
         builtin = _builtin_dir().joinpath(f"{name}.json")
         if not builtin.is_file():
-            raise NvmriError(f"unknown scenario {_short(spec)} (built-in: "
+            raise NvmriError(f"unknown scenario {short(spec)} (built-in: "
                              f"{', '.join(list_scenarios())}; or a .json/.yaml file)")
         data, source, default_name = json.loads(builtin.read_text()), name, name
     if isinstance(data, Mapping) and "name" not in data:
