@@ -1,5 +1,9 @@
 """Start and stop the simulated IOC as a subprocess on a private Channel Access port.
 
+(The process handle is :mod:`nvmri_bluesky.sim.process`, the private CA
+repeater :mod:`nvmri_bluesky.sim.repeater`; ``ProcessHandle`` and
+``stoppable_by_sigint`` are re-exported here.)
+
 Channel Access finds a PV by a UDP search to the addresses in
 ``EPICS_CA_ADDR_LIST`` at the port ``EPICS_CA_SERVER_PORT``; the IOC answers
 with the TCP port it serves on.  Giving every session its own search port on
@@ -33,7 +37,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -42,22 +45,23 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.net import LOOPBACK, free_port
+from nvmri_bluesky.sim import repeater
+from nvmri_bluesky.sim.process import ProcessHandle, stoppable_by_sigint
 from nvmri_bluesky.timeouts import timeout_s
 
 __all__ = [
     "LOOPBACK", "IocHandle", "start_ioc", "configure_ca_env", "reserve_ca_ports", "ioc_env",
     "find_free_port", "client_ports", "ca_initialised", "unique_prefix", "search_pv",
+    "ProcessHandle", "stoppable_by_sigint",
 ]
 
 _lock = threading.RLock()
 _configured: list[int] | None = None   # the ports configure_ca_env gave the client
 _live: dict[int, IocHandle] = {}        # port -> running IOC started here
-_repeater_port: int | None = None       # this process's private CA repeater
 
 
 # ---------------------------------------------------------------- environment
@@ -71,56 +75,6 @@ def ca_initialised() -> bool:
 def client_ports() -> list[int]:
     """The CA search ports this process's client was configured with (empty if none)."""
     return list(_configured or [])
-
-
-def _repeat(sock: socket.socket) -> None:
-    """A minimal CA repeater: confirm registrations, forward every other datagram (beacons).
-
-    libca registers with a zero-length datagram or a ``REPEATER_REGISTER``
-    message and expects ``REPEATER_CONFIRM`` (the EPICS repeater confirms
-    both; caproto's only the second, so libca would keep complaining).
-    """
-    import caproto as ca
-
-    register = 24                                      # CA_PROTO_REPEATER_REGISTER
-    clients: set[tuple[str, int]] = set()
-    while True:
-        try:
-            data, addr = sock.recvfrom(ca.MAX_UDP_RECV)
-        except OSError:
-            if sock.fileno() < 0:
-                return
-            continue
-        if len(data) == 0 or (len(data) >= 16 and int.from_bytes(data[:2], "big") == register):
-            clients.add(addr)
-            with contextlib.suppress(OSError):
-                sock.sendto(bytes(ca.RepeaterConfirmResponse(addr[0])), addr)
-            continue
-        for client in list(clients):
-            if client != addr:
-                try:
-                    sock.sendto(data, client)
-                except OSError:
-                    clients.discard(client)
-
-
-def _start_repeater() -> int:
-    """Run a CA repeater for this process on a free loopback port (a daemon thread).
-
-    libca registers with a repeater to receive server beacons (used to
-    reconnect quickly when an IOC comes back) and, finding none, tries to
-    spawn ``caRepeater`` and then complains on stderr ("unable to contact CA
-    repeater after 50 tries").  A private one per process also keeps other
-    sessions' beacons out.
-    """
-    global _repeater_port
-    if _repeater_port is None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-        sock.bind((LOOPBACK, 0))
-        threading.Thread(target=_repeat, args=(sock,), name="nvmri-ca-repeater",
-                         daemon=True).start()
-        _repeater_port = sock.getsockname()[1]
-    return _repeater_port
 
 
 def configure_ca_env(port: int | Sequence[int]) -> dict[str, str]:
@@ -166,7 +120,7 @@ def configure_ca_env(port: int | Sequence[int]) -> dict[str, str]:
             "EPICS_CA_SERVER_PORT": str(ports[0]),
         }
         if not ca_initialised():
-            env["EPICS_CA_REPEATER_PORT"] = str(_start_repeater())
+            env["EPICS_CA_REPEATER_PORT"] = str(repeater.start())
         os.environ.update(env)
         _configured = ports
     return env
@@ -222,7 +176,7 @@ def ioc_env(port: int, base: Mapping[str, str] | None = None,
         "EPICS_CA_AUTO_ADDR_LIST": "NO",
         "PYTHONUNBUFFERED": "1",
     })
-    beacon_port = beacon_port or _repeater_port
+    beacon_port = beacon_port or repeater.running_port()
     if beacon_port is not None:
         env["EPICS_CAS_BEACON_PORT"] = str(beacon_port)
     return env
@@ -297,87 +251,6 @@ def search_pv(pvname: str, port: int, timeout: float = 0.25) -> bool:
 
 
 # ---------------------------------------------------------------- the IOC process
-
-_SIGINT_RESTORED = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                    "os.execvp(sys.argv[1], sys.argv[1:])")
-
-
-def stoppable_by_sigint(cmd: Sequence[str]) -> list[str]:
-    """``cmd``, run so that SIGINT stops it even where this process ignores SIGINT.
-
-    A process started in the background without job control (``cmd &`` in a
-    script, nohup, some CI runners) has SIGINT ignored, and its children
-    inherit that; :class:`ProcessHandle` stops them with SIGINT first. Then
-    ``cmd`` is started through a Python that resets SIGINT before it execs.
-    """
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        return list(cmd)
-    return [sys.executable, "-c", _SIGINT_RESTORED, *cmd]
-
-
-class ProcessHandle:
-    """A subprocess started here with its output in a log file; a context manager
-    that stops it on exit.
-
-    Attributes
-    ----------
-    process : subprocess.Popen
-    log_path : Path
-        Its combined stdout and stderr.
-    """
-
-    def __init__(self, process: subprocess.Popen, log_path: Path) -> None:
-        self.process = process
-        self.log_path = log_path
-        self._stopped = False
-
-    @property
-    def pid(self) -> int:
-        """Process id."""
-        return self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.process.poll() is None
-
-    def _state(self) -> str:
-        return "running" if self.alive else f"exited {self.process.returncode}"
-
-    def _log_lines(self, lines: int) -> list[str]:
-        """The last ``lines`` non-empty lines of the log (none if unreadable)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return []
-        return [ln for ln in text.splitlines() if ln.strip()][-lines:]
-
-    def _send(self, sig: int) -> None:
-        self.process.send_signal(sig)
-
-    def _terminate(self, timeout: float) -> int:
-        """SIGINT, then SIGTERM, then SIGKILL (``timeout`` s each) until it exits."""
-        self._stopped = True
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            if self.process.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                self._send(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        return self.process.wait()
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """Stop the process; return its exit code."""
-        return self.process.returncode if self._stopped else self._terminate(timeout)
-
-    def __enter__(self) -> ProcessHandle:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
 
 class IocHandle(ProcessHandle):
     """A running simulated IOC subprocess; a context manager that stops it on exit.
