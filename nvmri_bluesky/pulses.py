@@ -247,7 +247,7 @@ _DOCUMENT = TypeAdapter(Program)
 def _refusal(exc: ValidationError) -> str:
     """One line for a program document pydantic refused: where (``gates[0].pulses[1]``), why."""
     keys, kind, why, value = first_error(exc)
-    if kind in ("missing", "unexpected_keyword_argument"):
+    if kind in ("missing", "unexpected_keyword_argument", "invalid_key"):
         where, key = dotted(keys[:-1]) or "program", keys[-1]
         return f"{where}: {'missing' if kind == 'missing' else 'unknown'} key {key!r}"
     if keys[-1:] == ("name",):
