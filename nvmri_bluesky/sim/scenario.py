@@ -100,8 +100,8 @@ UPPER_BOUNDS = {"b0_tesla": 5.0, "nv.depth_nm": 1e4, "z_min_nm": 1e4, "tip.radiu
                 "dark_spins.t2_star_ns": 1e10, "stage.velocity_nm_per_s": 1e7}
 """Largest accepted value of a key (beyond them the simulated instrument breaks)."""
 
-Pair = Annotated[tuple[Finite, Finite], sequence(2)]
-Triple = Annotated[tuple[Finite, Finite, Finite], sequence(3)]
+_Pair = Annotated[tuple[Finite, Finite], sequence(2)]
+_Triple = Annotated[tuple[Finite, Finite, Finite], sequence(3)]
 
 
 def _positive(model: Any, section: str, *names: str) -> None:
@@ -124,7 +124,7 @@ class NV:
     """The NV sensor: depth below the surface, axis, coherence, optical readout."""
 
     depth_nm: Finite = _DEFAULT.nv_depth_nm
-    axis_deg: Pair = _DEFAULT.nv_axis_deg
+    axis_deg: _Pair = _DEFAULT.nv_axis_deg
     t2_star_us: Finite = round(_DEFAULT.nv_t2_star_s * 1e6, 9)
     t2_us: Finite = round(_DEFAULT.nv_t2_s * 1e6, 9)
     t2_exponent: Finite = _DEFAULT.nv_t2_exponent
@@ -146,7 +146,7 @@ class Tip:
 
     radius_nm: Finite = _DEFAULT.tip_radius_nm
     moment_am2: Finite = _DEFAULT.tip_moment_am2
-    drift_nm_per_s: Triple = (0.0, 0.0, 0.0)
+    drift_nm_per_s: _Triple = (0.0, 0.0, 0.0)
 
     @model_validator(mode="after")
     def _physical(self) -> Tip:
@@ -178,7 +178,7 @@ class Layer:
 
     @model_validator(mode="after")
     def _physical(self) -> Layer:
-        _positive(self, "layer", "radius_nm")
+        _positive(self, "dark_spins.layers", "radius_nm")
         _below_surface(self.z_nm)
         if self.density_per_nm2 < 0:
             raise problem(f"must be >= 0, got {short(self.density_per_nm2)}", "density_per_nm2")
@@ -207,11 +207,11 @@ class DarkSpins:
 class Stage:
     """Stage travel (x, y ranges and the top of z; the bottom is ``z_min_nm``), nm."""
 
-    x_range_nm: Pair = (-1000.0, 1000.0)
-    y_range_nm: Pair = (-1000.0, 1000.0)
+    x_range_nm: _Pair = (-1000.0, 1000.0)
+    y_range_nm: _Pair = (-1000.0, 1000.0)
     z_max_nm: Finite = 1000.0
     velocity_nm_per_s: Finite = 1000.0
-    start_nm: Triple = (0.0, 0.0, 100.0)
+    start_nm: _Triple = (0.0, 0.0, 100.0)
 
     @model_validator(mode="after")
     def _physical(self) -> Stage:
