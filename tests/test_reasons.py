@@ -281,3 +281,25 @@ def test_a_refused_plan_prints_one_line_in_ipython(devices: Any, capsys: Any) ->
         assert len(err) == 1 and "the IOC refused 5.0 nm" in err[0] and "%tb" in err[0]
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_remembered_protocol_attributes_give_the_same_answers() -> None:
+    """The RunEngine's protocol-attribute cache (Python 3.11) changes no isinstance answer."""
+    import typing
+
+    from bluesky.protocols import Movable, Readable, Triggerable, WritesExternalAssets
+    from ophyd.sim import det, motor
+
+    from nvmri_bluesky.run_engine import remember_protocol_attributes
+
+    cases = [(obj, proto) for obj in (det, motor, object(), 1.0)
+             for proto in (Readable, Movable, Triggerable, WritesExternalAssets)]
+    collect = getattr(typing._get_protocol_attrs, "__wrapped__", typing._get_protocol_attrs)
+    before = [isinstance(obj, proto) for obj, proto in cases]
+    remembered = remember_protocol_attributes()
+    assert remembered == (sys.version_info < (3, 12))
+    assert [isinstance(obj, proto) for obj, proto in cases] == before
+    assert before[:4] == [True, False, True, False] and before[4:6] == [True, True]
+    if remembered:
+        assert typing._get_protocol_attrs(Readable) == frozenset(collect(Readable))
+        assert typing._get_protocol_attrs(Readable) is typing._get_protocol_attrs(Readable)
