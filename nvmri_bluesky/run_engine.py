@@ -15,7 +15,8 @@ Fault: bluesky rewinds the plan to its last checkpoint, so the points taken
 during the fault are taken again, not kept.
 
 Creating a :class:`RunEngine` also makes bluesky's protocol checks cheap on
-Python 3.11 (:func:`remember_protocol_attributes`).
+Python 3.11 (:func:`remember_protocol_attributes`) and skips the tracing
+attributes of messages that no tracer records (:func:`skip_unrecorded_span_attributes`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,42 @@ from bluesky.utils import FailedStatus, Msg
 from nvmri_bluesky.errors import NvmriError
 
 __all__ = ["RunEngine", "readable_failures", "failure_reason", "install_suspenders",
-           "remember_protocol_attributes"]
+           "remember_protocol_attributes", "skip_unrecorded_span_attributes"]
+
+
+def skip_unrecorded_span_attributes() -> bool:
+    """Compute a message's OpenTelemetry span attributes only for a span that records them.
+
+    bluesky's RunEngine gives every ``set``, ``wait``, ``complete`` and
+    ``collect`` message (and every run) a tracing span and fills in its
+    attributes: the object's repr, the arguments, the keyword arguments as JSON.
+    Without a configured tracer provider the spans record nothing
+    (``span.is_recording()`` is False) and their ``set_attribute`` does
+    nothing, but the attributes were still computed, for every point of a
+    raster.  This computes them only for a span that records them; with a
+    tracer configured nothing changes.
+
+    Returns
+    -------
+    bool
+        Whether bluesky's attribute function was found (and is now wrapped).
+    """
+    import bluesky.run_engine as bluesky_run_engine
+
+    fill = getattr(bluesky_run_engine, "_set_span_msg_attributes", None)
+    if fill is None:
+        return False
+    if getattr(fill, "_nvmri_recording_only", False):
+        return True
+
+    def fill_if_recording(span: Any, msg: Any) -> None:
+        if span.is_recording():
+            fill(span, msg)
+
+    fill_if_recording._nvmri_recording_only = True  # type: ignore[attr-defined]
+    fill_if_recording.__wrapped__ = fill  # type: ignore[attr-defined]
+    bluesky_run_engine._set_span_msg_attributes = fill_if_recording
+    return True
 
 
 def remember_protocol_attributes() -> bool:
@@ -135,6 +171,7 @@ class RunEngine(bluesky.RunEngine):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         remember_protocol_attributes()
+        skip_unrecorded_span_attributes()
         super().__init__(*args, **kwargs)
         self._abort_reason = ""
         self.preprocessors.append(readable_failures)

@@ -303,3 +303,31 @@ def test_remembered_protocol_attributes_give_the_same_answers() -> None:
     if remembered:
         assert typing._get_protocol_attrs(Readable) == frozenset(collect(Readable))
         assert typing._get_protocol_attrs(Readable) is typing._get_protocol_attrs(Readable)
+
+
+def test_span_attributes_are_filled_only_for_a_recording_span() -> None:
+    """Without a tracer the RunEngine skips the per-message span attributes; a span that
+    records them still gets them."""
+    import bluesky.run_engine as bre
+    from bluesky.utils import Msg
+
+    from nvmri_bluesky.run_engine import skip_unrecorded_span_attributes
+
+    assert skip_unrecorded_span_attributes() and skip_unrecorded_span_attributes()
+
+    class Span:
+        def __init__(self, recording: bool) -> None:
+            self.recording, self.attributes = recording, {}
+
+        def is_recording(self) -> bool:
+            return self.recording
+
+        def set_attribute(self, key: str, value: Any) -> None:
+            self.attributes[key] = value
+
+    msg = Msg("set", None, 1.0, group="g")
+    quiet, recording = Span(False), Span(True)
+    bre._set_span_msg_attributes(quiet, msg)
+    bre._set_span_msg_attributes(recording, msg)
+    assert quiet.attributes == {}
+    assert recording.attributes["msg.command"] == "set" and "msg.kwargs" in recording.attributes
