@@ -13,10 +13,17 @@
 :func:`install_suspenders` suspends a run while ``HEALTH:LASER_OK`` reads
 Fault: bluesky rewinds the plan to its last checkpoint, so the points taken
 during the fault are taken again, not kept.
+
+Creating a :class:`RunEngine` also makes bluesky's protocol checks cheap on
+Python 3.11 (:func:`remember_protocol_attributes`) and skips the tracing
+attributes of messages that no tracer records (:func:`skip_unrecorded_span_attributes`).
 """
 
 from __future__ import annotations
 
+import sys
+import typing
+import weakref
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -26,7 +33,86 @@ from bluesky.utils import FailedStatus, Msg
 
 from nvmri_bluesky.errors import NvmriError
 
-__all__ = ["RunEngine", "readable_failures", "failure_reason", "install_suspenders"]
+__all__ = ["RunEngine", "readable_failures", "failure_reason", "install_suspenders",
+           "remember_protocol_attributes", "skip_unrecorded_span_attributes"]
+
+
+def skip_unrecorded_span_attributes() -> bool:
+    """Compute a message's OpenTelemetry span attributes only for a span that records them.
+
+    bluesky's RunEngine gives every ``set``, ``wait``, ``complete`` and
+    ``collect`` message (and every run) a tracing span and fills in its
+    attributes: the object's repr, the arguments, the keyword arguments as JSON.
+    Without a configured tracer provider the spans record nothing
+    (``span.is_recording()`` is False) and their ``set_attribute`` does
+    nothing, but the attributes were still computed, for every point of a
+    raster.  This computes them only for a span that records them; with a
+    tracer configured nothing changes.
+
+    Returns
+    -------
+    bool
+        Whether bluesky's attribute function was found (and is now wrapped).
+    """
+    import bluesky.run_engine as bluesky_run_engine
+
+    fill = getattr(bluesky_run_engine, "_set_span_msg_attributes", None)
+    if fill is None:
+        return False
+    if getattr(fill, "_nvmri_recording_only", False):
+        return True
+
+    def fill_if_recording(span: Any, msg: Any) -> None:
+        if span.is_recording():
+            fill(span, msg)
+
+    fill_if_recording._nvmri_recording_only = True  # type: ignore[attr-defined]
+    fill_if_recording.__wrapped__ = fill  # type: ignore[attr-defined]
+    bluesky_run_engine._set_span_msg_attributes = fill_if_recording
+    return True
+
+
+def remember_protocol_attributes() -> bool:
+    """Python < 3.12: compute each runtime-checkable Protocol's attribute names once.
+
+    bluesky checks every message's object against its protocols
+    (``isinstance(obj, Readable)`` for each read, ``Movable`` for each set,
+    ``WritesExternalAssets`` for each reading it bundles: some 20 checks per
+    raster point).  On Python 3.11 each check collects the protocol's
+    attribute names again by walking its classes' namespaces
+    (``typing._get_protocol_attrs``, 10-80 us a check here); Python 3.12
+    collects them once, when the protocol class is created.  This does the
+    same by remembering them per protocol class; the checks' answers do not
+    change (a protocol class is not changed after it is defined).
+
+    Returns
+    -------
+    bool
+        Whether the names are remembered (False on Python >= 3.12, or where
+        ``typing`` has no such function).
+    """
+    collect = getattr(typing, "_get_protocol_attrs", None)
+    if sys.version_info >= (3, 12) or collect is None:
+        return False
+    if getattr(collect, "_nvmri_remembered", False):
+        return True
+    known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def remembered(cls: type) -> frozenset:
+        try:
+            return known[cls]
+        except (KeyError, TypeError):
+            attrs = frozenset(collect(cls))
+            try:
+                known[cls] = attrs
+            except TypeError:          # not weakly referencable: not remembered
+                pass
+            return attrs
+
+    remembered._nvmri_remembered = True  # type: ignore[attr-defined]
+    remembered.__wrapped__ = collect  # type: ignore[attr-defined]
+    typing._get_protocol_attrs = remembered  # type: ignore[attr-defined]
+    return True
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -84,6 +170,8 @@ class RunEngine(bluesky.RunEngine):
     """bluesky's RunEngine whose stop documents name the cause (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        remember_protocol_attributes()
+        skip_unrecorded_span_attributes()
         super().__init__(*args, **kwargs)
         self._abort_reason = ""
         self.preprocessors.append(readable_failures)

@@ -375,3 +375,17 @@ def test_gate_names_from_the_data_key(tmp_path):
     assert list(ds["gate"].values) == ["signal", "echo", "bright"]
     assert ds["counter_counts"].sel(gate="signal").values.tolist() == [0.0, 10.0, 20.0, 30.0]
     assert ds["stage_x"].attrs["units"] == "nm"
+
+
+def test_spool_check_compares_numbers_exactly():
+    """The spool check's scalar fast path: exact, NaN equals NaN, ints and floats by value."""
+    from nvmri_bluesky.catalog._verify import _values_equal
+
+    nan = float("nan")
+    assert _values_equal(1, 1.0) and _values_equal(nan, nan) and _values_equal(-0.0, 0.0)
+    assert _values_equal(2**53 + 1, float(2**53))          # compared as floats, as arrays are
+    assert _values_equal(2**62, 2**62) and not _values_equal(2**62, 2**62 + 1)
+    assert not _values_equal(1.0, 1.0 + 1e-16 * 4) and not _values_equal(nan, 1.0)
+    assert _values_equal(True, 1.0) and _values_equal(np.float64(nan), nan)
+    assert _values_equal([1.0, nan], [1, nan]) and not _values_equal([1.0], 1.0)
+    assert _values_equal("a", "a") and not _values_equal("a", 1.0)

@@ -281,3 +281,53 @@ def test_a_refused_plan_prints_one_line_in_ipython(devices: Any, capsys: Any) ->
         assert len(err) == 1 and "the IOC refused 5.0 nm" in err[0] and "%tb" in err[0]
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_remembered_protocol_attributes_give_the_same_answers() -> None:
+    """The RunEngine's protocol-attribute cache (Python 3.11) changes no isinstance answer."""
+    import typing
+
+    from bluesky.protocols import Movable, Readable, Triggerable, WritesExternalAssets
+    from ophyd.sim import det, motor
+
+    from nvmri_bluesky.run_engine import remember_protocol_attributes
+
+    cases = [(obj, proto) for obj in (det, motor, object(), 1.0)
+             for proto in (Readable, Movable, Triggerable, WritesExternalAssets)]
+    collect = getattr(typing._get_protocol_attrs, "__wrapped__", typing._get_protocol_attrs)
+    before = [isinstance(obj, proto) for obj, proto in cases]
+    remembered = remember_protocol_attributes()
+    assert remembered == (sys.version_info < (3, 12))
+    assert [isinstance(obj, proto) for obj, proto in cases] == before
+    assert before[:4] == [True, False, True, False] and before[4:6] == [True, True]
+    if remembered:
+        assert typing._get_protocol_attrs(Readable) == frozenset(collect(Readable))
+        assert typing._get_protocol_attrs(Readable) is typing._get_protocol_attrs(Readable)
+
+
+def test_span_attributes_are_filled_only_for_a_recording_span() -> None:
+    """Without a tracer the RunEngine skips the per-message span attributes; a span that
+    records them still gets them."""
+    import bluesky.run_engine as bre
+    from bluesky.utils import Msg
+
+    from nvmri_bluesky.run_engine import skip_unrecorded_span_attributes
+
+    assert skip_unrecorded_span_attributes() and skip_unrecorded_span_attributes()
+
+    class Span:
+        def __init__(self, recording: bool) -> None:
+            self.recording, self.attributes = recording, {}
+
+        def is_recording(self) -> bool:
+            return self.recording
+
+        def set_attribute(self, key: str, value: Any) -> None:
+            self.attributes[key] = value
+
+    msg = Msg("set", None, 1.0, group="g")
+    quiet, recording = Span(False), Span(True)
+    bre._set_span_msg_attributes(quiet, msg)
+    bre._set_span_msg_attributes(recording, msg)
+    assert quiet.attributes == {}
+    assert recording.attributes["msg.command"] == "set" and "msg.kwargs" in recording.attributes

@@ -75,6 +75,24 @@ def test_interpolant_values_gradient_and_domain(detuning):
     assert np.all(np.isnan(detuning.gradient(outside)))
 
 
+def test_values_at_tip_minus_offset_grid_equal_the_pointwise_spline(detuning):
+    """``at_offsets`` (the matched filter's tensor-product evaluation) gives the spline's
+    values at every tip - offset to rounding, NaN where they leave the map."""
+    rng = np.random.default_rng(2)
+    tips = np.stack(np.meshgrid(np.linspace(-10, 30, 7), np.linspace(-20, 20, 6), [30.0, 34.0],
+                                indexing="ij"), -1).reshape(-1, 3)
+    tips = tips[rng.permutation(len(tips))[:60]]                  # not a full grid
+    axes = [np.linspace(-25, 25, 11), np.linspace(-35, 30, 9), np.linspace(-6, 12, 5)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    want = detuning(tips[None, :, :] - grid[:, None, :])
+    got = detuning.at_offsets(tips, axes)
+    assert got.shape == (len(grid), len(tips))
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).any()
+    ok = np.isfinite(want)
+    assert ok.mean() > 0.3
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-13, atol=1e-6)
+
+
 def test_nan_locks_are_filled_or_refused(psf_map):
     det = dark_detuning_map(psf_map)
     holed = det.copy()

@@ -70,8 +70,17 @@ class VerifyResult:
         return f"{self.uid[:8]}  {verdict}  {self.events} events  {Path(self.spool).name}"
 
 
+_NUMBERS = (int, float)
+
+
 def _values_equal(stored: Any, spooled: Any) -> bool:
     """Exact equality of a stored value and its spooled one (NaN equals NaN)."""
+    if type(stored) in _NUMBERS and type(spooled) in _NUMBERS:
+        # most of an event's values: what the array comparison below gives, without arrays
+        if type(stored) is int and type(spooled) is int:
+            return stored == spooled
+        a, b = float(stored), float(spooled)
+        return a == b or (a != a and b != b)
     a = np.asarray(stored)
     b = np.asarray(spooled)
     if a.shape != b.shape:

@@ -176,11 +176,18 @@ def _matched_starts(r0: _Raster, contrast: NDArray, sigma: NDArray, shift_hz: fl
     off = r0.psf.rf_offset_hz - shift_hz
     gain, weight = np.zeros(len(grid)), np.zeros(len(grid))
     chunk = max(1, int(budget // 8 // len(tips)))
+    detuning = r0.psf.detuning
+    # Delta f_dark at every tip - offset: by the spline's tensor product when it is one map
+    shifted = (detuning.at_offsets(tips, axes) if isinstance(detuning, DetuningInterpolant)
+               else None)
     for i in range(0, len(grid), chunk):
         g = grid[i:i + chunk]
-        pts = (tips[None, :, :] - g[:, None, :]).reshape(-1, 3)
-        psf = np.nan_to_num(r0.psf.line.probability(off - r0.psf.detuning(pts)))
-        psf = psf.reshape(len(g), -1)
+        if shifted is None:
+            pts = (tips[None, :, :] - g[:, None, :]).reshape(-1, 3)
+            df = detuning(pts).reshape(len(g), -1)
+        else:
+            df = shifted[i:i + chunk]
+        psf = np.nan_to_num(r0.psf.line.probability(off - df))
         cg, gg = psf @ (c * iv), (psf * psf) @ iv
         w = cg / np.maximum(gg, 1e-300)
         gain[i:i + chunk] = np.where(w > 0, cg * w, 0.0)

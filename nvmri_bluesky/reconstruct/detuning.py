@@ -21,6 +21,7 @@ before the spline is built, if they are at most 5 % of the map.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -211,6 +212,24 @@ def _complete_planes(da: xr.DataArray, max_missing: float = 0.05) -> NDArray:
 _PAD = 4     # cells of cubic extrapolation around the map before spline filtering
 
 
+def _cubic_weights(x: NDArray, n: int) -> NDArray:
+    """Cubic B-spline weights of coefficients 0..n-1 at (padded-index) positions ``x``:
+    shape ``x.shape + (n,)``, four non-zero per position (as ``map_coordinates``, order
+    3; indices outside 0..n-1 clipped, which no position inside the map reaches)."""
+    base = np.floor(x)
+    t = x - base
+    u = 1.0 - t
+    taps = (u * u * u / 6.0, 2.0 / 3.0 - t * t * (1.0 - t / 2.0),
+            2.0 / 3.0 - u * u * (1.0 - u / 2.0), t * t * t / 6.0)
+    out = np.zeros(x.shape + (n,))
+    first = base.astype(int) - 1
+    rows = np.indices(x.shape)
+    for k, w in enumerate(taps):
+        j = np.clip(first + k, 0, n - 1)
+        np.add.at(out, (*rows, j), w)
+    return out
+
+
 
 def _extrapolate_pad(values: NDArray, pad: int) -> NDArray:
     """Pad every axis by ``pad`` cells continuing the cubic through the 4 edge points
@@ -348,6 +367,54 @@ class DetuningInterpolant:
         """Delta f_dark at ``points`` (..., 3), Hz; NaN outside."""
         idx, inside, shape = self._index(points)
         return self._eval(self._coef[0], idx, inside).reshape(shape)
+
+    def at_offsets(self, tips: ArrayLike, grid_axes: Sequence[ArrayLike]) -> NDArray:
+        """Delta f_dark at every ``tips[p] - g``, g on the grid of ``grid_axes``, Hz.
+
+        The same values as ``self(tips[None, :, :] - grid[:, None, :])`` with
+        ``grid`` the points of ``grid_axes[0] x grid_axes[1] x grid_axes[2]``
+        (``meshgrid(..., indexing="ij")``, x slowest), the same NaN outside the
+        map, equal to rounding (~1e-16 relative: another summation order).  For
+        one tip the points ``tips[p] - g`` are a product grid, and the cubic
+        spline is a tensor product, so the values are three small contractions
+        of the coefficients instead of 64 of them per point (a matched filter
+        over a 4e6-point grid x raster: ~10x less CPU than :meth:`__call__`).
+
+        Parameters
+        ----------
+        tips : array_like (P, 3)
+            Tip positions, nm.
+        grid_axes : three array_like
+            Offset grid axes x, y, z, nm.
+
+        Returns
+        -------
+        ndarray (G, P)
+            G = the product of the axes' lengths, in ``meshgrid(indexing="ij")`` order.
+        """
+        tips = np.asarray(tips, float).reshape(-1, 3)
+        coef = self._coef[0]
+        b = self.bounds
+        index, weights, inside = [], [], []
+        for d in range(3):
+            values, inverse = np.unique(tips[:, d], return_inverse=True)
+            x = values[:, None] - np.asarray(grid_axes[d], float)[None, :]
+            tol = 1e-9 * self._step[d]
+            inside.append((x >= b[d, 0] - tol) & (x <= b[d, 1] + tol))
+            w = _cubic_weights((x - self._origin[d]) / self._step[d] + _PAD, coef.shape[d])
+            index.append(inverse.reshape(-1))
+            weights.append(w)
+        wx, wy, wz = weights
+        ix, iy, iz = index
+        along_z = np.einsum("wck,ijk->wijc", wz, coef)                   # (Wz, I, J, Gz)
+        along_yz = np.einsum("vbj,wijc->vwibc", wy, along_z)             # (Wy, Wz, I, Gy, Gz)
+        n_x, n_y, n_z = (len(a) for a in grid_axes)
+        out = np.matmul(wx[ix], along_yz[iy, iz].reshape(len(tips), coef.shape[0], n_y * n_z))
+        out = out.reshape(len(tips), n_x, n_y, n_z)
+        ok = (inside[0][ix][:, :, None, None] & inside[1][iy][:, None, :, None]
+              & inside[2][iz][:, None, None, :])
+        out[~ok] = np.nan
+        return np.ascontiguousarray(out.reshape(len(tips), -1).T)
 
     def gradient(self, points: ArrayLike) -> NDArray:
         """d(Delta f_dark)/dt at ``points`` (..., 3) -> (..., 3), Hz/nm; NaN outside."""

@@ -33,6 +33,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
+from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant
 from nvmri_bluesky.reconstruct.psf import DarkSpinPSF
 
 __all__ = [
@@ -94,6 +95,24 @@ class _LayerGeometry:
     fshape: tuple[int, int]
 
 
+def _psf_planes(psf: DarkSpinPSF, ux: NDArray, uy: NDArray, zs: NDArray
+                ) -> tuple[NDArray, ...]:
+    """The PSF on the lattice ``ux`` x ``uy`` at each tip height ``zs`` (0 outside the map).
+
+    A PSF on one measured map takes its Delta f_dark on the lattice as the spline's
+    tensor product (:meth:`DetuningInterpolant.at_offsets`, from a tip at the origin:
+    equal to the pointwise spline to rounding, a fraction of its CPU); any other
+    Delta f_dark (a map plus its interpolation error) point by point.
+    """
+    if isinstance(psf.detuning, DetuningInterpolant):
+        df = psf.detuning.at_offsets(np.zeros((1, 3)), (-ux, -uy, -zs))
+        df = df.reshape(ux.size, uy.size, zs.size)
+        return tuple(np.nan_to_num(psf.of_detuning(df[:, :, k])) for k in range(zs.size))
+    gux, guy = np.meshgrid(ux, uy, indexing="ij")
+    return tuple(np.nan_to_num(psf(np.stack([gux, guy, np.full_like(gux, zt)], -1)))
+                 for zt in zs)
+
+
 def _layer_geometry(psf: DarkSpinPSF, x: ArrayLike, y: ArrayLike, z: ArrayLike,
                     height_nm: float, tau_s: float, axis: ArrayLike | None,
                     rho_max_nm: float, fine_nm: float) -> _LayerGeometry:
@@ -110,10 +129,7 @@ def _layer_geometry(psf: DarkSpinPSF, x: ArrayLike, y: ArrayLike, z: ArrayLike,
     w = np.where(grx**2 + gry**2 <= rho_max_nm**2, w, 0.0) * dx * dy
     ux = x0 + np.arange(-kx, (nx - 1) * mx + kx + 1) * dx
     uy = y0 + np.arange(-ky, (ny - 1) * my + ky + 1) * dy
-    gux, guy = np.meshgrid(ux, uy, indexing="ij")
-    planes = tuple(np.nan_to_num(psf(np.stack([gux, guy, np.full_like(gux, zt - height_nm)],
-                                              -1)))
-                   for zt in np.atleast_1d(np.asarray(z, float)))
+    planes = _psf_planes(psf, ux, uy, np.atleast_1d(np.asarray(z, float)) - height_nm)
     shape = (ux.size + rx.size - 1, uy.size + ry.size - 1)
     fshape = (sfft.next_fast_len(shape[0]), sfft.next_fast_len(shape[1], real=True))
     return _LayerGeometry(w, planes, kx, ky, mx, my, nx, ny, fshape)
