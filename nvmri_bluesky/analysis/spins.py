@@ -52,6 +52,13 @@ def class_rasters(uids: dict[str, str]) -> list[list[str]]:
     return classes
 
 
+def adaptive_batches(uids: dict[str, str]) -> list[str]:
+    """Measurement names of the adaptive protocol's point batches (``deer_adaptive_1`` ...),
+    in order (``plans.adaptive``)."""
+    names = [m for m in uids if m.startswith("deer_adaptive_") and m[14:].isdigit()]
+    return sorted(names, key=lambda m: int(m[14:]))
+
+
 def _merge_spins(results: list[Any]) -> list[Any]:
     """Spins of every class's fit; one found in several classes (closer than
     ``reconstruct.protocol.SAME_SPIN_NM``) kept where it is best known."""
@@ -103,6 +110,11 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
     results, first_class = [], []
     for k, names in enumerate(class_rasters(uids)):
         deer = [load_run(cat, uids[m], ["deer_raster"]) for m in names]
+        if k == 0 and adaptive_batches(uids):      # the adaptive protocol's points
+            from nvmri_bluesky.reconstruct.adaptive import concat_points
+
+            deer.append(concat_points([load_run(cat, uids[m], ["deer_points"])
+                                       for m in adaptive_batches(uids)]))
         if layer is not None:
             deer = [with_layer_background(d, detuning, line, layer, fallback=layer_detuning)
                     for d in deer]

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import xarray as xr
 from numpy.typing import ArrayLike, NDArray
 
 from nvmri_bluesky.errors import NvmriError
@@ -58,7 +59,7 @@ from nvmri_bluesky.reconstruct._poisson import gate_means
 from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant
 from nvmri_bluesky.reconstruct.lines import FlipLine
 
-__all__ = ["TARGET_SIGMA_NM", "SpinPosterior", "Recommendation", "per_shot_scores",
+__all__ = ["TARGET_SIGMA_NM", "concat_points", "SpinPosterior", "Recommendation", "per_shot_scores",
            "posterior_from_fit", "recommend", "candidate_tips", "predicted_sigma_nm",
            "target_reached"]
 
@@ -423,3 +424,31 @@ def candidate_tips(detuning: DetuningInterpolant, line: FlipLine, rf_frequency_h
             near = ndimage.binary_dilation(near, iterations=grow)
         out.append(tips[near & inside])
     return np.concatenate(out) if out else np.zeros((0, 3))
+
+
+def concat_points(datasets: Sequence[xr.Dataset]) -> xr.Dataset:
+    """Lists of DEER points (``deer_points`` runs) as one list: one dataset for the fit.
+
+    Parameters
+    ----------
+    datasets : sequence of xarray.Dataset
+        Along dimension ``point`` with ``x``, ``y``, ``z`` coordinates and a ``shots``
+        variable; they must share ``tau_s`` and ``rf_frequency_hz``.
+
+    Returns
+    -------
+    xarray.Dataset
+        Their points in order (attrs of the first; ``uids`` lists every run's uid).
+    """
+    sets = list(datasets)
+    if not sets:
+        raise NvmriError("no DEER points to combine")
+    for key in ("tau_s", "rf_frequency_hz"):
+        values = {float(d.attrs[key]) for d in sets}
+        if len(values) > 1:
+            raise NvmriError(f"DEER point runs with different {key}: {sorted(values)}")
+    keep = [v for v in sets[0].data_vars if all(v in d.data_vars for d in sets)]
+    out = xr.concat([d[keep] for d in sets], dim="point", combine_attrs="override")
+    out = out.assign_coords(point=np.arange(out.sizes["point"]))
+    out.attrs["uids"] = [str(d.attrs.get("uid", "")) for d in sets]
+    return out
