@@ -22,6 +22,7 @@ like any raster (:func:`nvmri_bluesky.reconstruct.runs.run_dataset` turns a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -43,8 +44,10 @@ from nvmri_bluesky.plans.take import take
 __all__ = ["deer_points", "adaptive_spin", "adaptive_spin_rasters", "check_points",
            "ADAPTIVE_SURVEY_SHOTS", "ADAPTIVE_BUDGET_S", "ADAPTIVE_BATCH"]
 
-ADAPTIVE_SURVEY_SHOTS = 50_000
-"""Shots per point of the adaptive protocol's survey (finds the spin; the points refine it)."""
+ADAPTIVE_SURVEY_SHOTS = 20_000
+"""Shots per point of the adaptive protocol's survey (finds the spin; the points refine it).
+If it finds none, the survey is repeated with the fixed protocol's remaining shots
+(``deer_survey_more``), so a spin the fixed protocol's survey finds is not missed."""
 ADAPTIVE_BUDGET_S = 4 * 3600.0
 """Default instrument time allowed for the adaptive points, s."""
 ADAPTIVE_BATCH = 12
@@ -234,7 +237,8 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
     batch : int
         Points per batch (>= 10).
     survey_shots : int
-        Shots per point of the survey.
+        Shots per point of the survey; if it finds no spin, it is repeated with
+        ``SPIN_SHOTS - survey_shots`` (the fixed protocol's survey in all).
     min_shots : int
         Fewest shots per adaptive point (the lock needs photons).
     max_batches : int
@@ -249,8 +253,8 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
     Returns
     -------
     dict
-        measurement -> uid: ``deer_spectrum``, ``deer_survey``, ``deer_adaptive_1`` ...,
-        ``adaptive_stop``.
+        measurement -> uid: ``deer_spectrum``, ``deer_survey`` (and ``deer_survey_more``
+        when the first found nothing), ``deer_adaptive_1`` ..., ``adaptive_stop``.
     """
     from nvmri_bluesky.plans import sweeps
     from nvmri_bluesky.plans.accounting import instrument_time_s
@@ -277,10 +281,19 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
     uids["deer_survey"], survey_data = yield from take(_deer_raster(
         devices, survey, f_plus0, {"measurement": "deer_survey", **(md or {})}))
     fit = localize_spins(survey_data, detuning, line)
+    surveys = [survey_data]
+    if not fit.spins and survey_shots < design.SPIN_SHOTS:
+        # nothing seen with few shots: the rest of the fixed protocol's survey shots, fitted
+        # with the first (the fuller survey first: its deconvolution starts the fit)
+        more = dataclasses.replace(survey, shots=design.SPIN_SHOTS - survey_shots)
+        uids["deer_survey_more"], more_data = yield from take(_deer_raster(
+            devices, more, f_plus0, {"measurement": "deer_survey_more", **(md or {})}))
+        surveys = [more_data, survey_data]
+        fit = localize_spins(surveys, detuning, line)
     program = deer_program(FrequencyLock().fwhm_hz, tau, survey_data.attrs.get(
         "rf_duration_s", 100e-9))
     shot_s = program.duration
-    locked = _locked_lines(survey_data)
+    locked = tuple(np.concatenate(a) for a in zip(*map(_locked_lines, surveys), strict=True))
     limits = np.array([_limits(getattr(devices.stage, a)) for a in "xyz"], float)
     planes = [survey.z[0] + dz for dz in ADAPTIVE_PLANES_NM]
     points: list[Any] = []
@@ -329,7 +342,7 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
         last = rec.tips[order][-1]
         more = _locked_lines(data)
         locked = (np.r_[locked[0], more[0]], np.r_[locked[1], more[1]])
-        fit = localize_spins([survey_data, adaptive.concat_points(points)], detuning, line)
+        fit = localize_spins([*surveys, adaptive.concat_points(points)], detuning, line)
     else:
         reason = "batches exhausted"
     final = fit.spins[0].offset_sigma_nm if fit.spins else [float("nan")] * 3
