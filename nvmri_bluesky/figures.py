@@ -202,8 +202,8 @@ def adaptive_points(survey: xr.Dataset, points: xr.Dataset, result: Any, detunin
     px, py, pz = (np.asarray(points[a].values, float) for a in ("x", "y", "z"))
     shots = np.asarray(points["shots"].values, float) if "shots" in points else np.ones(px.size)
     order = np.arange(px.size)
-    sc = ax.scatter(px, py, c=order, s=12 * shots / shots.max(), cmap="cool",
-                    edgecolors="none")
+    sc = ax.scatter(px, py, c=order, s=30 * shots / shots.max(), cmap="cool",
+                    edgecolors="k", linewidths=0.4)
     fig.colorbar(sc, ax=ax, shrink=0.8, label="point (order measured)")
     psf = DarkSpinPSF(detuning, line, float(points.attrs["rf_frequency_hz"]))
     if result.spins:

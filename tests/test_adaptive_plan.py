@@ -105,3 +105,51 @@ def test_adaptive_run_localises_a_random_spin(make_ioc: Any) -> None:
     assert np.all(s.offset_sigma_nm <= [0.3, 0.3, 0.05])
     err = s.offset_nm - spin
     assert np.all(np.abs(err) <= 3.0 * s.offset_sigma_nm), (spin, err, s.offset_sigma_nm)
+
+
+def test_demo_adaptive_swaps_the_single_spin_step() -> None:
+    from nvmri_bluesky.demo import _samples
+
+    paper = dict(_samples(None, None, None, adaptive=True))
+    assert paper["paper-fig4"] == ("adaptive",)
+    assert paper["paper-fig3-nv1"] == ("sample",)            # layers: the fixed protocol
+    assert dict(_samples(None, None, None))["paper-fig4"] == ("sample",)
+    assert _samples("x.json", None, None, adaptive=True) == [("x.json",
+                                                              ("calibration", "adaptive"))]
+    assert _samples("x.json", None, ("spins",), adaptive=True) == [("x.json", ("adaptive",))]
+
+
+@pytest.mark.timeout(1800)
+def test_demo_adaptive_reports_a_random_spin_from_the_catalog(tmp_path: Any) -> None:
+    """``nvmri demo --scenario FILE --adaptive --quick --steps adaptive`` in a subprocess:
+    the report (reconstructed from the catalog, adaptive points included) has the spin
+    within 3 sigma and 0.3 nm of the truth, at the target sigma."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    scenario, spin = _scenario()
+    path = tmp_path / "scenario.json"
+    path.write_text(json.dumps(scenario))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+    env["MPLBACKEND"] = "Agg"
+    proc = subprocess.run([sys.executable, "-m", "nvmri_bluesky.cli", "demo", "--scenario",
+                           str(path), "--out", str(out), "--adaptive", "--quick", "--steps",
+                           "adaptive", "--jobs", "1"], env=env, capture_output=True, text=True,
+                          timeout=1700)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    runs = {k.split("/", 1)[1] for k in report["runs"]}
+    assert {"psf_map", "deer_evolution", "deer_spectrum", "deer_survey", "adaptive_stop"} <= runs
+    assert not runs & {"deer_raster", "deer_zoom"}
+    assert len(report["spins"]) == 1
+    entry = report["spins"][0]
+    for i, (axis, target) in enumerate(zip(("dx_nm", "dy_nm", "dz_nm"), (0.3, 0.3, 0.05),
+                                           strict=True)):
+        q = entry[axis]
+        assert abs(q["value"] - spin[i]) <= min(3 * q["sigma"], 0.3), (axis, q, spin)
+        assert q["sigma"] <= target * 1.0001
+    if any(r.startswith("deer_adaptive_") for r in runs):
+        assert (out / f"fig4_adaptive_{scenario['name']}.png").is_file()
