@@ -292,7 +292,12 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
         fit = localize_spins(surveys, detuning, line)
     program = deer_program(FrequencyLock().fwhm_hz, tau, survey_data.attrs.get(
         "rf_duration_s", 100e-9))
+    # instrument seconds per shot as the survey paid them (lock re-triggers included: ~1.5-3x
+    # the program alone), when its stop document counts them
     shot_s = program.duration
+    survey_s = survey_data.attrs.get("instrument_time_s")
+    if survey_s:
+        shot_s = max(shot_s, float(survey_s) / (survey.n_points * survey.shots))
     locked = tuple(np.concatenate(a) for a in zip(*map(_locked_lines, surveys), strict=True))
     limits = np.array([_limits(getattr(devices.stage, a)) for a in "xyz"], float)
     planes = [survey.z[0] + dz for dz in ADAPTIVE_PLANES_NM]
@@ -330,7 +335,8 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
                     "posterior_sigma": [float(v) for v in post.sigma],
                     "target_sigma_nm": [float(v) for v in target],
                     "candidates": int(len(cand)), "spent_s": float(spent),
-                    "budget_s": float(budget_s), "shot_s": float(shot_s), **rec.as_dict()}
+                    "budget_s": float(budget_s), "shot_s": float(shot_s),
+                    "program_shot_s": float(program.duration), **rec.as_dict()}
         uids[name], data = yield from take(deer_points(
             devices, rec.tips[order], rec.shots[order], survey.rf_frequency_hz, tau_s=tau,
             mw_frequency_hz=f_plus0, locked=locked,
