@@ -214,3 +214,29 @@ def test_localize_from_survey_and_recommended_points():
     assert np.all(fit.offset_sigma_nm < 1.3 * rec.predicted_sigma_nm)
     with pytest.raises(NvmriError, match="on a tip grid"):
         localize_spins(pts, det, line)
+
+
+def test_posterior_block_is_found_from_the_end_of_the_parameters():
+    """Two spins (reported strongest first, fitted in the other order) and one more global
+    parameter after the line shift (e.g. a fitted T2*): the right blocks are taken."""
+    from types import SimpleNamespace
+
+    n_sets, n_global = 2, 3 * 2 + 2                      # (a, C, E) x 2, shift, log T2*
+    sig = np.r_[np.full(n_global, 0.5), [0.11, 0.12, 0.13, 0.14], [0.21, 0.22, 0.23, 0.24]]
+    sig[3 * n_sets] = 0.31                                # the line shift, MHz
+    cov = np.diag(sig**2)
+    cov[3 * n_sets, -2] = cov[-2, 3 * n_sets] = 0.01      # shift x dz of the second fitted
+    strong = SimpleNamespace(offset_nm=np.array([1.0, 2.0, 3.0]), weight=1.5,
+                             offset_sigma_nm=np.array([0.21, 0.22, 0.23]), weight_sigma=0.24)
+    weak = SimpleNamespace(offset_nm=np.array([4.0, 5.0, 6.0]), weight=0.5,
+                           offset_sigma_nm=np.array([0.11, 0.12, 0.13]), weight_sigma=0.14)
+    result = SimpleNamespace(spins=(strong, weak), covariance=cov, line_shift_hz=2e5,
+                             nuisance=np.array([[0.03, 0.3, 0.8], [0.031, 0.29, 0.7]]))
+    post = adaptive.posterior_from_fit(result, None, None)
+    np.testing.assert_allclose(post.mean, [1.0, 2.0, 3.0, 1.5, 0.2])
+    np.testing.assert_allclose(post.sigma, [0.21, 0.22, 0.23, 0.24, 0.31])
+    assert post.covariance[2, 4] == pytest.approx(0.01)
+    assert (post.photons_per_shot, post.contrast, post.echo) == (0.031, 0.29, 0.7)
+    other = adaptive.posterior_from_fit(result, None, None, spin=1)
+    np.testing.assert_allclose(other.sigma[:4], [0.11, 0.12, 0.13, 0.14])
+    assert other.covariance[2, 4] == 0.0
