@@ -149,11 +149,12 @@ def _one(seed: int) -> dict[str, Any]:
                      key=lambda n: int(n.rsplit("_", 1)[1]))
     stop = adaptive.runs["adaptive_stop"]["start"]
     _, line_a = fit_deer_spectrum(adaptive.data("deer_spectrum"))
-    sets = [adaptive.data("deer_survey")]
+    surveys = [n for n in ("deer_survey_more", "deer_survey") if n in adaptive.runs]
+    sets = [adaptive.data(n) for n in surveys]          # the fuller survey first, as the plan
     if batches:
         sets.append(concat_points([adaptive.data(n) for n in batches]))
     fit = localize_spins(sets, det, line_a)
-    seconds_a = adaptive.seconds("deer_survey", *batches)
+    seconds_a = adaptive.seconds(*surveys, *batches)
     ok = len(fit.spins) == 1
     sigma = fit.spins[0].offset_sigma_nm if ok else np.full(3, np.nan)
     err = fit.spins[0].offset_nm - truth if ok else np.full(3, np.nan)
@@ -164,6 +165,7 @@ def _one(seed: int) -> dict[str, Any]:
             "uniform_s": reached_u, "uniform_full_s": uniform_full, "uniform_stages": stages,
             "uniform_found": bool(stages and stages[0]["spins"] >= 1),
             "adaptive_s": reached_a, "adaptive_spent_s": seconds_a,
+            "adaptive_surveys": surveys,
             "adaptive_batches": len(batches), "adaptive_points": int(sum(
                 len(adaptive.runs[n]["events"]) for n in batches)),
             "adaptive_stop": stop.get("reason"), "adaptive_sigma_nm": sigma.tolist(),
