@@ -149,7 +149,8 @@ def _one(seed: int) -> dict[str, Any]:
                      key=lambda n: int(n.rsplit("_", 1)[1]))
     stop = adaptive.runs["adaptive_stop"]["start"]
     _, line_a = fit_deer_spectrum(adaptive.data("deer_spectrum"))
-    surveys = [n for n in ("deer_survey_more", "deer_survey") if n in adaptive.runs]
+    surveys = [n for n in ("deer_survey_more2", "deer_survey_more", "deer_survey")
+               if n in adaptive.runs]
     sets = [adaptive.data(n) for n in surveys]          # the fuller survey first, as the plan
     if batches:
         sets.append(concat_points([adaptive.data(n) for n in batches]))

@@ -11,9 +11,11 @@ from nvmri_bluesky.analysis.evolution import evolution_data
 from nvmri_bluesky.reconstruct.report import snr_gain_report
 from nvmri_bluesky.reconstruct.runs import load_run
 
-SPIN_RASTERS = ("deer_raster", "deer_survey_more", "deer_survey", "deer_zoom")
+SPIN_RASTERS = ("deer_raster", "deer_survey_more2", "deer_survey_more", "deer_survey",
+                "deer_zoom")
 """Measurement names of the spin rasters of coupling class 1 (class k > 1: ``name_k``);
-``deer_survey_more``: the adaptive protocol's survey repeated (``plans.adaptive``)."""
+``deer_survey_more``, ``deer_survey_more2``: the adaptive protocol's survey repeated with
+more shots (``plans.adaptive``), the fullest first."""
 
 
 def psf_and_line(cat: Any, uids: dict[str, str], psf_name: str = "psf_map",

@@ -46,8 +46,9 @@ __all__ = ["deer_points", "adaptive_spin", "adaptive_spin_rasters", "check_point
 
 ADAPTIVE_SURVEY_SHOTS = 20_000
 """Shots per point of the adaptive protocol's survey (finds the spin; the points refine it).
-If it finds none, the survey is repeated with the fixed protocol's remaining shots
-(``deer_survey_more``), so a spin the fixed protocol's survey finds is not missed."""
+If it finds none, the survey is repeated with more shots (``deer_survey_more``, ``..._more2``:
+each brings the shots so far to 3x, up to the fixed protocol's 200k in all), so a spin the
+fixed protocol's survey finds is not missed."""
 ADAPTIVE_BUDGET_S = 4 * 3600.0
 """Default instrument time allowed for the adaptive points, s."""
 ADAPTIVE_BATCH = 12
@@ -182,6 +183,16 @@ def deer_points(devices: Any, tips: ArrayLike, shots: Sequence[int], rf_frequenc
     return (yield from inner())
 
 
+def _more_survey_shots(first: int, total: int) -> list[int]:
+    """Shots of the survey's repeats when it finds nothing: each repeat brings the shots so
+    far to 3x, the last one to ``total`` (20k -> +40k -> +140k for 200k)."""
+    out, done = [], int(first)
+    while done < total:
+        out.append(min(3 * done, total) - done)
+        done += out[-1]
+    return out
+
+
 def _locked_lines(ds: Any) -> tuple[np.ndarray, np.ndarray]:
     """(positions (K, 3), locked f+ (K,)) of a locked raster's or point run's dataset."""
     import xarray as xr
@@ -237,8 +248,9 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
     batch : int
         Points per batch (>= 10).
     survey_shots : int
-        Shots per point of the survey; if it finds no spin, it is repeated with
-        ``SPIN_SHOTS - survey_shots`` (the fixed protocol's survey in all).
+        Shots per point of the survey; if it finds no spin, it is repeated with more
+        shots (:func:`_more_survey_shots`), up to ``SPIN_SHOTS`` in all (the fixed
+        protocol's survey).
     min_shots : int
         Fewest shots per adaptive point (the lock needs photons).
     max_batches : int
@@ -253,8 +265,9 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
     Returns
     -------
     dict
-        measurement -> uid: ``deer_spectrum``, ``deer_survey`` (and ``deer_survey_more``
-        when the first found nothing), ``deer_adaptive_1`` ..., ``adaptive_stop``.
+        measurement -> uid: ``deer_spectrum``, ``deer_survey`` (and ``deer_survey_more``,
+        ``deer_survey_more2`` when it found nothing), ``deer_adaptive_1`` ...,
+        ``adaptive_stop``.
     """
     from nvmri_bluesky.plans import sweeps
     from nvmri_bluesky.plans.accounting import instrument_time_s
@@ -282,13 +295,17 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
         devices, survey, f_plus0, {"measurement": "deer_survey", **(md or {})}))
     fit = localize_spins(survey_data, detuning, line)
     surveys = [survey_data]
-    if not fit.spins and survey_shots < design.SPIN_SHOTS:
-        # nothing seen with few shots: the rest of the fixed protocol's survey shots, fitted
-        # with the first (the fuller survey first: its deconvolution starts the fit)
-        more = dataclasses.replace(survey, shots=design.SPIN_SHOTS - survey_shots)
-        uids["deer_survey_more"], more_data = yield from take(_deer_raster(
-            devices, more, f_plus0, {"measurement": "deer_survey_more", **(md or {})}))
-        surveys = [more_data, survey_data]
+    for k, extra in enumerate(_more_survey_shots(survey_shots, design.SPIN_SHOTS)):
+        if fit.spins:
+            break
+        # nothing seen yet: the survey again with more shots, fitted with the ones before
+        # (the fullest first: its deconvolution starts the fit), up to the fixed protocol's
+        # shots in all, so a spin its survey finds is not missed
+        name = "deer_survey_more" if k == 0 else f"deer_survey_more{k + 1}"
+        uids[name], more_data = yield from take(_deer_raster(
+            devices, dataclasses.replace(survey, shots=extra), f_plus0,
+            {"measurement": name, **(md or {})}))
+        surveys = sorted([*surveys, more_data], key=lambda d: -float(d.attrs["shots"]))
         fit = localize_spins(surveys, detuning, line)
     program = deer_program(FrequencyLock().fwhm_hz, tau, survey_data.attrs.get(
         "rf_duration_s", 100e-9))
