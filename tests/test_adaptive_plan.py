@@ -153,3 +153,14 @@ def test_demo_adaptive_reports_a_random_spin_from_the_catalog(tmp_path: Any) -> 
         assert q["sigma"] <= target * 1.0001
     if any(r.startswith("deer_adaptive_") for r in runs):
         assert (out / f"fig4_adaptive_{scenario['name']}.png").is_file()
+
+
+def test_survey_repeats_reach_the_fixed_survey_shots_in_steps() -> None:
+    from nvmri_bluesky.plans.adaptive import _more_survey_shots
+
+    assert _more_survey_shots(20_000, 200_000) == [40_000, 140_000]
+    assert _more_survey_shots(50_000, 200_000) == [150_000]
+    assert _more_survey_shots(200_000, 200_000) == []
+    for first in (5_000, 10_000, 20_000, 70_000):
+        steps = _more_survey_shots(first, 200_000)
+        assert first + sum(steps) == 200_000 and all(s > 0 for s in steps)

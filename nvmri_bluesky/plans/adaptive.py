@@ -188,8 +188,11 @@ def _more_survey_shots(first: int, total: int) -> list[int]:
     far to 3x, the last one to ``total`` (20k -> +40k -> +140k for 200k)."""
     out, done = [], int(first)
     while done < total:
-        out.append(min(3 * done, total) - done)
-        done += out[-1]
+        nxt = min(3 * done, total)
+        if total - nxt < nxt - done:        # no small last repeat: go to the total now
+            nxt = total
+        out.append(nxt - done)
+        done = nxt
     return out
 
 
