@@ -153,6 +153,16 @@ def test_demo_adaptive_reports_a_random_spin_from_the_catalog(tmp_path: Any) -> 
         assert q["sigma"] <= target * 1.0001
     if any(r.startswith("deer_adaptive_") for r in runs):
         assert (out / f"fig4_adaptive_{scenario['name']}.png").is_file()
+    # `nvmri reconstruct` of the stop run: the same spin from the catalog
+    stop_uid = report["runs"][f"{scenario['name']}/adaptive_stop"]
+    proc = subprocess.run([sys.executable, "-m", "nvmri_bluesky.cli", "reconstruct", stop_uid,
+                           "--catalog", str(out / "catalog"), "--json"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads(proc.stdout)
+    assert len(again["spins"]) == 1
+    for axis in ("dx_nm", "dy_nm", "dz_nm"):
+        assert again["spins"][0][axis]["value"] == pytest.approx(entry[axis]["value"], abs=1e-6)
 
 
 def test_survey_repeats_reach_the_fixed_survey_shots_in_steps() -> None:
