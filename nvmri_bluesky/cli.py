@@ -145,7 +145,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     demo.run(scenario=args.scenario, out=args.out, catalog=args.catalog, prefix=args.prefix,
              api_key=args.api_key, quick=args.quick, jobs=args.jobs,
-             steps=tuple(args.steps.split(",")) if args.steps else None)
+             steps=tuple(args.steps.split(",")) if args.steps else None,
+             adaptive=args.adaptive)
     return 0
 
 
@@ -232,8 +233,13 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=4,
                    help="samples measured at once, each with its own IOC (default 4)")
     p.add_argument("--steps", default=None,
-                   help="comma-separated protocol steps: calibration,sample,spins,layers "
-                        "(default: each sample's own)")
+                   help="comma-separated protocol steps: calibration,sample,spins,layers,"
+                        "adaptive (default: each sample's own)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="single spins adaptively (plans.adaptive.adaptive_spin: measure where "
+                        "the information is, stop at the target sigma) instead of the fixed "
+                        "fine and zoom rasters: the single-spin sample's step becomes "
+                        "'adaptive'")
 
 
 def _catalog_commands(p: argparse.ArgumentParser) -> None:

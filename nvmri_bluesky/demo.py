@@ -31,11 +31,13 @@ PAPER_SAMPLES = (("paper-fig2", ("calibration",)),
                  ("paper-fig3-nv2", ("sample",)),
                  ("paper-fig4", ("sample",)))
 """The built-in paper scenarios and the protocol steps each one gets."""
-ALL_STEPS = ("calibration", "sample", "spins", "layers")
+ALL_STEPS = ("calibration", "sample", "spins", "layers", "adaptive")
+SINGLE_SPIN_SAMPLES = ("paper-fig4",)
+"""The built-in samples whose spins ``--adaptive`` measures adaptively (one point spin)."""
 DEFAULT_STEPS = ("calibration", "sample")
 """What a scenario file gets: the Fig. 2 calibration, then the protocol that decides
 from the data what the sample holds (``plans.protocol.any_sample``)."""
-STEP_COST = {"calibration": 1, "layers": 3, "spins": 4, "sample": 5}
+STEP_COST = {"calibration": 1, "layers": 3, "spins": 4, "sample": 5, "adaptive": 3}
 """Relative wall time of the protocol steps (to start the longest samples first)."""
 WORKER_PRELOAD = ("nvmri_bluesky.analysis.sample", "nvmri_bluesky.figures",
                   "nvmri_bluesky.reconstruct.localize", "nvmri_bluesky.reconstruct.evidence",
@@ -50,11 +52,20 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _samples(scenario: str | None, prefix: str | None, steps: tuple[str, ...] | None
-             ) -> list[tuple[str, tuple[str, ...]]]:
+def _samples(scenario: str | None, prefix: str | None, steps: tuple[str, ...] | None,
+             adaptive: bool = False) -> list[tuple[str, tuple[str, ...]]]:
+    """(sample, steps) to run; ``adaptive``: the single-spin samples' (and a given
+    scenario's) ``sample``/``spins`` step becomes ``adaptive``."""
+    def swap(name: str, chosen: tuple[str, ...]) -> tuple[str, ...]:
+        if not adaptive or (scenario is None and prefix is None
+                            and name not in SINGLE_SPIN_SAMPLES):
+            return chosen
+        return tuple("adaptive" if s in ("sample", "spins") else s for s in chosen)
+
     if scenario is None and prefix is None:
-        return [(name, steps or default) for name, default in PAPER_SAMPLES]
-    return [(scenario or "instrument", steps or DEFAULT_STEPS)]
+        return [(name, swap(name, steps or default)) for name, default in PAPER_SAMPLES]
+    name = scenario or "instrument"
+    return [(name, swap(name, steps or DEFAULT_STEPS))]
 
 
 def _sample_name(source: str, prefix: str | None) -> str:
@@ -69,7 +80,7 @@ def _sample_name(source: str, prefix: str | None) -> str:
 def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
         catalog: str | None = None, prefix: str | None = None, api_key: str | None = None,
         quick: bool = False, steps: tuple[str, ...] | None = None,
-        jobs: int = 4) -> dict[str, Any]:
+        jobs: int = 4, adaptive: bool = False) -> dict[str, Any]:
     """Run the protocol on every sample, reconstruct from the catalog, write the report.
 
     Parameters
@@ -93,6 +104,9 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
         Samples measured and reconstructed at once, each in a process of its
         own with its own simulated IOC (the paper's samples are independent
         instruments); 1 runs them one after the other in this process.
+    adaptive : bool
+        Single spins by the adaptive protocol (``plans.adaptive.adaptive_spin``):
+        the single-spin samples' ``sample`` or ``spins`` step becomes ``adaptive``.
 
     Returns
     -------
@@ -102,7 +116,7 @@ def run(scenario: str | None = None, out: str | Path = "nvmri-demo",
     t0 = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = _samples(scenario, prefix, steps)
+    samples = _samples(scenario, prefix, steps, adaptive)
     unknown = set(steps or ()) - set(ALL_STEPS)
     if unknown:
         raise NvmriError(f"unknown protocol step(s) {sorted(unknown)}; choose from {ALL_STEPS}")

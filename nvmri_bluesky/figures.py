@@ -179,3 +179,52 @@ def spins(deer: xr.Dataset, result: Any, path: Path, zoom: xr.Dataset | None = N
         fig.suptitle("no point spin located: the survey's deconvolved density on its own "
                      "raster step (what the search saw)")
     return _save(fig, path)
+
+
+def adaptive_points(survey: xr.Dataset, points: xr.Dataset, result: Any, detuning: Any,
+                    line: Any, path: Path) -> Path:
+    """Where the adaptive protocol measured: its points over the survey and the spin's ring.
+
+    Left: the survey's DEER contrast with every adaptive point (colour: its
+    batch order, area: its shots) and, in white, the fitted spin's resonant
+    ring on each plane measured (PSF at half its peak, from the measured map).
+    Right: the same points' contrast against their predicted PSF.
+    """
+    from nvmri_bluesky.reconstruct.psf import DarkSpinPSF
+
+    c = _contrast(survey)
+    fig = Figure(figsize=(11.0, 4.4), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
+    x, y = c["x"].values, c["y"].values
+    # a single spin's contrast is w PSF in [0, 2]: few-shot outliers would hide the ring
+    _image(fig, ax, np.clip(c.isel(z=0).transpose("y", "x").values, -0.5, 2.5), x, y, "magma",
+           "DEER contrast (clipped to -0.5..2.5)", 10.0)
+    px, py, pz = (np.asarray(points[a].values, float) for a in ("x", "y", "z"))
+    shots = np.asarray(points["shots"].values, float) if "shots" in points else np.ones(px.size)
+    order = np.arange(px.size)
+    sc = ax.scatter(px, py, c=order, s=30 * shots / shots.max(), cmap="cool",
+                    edgecolors="k", linewidths=0.4)
+    fig.colorbar(sc, ax=ax, shrink=0.8, label="point (order measured)")
+    psf = DarkSpinPSF(detuning, line, float(points.attrs["rf_frequency_hz"]))
+    if result.spins:
+        spin = result.spins[0].offset_nm
+        gx, gy = np.meshgrid(np.linspace(x[0], x[-1], 300), np.linspace(y[0], y[-1], 300))
+        for z, style in zip(sorted(set(np.round(pz, 3))), ("-", "--", ":", "-."), strict=False):
+            tips = np.stack([gx, gy, np.full_like(gx, z)], -1)
+            v = np.nan_to_num(psf(tips - spin))
+            ax.contour(gx, gy, v, levels=[0.5 * line.peak], colors="w", linewidths=0.8,
+                       linestyles=style)
+        s = result.spins[0]
+        ax.set_title("adaptive points on the survey; white: fitted ring (PSF = peak/2)\n"
+                     "spin - NV = (" + ", ".join(f"{a:.2f}+/-{e:.2f}" for a, e in zip(
+                         s.offset_nm, s.offset_sigma_nm, strict=True)) + ") nm", fontsize=8)
+        pred = np.nan_to_num(psf(np.stack([px, py, pz], -1) - spin)) / line.peak
+        con = deer_contrast_dataset(points)
+        ax2.errorbar(pred, con["contrast"].values, yerr=con["contrast_sigma"].values, fmt="o",
+                     ms=3, lw=0.6)
+        ax2.set_xlabel("predicted PSF / peak at the fitted spin")
+        ax2.set_ylabel("measured DEER contrast")
+        ax2.set_title(f"{px.size} points, {int(shots.sum()):,} shots", fontsize=9)
+    ax.set_xlabel("tip x (nm)")
+    ax.set_ylabel("tip y (nm)")
+    return _save(fig, path)

@@ -51,11 +51,22 @@ def reconstruct_run(cat: Any, uid: str) -> dict[str, Any]:
             if not deer.attrs.get("complete", True):
                 out["note"] = (f"run cut short: reconstructed from {deer.attrs['points_measured']}"
                                f" of {deer.attrs['points_planned']} points")
+    elif plan in ("deer_points", "adaptive_stop"):    # the adaptive protocol, up to this run
+        missing = [m for m in ("psf_map", "deer_spectrum", "deer_evolution", "deer_survey")
+                   if m not in uids]
+        if missing:
+            raise NvmriError(f"run {uid[:8]}: the catalog has no {' or '.join(missing)} run "
+                             "of the same instrument before it (needed for the PSF and start)")
+        result, _, _ = spins_result(cat, uids)
+        out["spins"] = spins_report(result)
+        out["resolution_nm"] = resolution_report(result)
+        out["adaptive_batches"] = [m for m in uids if m.startswith("deer_adaptive_")]
     elif plan in ("ramsey_raster", "esr_raster", "psf_map") and "ramsey_line" in uids:
         out.update(calibration_report(cat, uids))
     else:
         raise NvmriError(f"run {uid[:8]} is a {plan!r} run: nvmri reconstruct takes "
-                         "deer_raster runs (spins, layers) and the Fig. 2 calibration lines")
+                         "deer_raster runs (spins, layers), the adaptive protocol's deer_points "
+                         "and adaptive_stop runs, and the Fig. 2 calibration lines")
     return out
 
 

@@ -10,6 +10,7 @@ from nvmri_bluesky.analysis.calibration import calibration_report
 from nvmri_bluesky.analysis.evolution import evolution_report
 from nvmri_bluesky.analysis.layers import layer_with_spins, layers_result
 from nvmri_bluesky.analysis.spins import (
+    adaptive_batches,
     class_rasters,
     fine_map,
     located,
@@ -131,6 +132,9 @@ def _sample_objects(cat: Any, sample: str, uids: dict[str, str], out: Path
         if result.spins:
             part["resolution_nm"] = resolution_report(result)
             part.update(snr_gain_part(cat, uids))
+        if adaptive_batches(uids) and len(rasters) > 1:      # where the adaptive points went
+            figures.adaptive_points(rasters[0], rasters[-1], result, spin_detuning, line,
+                                    out / f"fig4_adaptive_{sample}.png")
         zoom = load_run(cat, uids["deer_zoom"], ["deer_raster"]) if "deer_zoom" in uids else None
         figures.spins(rasters[0], result, out / f"fig4_spins_{sample}.png", zoom=zoom,
                       fine=fine_map(result, rasters, spin_detuning, result.line))

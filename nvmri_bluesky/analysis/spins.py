@@ -11,8 +11,11 @@ from nvmri_bluesky.analysis.evolution import evolution_data
 from nvmri_bluesky.reconstruct.report import snr_gain_report
 from nvmri_bluesky.reconstruct.runs import load_run
 
-SPIN_RASTERS = ("deer_raster", "deer_survey", "deer_zoom")
-"""Measurement names of the spin rasters of coupling class 1 (class k > 1: ``name_k``)."""
+SPIN_RASTERS = ("deer_raster", "deer_survey_more2", "deer_survey_more", "deer_survey",
+                "deer_zoom")
+"""Measurement names of the spin rasters of coupling class 1 (class k > 1: ``name_k``);
+``deer_survey_more``, ``deer_survey_more2``: the adaptive protocol's survey repeated with
+more shots (``plans.adaptive``), the fullest first."""
 
 
 def psf_and_line(cat: Any, uids: dict[str, str], psf_name: str = "psf_map",
@@ -50,6 +53,13 @@ def class_rasters(uids: dict[str, str]) -> list[list[str]]:
         if present:
             classes.append(present)
     return classes
+
+
+def adaptive_batches(uids: dict[str, str]) -> list[str]:
+    """Measurement names of the adaptive protocol's point batches (``deer_adaptive_1`` ...),
+    in order (``plans.adaptive``)."""
+    names = [m for m in uids if m.startswith("deer_adaptive_") and m[14:].isdigit()]
+    return sorted(names, key=lambda m: int(m[14:]))
 
 
 def _merge_spins(results: list[Any]) -> list[Any]:
@@ -103,6 +113,11 @@ def spins_result(cat: Any, uids: dict[str, str], layer: Any = None,
     results, first_class = [], []
     for k, names in enumerate(class_rasters(uids)):
         deer = [load_run(cat, uids[m], ["deer_raster"]) for m in names]
+        if k == 0 and adaptive_batches(uids):      # the adaptive protocol's points
+            from nvmri_bluesky.reconstruct.adaptive import concat_points
+
+            deer.append(concat_points([load_run(cat, uids[m], ["deer_points"])
+                                       for m in adaptive_batches(uids)]))
         if layer is not None:
             deer = [with_layer_background(d, detuning, line, layer, fallback=layer_detuning)
                     for d in deer]

@@ -17,6 +17,7 @@ _WHERE = {
     "esr_raster": "rasters",
     "set_z_min": "service", "set_source_power": "service",
     "FrequencyLock": "lock", "locked_acquire": "lock",
+    "deer_points": "adaptive", "adaptive_spin": "adaptive",
 }
 __all__ = sorted(_WHERE)
 

@@ -482,13 +482,23 @@ def _layer_runs(devices: Any, quick: bool, md: dict | None, uids: dict[str, str]
     return line, (raster_data, detuning)
 
 
+def adaptive_spins(devices: Any, quick: bool = False, md: dict | None = None
+                   ) -> Generator[Any, Any, dict[str, str]]:
+    """Fig. 4 adaptively (:func:`nvmri_bluesky.plans.adaptive.adaptive_spin`): the survey,
+    then points where the information is until the target sigma."""
+    from nvmri_bluesky.plans.adaptive import adaptive_spin
+
+    return (yield from adaptive_spin(devices, quick=quick, md=md))
+
+
 STEPS = {"calibration": calibration, "sample": any_sample, "spins": single_spins,
-         "layers": surface_layers}
+         "layers": surface_layers, "adaptive": adaptive_spins}
 """The protocol's steps by name (``nvmri demo`` runs them per sample)."""
 
 
 def step_plan(step: str, devices: Any, quick: bool = False) -> Generator:
-    """The plan of one protocol step (``calibration``, ``sample``, ``spins`` or ``layers``)."""
+    """The plan of one protocol step (``calibration``, ``sample``, ``spins``, ``layers`` or
+    ``adaptive``)."""
     if step == "calibration":
         return calibration(devices, line_half_nm=40.0 if quick else 60.0)
     return STEPS[step](devices, quick=quick)

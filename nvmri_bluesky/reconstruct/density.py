@@ -248,11 +248,12 @@ def _spin_contrast(ds: xr.Dataset, r: _Raster, spins: NDArray, shift_hz: float,
         In the order of ``r.tips`` (:func:`_prepare`); NaN where the counts
         give no contrast.
     """
-    d = ds.transpose("x", "y", "z", ...)
+    dims = [a for a in ("x", "y", "z") if a in ds["signal"].dims] or list(ds["signal"].dims)
+    d = ds.transpose(*dims, ...)                 # a grid, or a list of points (as _prepare)
     con = deer_contrast_dataset(d)
-    ok = valid_points(d).transpose("x", "y", "z").values
-    c_data = con["contrast"].transpose("x", "y", "z").values[ok]
-    s_data = con["contrast_sigma"].transpose("x", "y", "z").values[ok]
+    ok = valid_points(d).transpose(*dims).values
+    c_data = con["contrast"].transpose(*dims).values[ok]
+    s_data = con["contrast_sigma"].transpose(*dims).values[ok]
     c_model = _contrast_and_grad(r.psf, r.tips, spins, shift_hz, False)[0]
     keep = np.clip(np.clip(1.0 - r.background, 1e-12, 1.0) ** layer_scale, 1e-3, 1.0)
     return 1.0 - (1.0 - c_data) / keep - c_model, s_data / keep

@@ -283,6 +283,16 @@ def _spin_fits(rasters: Sequence[_Raster], lay: _Layout, theta: NDArray, sig: ND
     return fits
 
 
+def _gridded(sets: Sequence[xr.Dataset]) -> int:
+    """Index of the first dataset on a tip grid (dims ``x``, ``y``, ``z``), not a list of
+    points: the fit's starts are deconvolved from it."""
+    for i, d in enumerate(sets):
+        if all(a in d.dims for a in ("x", "y", "z")):
+            return i
+    raise NvmriError("localisation needs one DEER raster on a tip grid (its deconvolution "
+                     "starts the fit); got only lists of points")
+
+
 def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningInterpolant,
                    line: FlipLine, *, prior: ArrayLike = PRIOR_BOX, max_spins: int = 3,
                    axis: ArrayLike | None = None,
@@ -297,7 +307,11 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
         DEER rasters: coords ``x``, ``y``, ``z`` (nm), counts ``signal``,
         ``echo``, ``bright``, ``dark``, attrs ``tau_s``, ``rf_frequency_hz``,
         ``shots``.  Several rasters (e.g. different RF offsets) are fitted
-        jointly; they must share ``tau_s`` (one w per spin).
+        jointly; they must share ``tau_s`` (one w per spin).  A dataset may
+        also be a list of points (any tips, repeats allowed: counts along one
+        dimension, ``x``, ``y``, ``z`` coordinates along it, shots per point
+        in a ``shots`` variable or ``attrs``); at least one must be on a grid
+        (the first such one starts the fit).
     detuning : DetuningInterpolant
         The measured Delta f_dark map (:func:`~.detuning.dark_detuning_map`).
     line : FlipLine
@@ -337,16 +351,17 @@ def localize_spins(deer: xr.Dataset | Sequence[xr.Dataset], detuning: DetuningIn
     layer = _has_layer(rasters)
     fit = _fit_no_spin(rasters, box, line)
     devs = [fit.deviance]
-    op = shift_operator(sets[0], rasters[0].psf, box, dz_step)
+    lead = _gridded(sets)               # the starts come from a raster on a grid
+    op = shift_operator(sets[lead], rasters[lead].psf, box, dz_step)
 
     def residual_starts(spins: NDArray, shift_hz: float, layer_scale: float, n_peaks: int
                         ) -> tuple[xr.DataArray, list[tuple[NDArray, float]]]:
         """The residual's deconvolution and the starts for one more spin: its peaks
         and the matched filter's best offsets."""
-        c, s = _spin_contrast(sets[0], rasters[0], spins, shift_hz, layer_scale)
-        source = _residual_density(sets[0], rasters[0], c, s, box, dz_step, op)
+        c, s = _spin_contrast(sets[lead], rasters[lead], spins, shift_hz, layer_scale)
+        source = _residual_density(sets[lead], rasters[lead], c, s, box, dz_step, op)
         return source, (_peaks(source, box, n_peaks)
-                        + _matched_starts(rasters[0], c, s, shift_hz, box, MATCHED_STARTS))
+                        + _matched_starts(rasters[lead], c, s, shift_hz, box, MATCHED_STARTS))
 
     density, starts = residual_starts(np.zeros((0, 4)), 0.0,
                                       _Layout(n_sets, 0, layer).layer_scale(fit.theta), n_starts)

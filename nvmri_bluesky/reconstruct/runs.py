@@ -24,9 +24,11 @@ from event_model import unpack_event_page
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
 
-__all__ = ["run_dataset", "load_run", "RASTER_PLANS", "SWEEP_COORDS"]
+__all__ = ["run_dataset", "load_run", "RASTER_PLANS", "POINT_PLANS", "SWEEP_COORDS"]
 
 RASTER_PLANS = ("deer_raster", "psf_map", "ramsey_raster", "esr_raster")
+POINT_PLANS = ("deer_points",)
+"""Plans whose events are tips in any order (adaptive points): a list of points."""
 SWEEP_COORDS = {"deer_spectrum": ("rf_frequency", "Hz"), "deer_evolution": ("tau", "s"),
                 "odmr_sweep": ("mw_frequency", "Hz"), "rabi": ("mw_duration", "s"),
                 "ramsey": ("tau", "s"), "echo": ("tau", "s"), "deer_point": (None, None)}
@@ -55,6 +57,8 @@ def _attrs(start: Mapping[str, Any], stop: Mapping[str, Any] | None) -> dict[str
     if stop is not None:
         attrs["exit_status"] = stop.get("exit_status", "")
         attrs["stop_reason"] = stop.get("reason", "") or ""
+        if isinstance(stop.get("instrument_time_s"), int | float):
+            attrs["instrument_time_s"] = float(stop["instrument_time_s"])
     return attrs
 
 
@@ -116,6 +120,26 @@ def _raster(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
     return ds.transpose("x", "y", "z")
 
 
+def _points(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
+            attrs: dict[str, Any]) -> xr.Dataset:
+    """A list of points: counts along ``point``, coords ``x``, ``y``, ``z`` (nm) from the
+    stage setpoints of each event, ``shots`` per point from the pulser's reading."""
+    cols = _columns(events, _gates(start))
+    coords: dict[str, Any] = {"point": np.arange(len(events))}
+    for n in ("x", "y", "z"):
+        coords[n] = ("point", np.array(
+            [float(e["data"].get(f"stage_{n}_user_setpoint", e["data"].get(f"stage_{n}")))
+             for e in events]), {"units": "nm"})
+    data = {k: ("point", v) for k, v in cols.items()}
+    if events and "pulser_shots" in events[0]["data"]:
+        data["shots"] = ("point", np.array([float(e["data"]["pulser_shots"]) for e in events]))
+    ds = xr.Dataset(data, coords=coords, attrs=attrs)
+    planned = start.get("num_points")
+    ds.attrs.update(points_measured=len(events), points_planned=planned or len(events),
+                    complete=planned in (None, len(events)))
+    return ds
+
+
 def _sweep(start: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
            attrs: dict[str, Any]) -> xr.Dataset:
     coord, unit = SWEEP_COORDS.get(start.get("plan_name", ""), (None, None))
@@ -153,15 +177,19 @@ def run_dataset(start: Mapping[str, Any], events: Iterable[Mapping[str, Any]],
     Returns
     -------
     xarray.Dataset
-        Rasters on the grid (dims ``x``, ``y``, ``z``, nm); sweeps on the swept
-        coordinate.  Gate counts by gate name (``signal``, ``echo``, ``bright``,
-        ``dark``, ``lock_0`` ...), ``lock_frequency`` etc. in Hz; ``attrs``
-        carry the plan's timing and frequency arguments in SI units.
+        Rasters on the grid (dims ``x``, ``y``, ``z``, nm); point runs
+        (:data:`POINT_PLANS`) along ``point`` with ``x``, ``y``, ``z`` coordinates and
+        per-point ``shots``; sweeps on the swept coordinate.  Gate counts by
+        gate name (``signal``, ``echo``, ``bright``, ``dark``, ``lock_0`` ...),
+        ``lock_frequency`` etc. in Hz; ``attrs`` carry the plan's timing and
+        frequency arguments in SI units.
     """
     events = list(events)
     attrs = _attrs(start, stop)
     if start.get("plan_name") in RASTER_PLANS and "grid" in start:
         return _raster(start, events, attrs)
+    if start.get("plan_name") in POINT_PLANS:
+        return _points(start, events, attrs)
     return _sweep(start, events, attrs)
 
 

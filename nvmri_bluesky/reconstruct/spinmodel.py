@@ -139,7 +139,7 @@ def _prepare(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine) -> _
     for a in ("x", "y", "z"):
         if a not in ds.coords:
             raise NvmriError(f"DEER raster lacks the coordinate {a!r}")
-    for k in ("tau_s", "rf_frequency_hz", "shots"):
+    for k in ("tau_s", "rf_frequency_hz") + (() if "shots" in ds.variables else ("shots",)):
         if k not in ds.attrs:
             raise NvmriError(f"DEER raster attrs lack {k!r}")
     d = ds.transpose(*[a for a in ("x", "y", "z") if a in ds["signal"].dims], ...)
@@ -149,9 +149,10 @@ def _prepare(ds: xr.Dataset, detuning: DetuningInterpolant, line: FlipLine) -> _
     gx, gy, gz = (g.transpose(*d["signal"].dims) for g in (gx, gy, gz))
     tips = np.stack([gx.values.ravel(), gy.values.ravel(), gz.values.ravel()], -1)[ok]
     counts = np.stack([np.asarray(d[g].values, float).ravel()[ok] for g in GATE_ORDER])
-    shots = np.broadcast_to(np.asarray(d.attrs["shots"], float), ok.shape)[ok]
-    if "shots" in d.data_vars:
+    if "shots" in d.variables:              # per point (a list of points, varying shots)
         shots = np.asarray(d["shots"].values, float).ravel()[ok]
+    else:
+        shots = np.broadcast_to(np.asarray(d.attrs["shots"], float), ok.shape)[ok]
     if tips.shape[0] < 10:
         raise NvmriError("DEER raster has fewer than 10 valid points")
     psf = DarkSpinPSF(detuning, line, float(d.attrs["rf_frequency_hz"]))
