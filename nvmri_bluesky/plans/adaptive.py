@@ -30,7 +30,7 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import Msg
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans.checks import _limits, check_frequency, check_positive
@@ -220,6 +220,75 @@ def _decision_run(devices: Any, md: dict) -> Generator[Any, Any, str]:
     return (yield from inner())
 
 
+def _shot_seconds(program_s: float, survey_data: Any, survey: Any) -> float:
+    """Instrument seconds per shot as the survey paid them (lock re-triggers included:
+    ~1.5-3x the program alone) when its stop document counts them, else the program's."""
+    survey_s = survey_data.attrs.get("instrument_time_s")
+    if not survey_s:
+        return float(program_s)
+    return max(float(program_s), float(survey_s) / (survey.n_points * survey.shots))
+
+
+def _stop_run(devices: Any, fit: Any, reason: str, batches: int, spent_s: float,
+              target: NDArray, md: dict | None) -> Generator[Any, Any, str]:
+    """The ``adaptive_stop`` run: why the loop stopped, and the final fit."""
+    from nvmri_bluesky.reconstruct import adaptive
+
+    final = fit.spins[0].offset_sigma_nm if fit.spins else [float("nan")] * 3
+    if fit.spins and adaptive.target_reached(final, target):
+        reason = "target reached"
+    return (yield from _decision_run(devices, {
+        "measurement": "adaptive_stop", "reason": reason, "batches": batches,
+        "spent_s": float(spent_s), "fit_sigma_nm": [float(v) for v in final],
+        "fit_offset_nm": ([float(v) for v in fit.spins[0].offset_nm] if fit.spins else []),
+        "target_sigma_nm": [float(v) for v in target], **(md or {})}))
+
+
+def _spectrum_and_survey(devices: Any, ingredients: tuple, coupling_hz: float, tau: float,
+                         survey_shots: int, quick: bool, md: dict | None,
+                         uids: dict[str, str]) -> Generator[Any, Any, tuple]:
+    """The spectrum at ``tau``, then the survey, repeated with more shots while it finds
+    no spin (:func:`_more_survey_shots`); run uids go into ``uids``.
+
+    Returns
+    -------
+    (FlipLine, RasterDesign of the survey, the first survey's dataset, every survey's
+    dataset (fullest first), their fit)
+    """
+    from nvmri_bluesky.plans import sweeps
+    from nvmri_bluesky.plans.protocol import _deer_raster
+    from nvmri_bluesky.reconstruct import protocol as design
+    from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
+    from nvmri_bluesky.reconstruct.localize import localize_spins
+
+    detuning, f_plus0, f_line = ingredients
+    uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
+        devices, *design.spectrum_axis(f_line, quick), tau_s=tau, mw_frequency_hz=f_plus0,
+        shots=design.SPECTRUM_SHOTS,
+        md={"measurement": "deer_spectrum", "point_couplings_hz": [float(coupling_hz)],
+            **(md or {})}))
+    _, line = fit_deer_spectrum(spectrum)
+    survey = design.design_spin_raster(detuning, line.centre_hz, tau,
+                                       step_nm=design.SPIN_SURVEY_STEP_NM, shots=survey_shots)
+    uids["deer_survey"], survey_data = yield from take(_deer_raster(
+        devices, survey, f_plus0, {"measurement": "deer_survey", **(md or {})}))
+    fit = localize_spins(survey_data, detuning, line)
+    surveys = [survey_data]
+    for k, extra in enumerate(_more_survey_shots(survey_shots, design.SPIN_SHOTS)):
+        if fit.spins:
+            break
+        # nothing seen yet: the survey again with more shots, fitted with the ones before
+        # (the fullest first: its deconvolution starts the fit), up to the fixed protocol's
+        # shots in all, so a spin its survey finds is not missed
+        name = "deer_survey_more" if k == 0 else f"deer_survey_more{k + 1}"
+        uids[name], more_data = yield from take(_deer_raster(
+            devices, dataclasses.replace(survey, shots=extra), f_plus0,
+            {"measurement": name, **(md or {})}))
+        surveys = sorted([*surveys, more_data], key=lambda d: -float(d.attrs["shots"]))
+        fit = localize_spins(surveys, detuning, line)
+    return line, survey, survey_data, surveys, fit
+
+
 def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
                           quick: bool = False, md: dict | None = None, *,
                           target_sigma_nm: ArrayLike = (0.3, 0.3, 0.05),
@@ -272,52 +341,22 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
         ``deer_survey_more2`` when it found nothing), ``deer_adaptive_1`` ...,
         ``adaptive_stop``.
     """
-    from nvmri_bluesky.plans import sweeps
     from nvmri_bluesky.plans.accounting import instrument_time_s
-    from nvmri_bluesky.plans.protocol import _deer_raster
     from nvmri_bluesky.reconstruct import adaptive
     from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.lines import fit_deer_spectrum
     from nvmri_bluesky.reconstruct.localize import localize_spins
 
     if batch < 10:
         raise NvmriError(f"batch must be >= 10 points (the fit's minimum), got {batch}")
     target = np.asarray(target_sigma_nm, float)
-    detuning, f_plus0, f_line = ingredients
+    detuning, f_plus0, _ = ingredients
     tau = design.choose_tau(coupling_hz)
     uids: dict[str, str] = {}
-    uids["deer_spectrum"], spectrum = yield from take(sweeps.deer_spectrum(
-        devices, *design.spectrum_axis(f_line, quick), tau_s=tau, mw_frequency_hz=f_plus0,
-        shots=design.SPECTRUM_SHOTS,
-        md={"measurement": "deer_spectrum", "point_couplings_hz": [float(coupling_hz)],
-            **(md or {})}))
-    _, line = fit_deer_spectrum(spectrum)
-    survey = design.design_spin_raster(detuning, line.centre_hz, tau,
-                                       step_nm=design.SPIN_SURVEY_STEP_NM, shots=survey_shots)
-    uids["deer_survey"], survey_data = yield from take(_deer_raster(
-        devices, survey, f_plus0, {"measurement": "deer_survey", **(md or {})}))
-    fit = localize_spins(survey_data, detuning, line)
-    surveys = [survey_data]
-    for k, extra in enumerate(_more_survey_shots(survey_shots, design.SPIN_SHOTS)):
-        if fit.spins:
-            break
-        # nothing seen yet: the survey again with more shots, fitted with the ones before
-        # (the fullest first: its deconvolution starts the fit), up to the fixed protocol's
-        # shots in all, so a spin its survey finds is not missed
-        name = "deer_survey_more" if k == 0 else f"deer_survey_more{k + 1}"
-        uids[name], more_data = yield from take(_deer_raster(
-            devices, dataclasses.replace(survey, shots=extra), f_plus0,
-            {"measurement": name, **(md or {})}))
-        surveys = sorted([*surveys, more_data], key=lambda d: -float(d.attrs["shots"]))
-        fit = localize_spins(surveys, detuning, line)
+    line, survey, survey_data, surveys, fit = yield from _spectrum_and_survey(
+        devices, ingredients, coupling_hz, tau, survey_shots, quick, md, uids)
     program = deer_program(FrequencyLock().fwhm_hz, tau, survey_data.attrs.get(
         "rf_duration_s", 100e-9))
-    # instrument seconds per shot as the survey paid them (lock re-triggers included: ~1.5-3x
-    # the program alone), when its stop document counts them
-    shot_s = program.duration
-    survey_s = survey_data.attrs.get("instrument_time_s")
-    if survey_s:
-        shot_s = max(shot_s, float(survey_s) / (survey.n_points * survey.shots))
+    shot_s = _shot_seconds(program.duration, survey_data, survey)
     locked = tuple(np.concatenate(a) for a in zip(*map(_locked_lines, surveys), strict=True))
     limits = np.array([_limits(getattr(devices.stage, a)) for a in "xyz"], float)
     planes = [survey.z[0] + dz for dz in ADAPTIVE_PLANES_NM]
@@ -371,14 +410,8 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
         fit = localize_spins([*surveys, adaptive.concat_points(points)], detuning, line)
     else:
         reason = "batches exhausted"
-    final = fit.spins[0].offset_sigma_nm if fit.spins else [float("nan")] * 3
-    if fit.spins and adaptive.target_reached(final, target):
-        reason = "target reached"
-    uids["adaptive_stop"] = yield from _decision_run(devices, {
-        "measurement": "adaptive_stop", "reason": reason, "batches": len(points),
-        "spent_s": float(spent), "fit_sigma_nm": [float(v) for v in final],
-        "fit_offset_nm": ([float(v) for v in fit.spins[0].offset_nm] if fit.spins else []),
-        "target_sigma_nm": [float(v) for v in target], **(md or {})})
+    uids["adaptive_stop"] = yield from _stop_run(devices, fit, reason, len(points), spent,
+                                                 target, md)
     return uids
 
 

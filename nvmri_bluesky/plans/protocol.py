@@ -23,6 +23,7 @@ import xarray as xr
 from nvmri_bluesky import physics
 from nvmri_bluesky.errors import NvmriError
 from nvmri_bluesky.plans import rasters, sweeps
+from nvmri_bluesky.plans.adaptive import adaptive_spin
 from nvmri_bluesky.plans.take import take
 from nvmri_bluesky.reconstruct import calibration_design as cal
 
@@ -482,17 +483,8 @@ def _layer_runs(devices: Any, quick: bool, md: dict | None, uids: dict[str, str]
     return line, (raster_data, detuning)
 
 
-def adaptive_spins(devices: Any, quick: bool = False, md: dict | None = None
-                   ) -> Generator[Any, Any, dict[str, str]]:
-    """Fig. 4 adaptively (:func:`nvmri_bluesky.plans.adaptive.adaptive_spin`): the survey,
-    then points where the information is until the target sigma."""
-    from nvmri_bluesky.plans.adaptive import adaptive_spin
-
-    return (yield from adaptive_spin(devices, quick=quick, md=md))
-
-
 STEPS = {"calibration": calibration, "sample": any_sample, "spins": single_spins,
-         "layers": surface_layers, "adaptive": adaptive_spins}
+         "layers": surface_layers, "adaptive": adaptive_spin}
 """The protocol's steps by name (``nvmri demo`` runs them per sample)."""
 
 
