@@ -129,16 +129,12 @@ def test_demo_adaptive_reports_a_random_spin_from_the_catalog(tmp_path: Any) -> 
     import subprocess
     import sys
 
+    from services import run_demo
+
     scenario, spin = _scenario()
-    path = tmp_path / "scenario.json"
-    path.write_text(json.dumps(scenario))
-    out = tmp_path / "out"
+    proc, out = run_demo(tmp_path, scenario, "--adaptive", "--quick", "--steps", "adaptive",
+                         "--jobs", "1")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
-    env["MPLBACKEND"] = "Agg"
-    proc = subprocess.run([sys.executable, "-m", "nvmri_bluesky.cli", "demo", "--scenario",
-                           str(path), "--out", str(out), "--adaptive", "--quick", "--steps",
-                           "adaptive", "--jobs", "1"], env=env, capture_output=True, text=True,
-                          timeout=1700)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     runs = {k.split("/", 1)[1] for k in report["runs"]}

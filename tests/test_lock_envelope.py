@@ -18,10 +18,8 @@ cannot follow ends its run with a stop document saying where and why, and
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import numpy as np
 import pytest
 import reconstruct_synth as syn
 from bluesky.utils import Msg
+from services import run_demo
 
 from nvmri_bluesky import physics, plans
 from nvmri_bluesky.errors import NvmriError
@@ -305,15 +304,7 @@ def test_deer_raster_that_loses_the_lock_ends_with_where_and_why(make_ioc: Any,
 
 def _demo(tmp_path: Path, scenario: dict, *options: str) -> tuple[subprocess.CompletedProcess,
                                                                    Path]:
-    path = tmp_path / "scenario.json"
-    path.write_text(json.dumps(scenario))
-    out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
-    env["MPLBACKEND"] = "Agg"
-    proc = subprocess.run([sys.executable, "-m", "nvmri_bluesky.cli", "demo", "--scenario",
-                           str(path), "--out", str(out), *options],
-                          env=env, capture_output=True, text=True, timeout=1700)
-    return proc, out
+    return run_demo(tmp_path, scenario, *options)
 
 
 @pytest.mark.timeout(900)

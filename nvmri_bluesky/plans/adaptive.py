@@ -438,31 +438,13 @@ def adaptive_spin(devices: Any, quick: bool = False, md: dict | None = None,
     dict
         measurement -> uid.
     """
-    from nvmri_bluesky import physics
-    from nvmri_bluesky.plans import rasters, sweeps
-    from nvmri_bluesky.plans.protocol import Measured
-    from nvmri_bluesky.reconstruct import protocol as design
-    from nvmri_bluesky.reconstruct.detuning import (
-        DetuningInterpolant,
-        dark_detuning_map,
-        dark_detuning_sigma,
-    )
+    from nvmri_bluesky.plans.protocol import _spin_ingredients
     from nvmri_bluesky.reconstruct.localize import fit_deer_evolution
 
-    uids = Measured()
-    grid = design.SPIN_PSF_MAP
-    uids["psf_map"], psf = yield from take(rasters.psf_map(
-        devices, x=grid["x"], y=grid["y"], z=grid["z"], shots=design.SPIN_SHOTS,
-        md={"measurement": "psf_map", **(md or {})}))
     # the map with its nodes' noise, as the reconstruction fits it: the loop stops on the
     # sigmas the report will give
-    detuning = DetuningInterpolant.from_map(dark_detuning_map(psf), dark_detuning_sigma(psf))
-    f_plus0 = float(psf.attrs["f_nv0_hz"])
-    f_line = float(physics.dark_spin_frequency_from_transitions(f_plus0, psf.attrs["f_minus0_hz"]))
-    uids["deer_evolution"], evolution = yield from take(sweeps.deer_evolution(
-        devices, design.EVOLUTION_TAUS_S, rf_frequency_hz=f_line, mw_frequency_hz=f_plus0,
-        shots=design.SPIN_SHOTS, md={"measurement": "deer_evolution", **(md or {})}))
+    uids, ingredients, evolution = yield from _spin_ingredients(devices, md, node_sigma=True)
     uids.update((yield from adaptive_spin_rasters(
-        devices, (detuning, f_plus0, f_line), fit_deer_evolution(evolution).nu_hz, quick, md,
+        devices, ingredients, fit_deer_evolution(evolution).nu_hz, quick, md,
         **kwargs)))
     return uids

@@ -109,17 +109,19 @@ class Measured(dict):
 
 
 def _psf_ingredients(devices: Any, grid: dict, shots: int, md: dict | None,
-                     uids: dict[str, str], name: str = "psf_map"
+                     uids: dict[str, str], name: str = "psf_map", node_sigma: bool = False
                      ) -> Generator[Any, Any, tuple[Any, float, float]]:
     """PSF map run (its uid into ``uids[name]``) -> (detuning interpolant, f+ retracted,
-    predicted dark line)."""
-    from nvmri_bluesky.reconstruct.detuning import DetuningInterpolant, dark_detuning_map
+    predicted dark line); ``node_sigma``: the interpolant carries the nodes' noise, as the
+    reconstruction fits it."""
+    from nvmri_bluesky.reconstruct import detuning as dt
 
     uids[name], psf = yield from take(rasters.psf_map(
         devices, x=grid["x"], y=grid["y"], z=grid["z"], shots=shots,
         md={"measurement": name, **(md or {})}))
     try:
-        detuning = DetuningInterpolant.from_map(dark_detuning_map(psf))
+        detuning = dt.DetuningInterpolant.from_map(
+            dt.dark_detuning_map(psf), dt.dark_detuning_sigma(psf) if node_sigma else None)
     except NvmriError as error:          # e.g. a map that stopped before its 4th plane
         raise NvmriError(f"{error} ({psf.attrs.get('stop_reason') or 'map complete'})"
                          ) from error
@@ -170,14 +172,15 @@ def single_spins(devices: Any, quick: bool = False, md: dict | None = None
     return uids
 
 
-def _spin_ingredients(devices: Any, md: dict | None
+def _spin_ingredients(devices: Any, md: dict | None, node_sigma: bool = False
                       ) -> Generator[Any, Any, tuple[Measured, tuple, xr.Dataset]]:
-    """PSF map and tip-free DEER evolution: (uids, (detuning, f+ retracted, line), evolution)."""
+    """PSF map and tip-free DEER evolution: (uids, (detuning, f+ retracted, line), evolution)
+    (``node_sigma``: :func:`_psf_ingredients`)."""
     from nvmri_bluesky.reconstruct import protocol as design
 
     uids = Measured()
     detuning, f_plus0, f_line = yield from _psf_ingredients(
-        devices, design.SPIN_PSF_MAP, design.SPIN_SHOTS, md, uids)
+        devices, design.SPIN_PSF_MAP, design.SPIN_SHOTS, md, uids, node_sigma=node_sigma)
     uids["deer_evolution"], evolution = yield from take(sweeps.deer_evolution(
         devices, design.EVOLUTION_TAUS_S, rf_frequency_hz=f_line, mw_frequency_hz=f_plus0,
         shots=design.SPIN_SHOTS, md={"measurement": "deer_evolution", **(md or {})}))
