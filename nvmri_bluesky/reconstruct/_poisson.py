@@ -43,7 +43,11 @@ class PoissonFit:
         return self.pearson / self.dof
 
     def covariance(self, inflate: bool = True) -> NDArray:
-        """Inverse Fisher matrix, times max(1, chi2_reduced) if ``inflate``."""
+        """Inverse Fisher matrix, times max(1, chi2_reduced) if ``inflate``; all NaN when
+        the Fisher matrix is not finite (a model evaluated outside its domain, e.g. a line
+        width fitted to 0): the parameters are then not determined."""
+        if not np.all(np.isfinite(self.fisher)):
+            return np.full(self.fisher.shape, np.nan)
         try:
             cov = np.linalg.inv(self.fisher)
         except np.linalg.LinAlgError:
