@@ -190,7 +190,7 @@ def test_localize_from_survey_and_recommended_points():
     grid = syn.deer_raster(inst, SPIN, *survey.axes(), survey.rf_frequency_hz, tau, 40_000, rng)
     first = localize_spins(grid, det, line)
     assert len(first.spins) == 1
-    post = adaptive.posterior_from_fit(first, det, line)
+    post = adaptive.posterior_from_fit(first)
     np.testing.assert_allclose(post.sigma[:3], first.spins[0].offset_sigma_nm, rtol=1e-12)
     np.testing.assert_allclose(post.mean[:3], first.spins[0].offset_nm)
     samples = post.samples(24, np.random.default_rng(0))
@@ -232,11 +232,11 @@ def test_posterior_block_is_found_from_the_end_of_the_parameters():
                            offset_sigma_nm=np.array([0.11, 0.12, 0.13]), weight_sigma=0.14)
     result = SimpleNamespace(spins=(strong, weak), covariance=cov, line_shift_hz=2e5,
                              nuisance=np.array([[0.03, 0.3, 0.8], [0.031, 0.29, 0.7]]))
-    post = adaptive.posterior_from_fit(result, None, None)
+    post = adaptive.posterior_from_fit(result)
     np.testing.assert_allclose(post.mean, [1.0, 2.0, 3.0, 1.5, 0.2])
     np.testing.assert_allclose(post.sigma, [0.21, 0.22, 0.23, 0.24, 0.31])
     assert post.covariance[2, 4] == pytest.approx(0.01)
     assert (post.photons_per_shot, post.contrast, post.echo) == (0.031, 0.29, 0.7)
-    other = adaptive.posterior_from_fit(result, None, None, spin=1)
+    other = adaptive.posterior_from_fit(result, spin=1)
     np.testing.assert_allclose(other.sigma[:4], [0.11, 0.12, 0.13, 0.14])
     assert other.covariance[2, 4] == 0.0

@@ -375,7 +375,7 @@ def adaptive_spin_rasters(devices: Any, ingredients: tuple, coupling_hz: float,
         if spent >= budget_s:
             reason = "budget spent"
             break
-        post = adaptive.posterior_from_fit(fit, detuning, line)
+        post = adaptive.posterior_from_fit(fit)
         draws = post.samples(24, rng)
         cand = adaptive.candidate_tips(detuning, line, survey.rf_frequency_hz, draws[:, :3],
                                        planes, limits_nm=limits)

@@ -204,8 +204,7 @@ def per_shot_scores(tips: ArrayLike, params: ArrayLike, detuning: DetuningInterp
     return u[0] if single else u
 
 
-def posterior_from_fit(result: object, detuning: DetuningInterpolant, line: FlipLine,
-                       spin: int = 0) -> SpinPosterior:
+def posterior_from_fit(result: object, spin: int = 0) -> SpinPosterior:
     """The design posterior of one spin of a :class:`~.localize.LocalizationResult`.
 
     The spin's (dx, dy, dz, w) block of ``result.covariance`` is found from the
@@ -218,9 +217,6 @@ def posterior_from_fit(result: object, detuning: DetuningInterpolant, line: Flip
     ----------
     result : LocalizationResult
         A localisation with at least one spin.
-    detuning, line
-        Unused except for validation of the result's provenance (kept for symmetry
-        with the other functions).
     spin : int
         Which of ``result.spins`` (strongest first).
 
@@ -229,7 +225,6 @@ def posterior_from_fit(result: object, detuning: DetuningInterpolant, line: Flip
     SpinPosterior
         a, C, E from the last dataset's nuisance row.
     """
-    del detuning, line
     spins = result.spins
     if not spins:
         raise NvmriError("the localisation found no spin to design for")

@@ -446,7 +446,7 @@ def fisher_information(ds: xr.Dataset | Sequence[xr.Dataset], detuning: Detuning
                   spins.ravel()]
     mu, jac = _model_fn(rasters, lay)(theta, True)
     fisher = jac.T @ (jac / np.maximum(mu, 1e-12)[:, None])
-    return fisher + np.diag(np.nan_to_num(lay.priors(line) ** -2.0))
+    return fisher + np.diag(lay.priors(line) ** -2.0)
 
 
 def shift_prior_mhz(line: FlipLine) -> float:
